@@ -1,0 +1,32 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the main job on the embedded corpus
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUNS   ?= runs
+
+.PHONY: demo test test-slow clean
+
+# torch is pinned first so pip takes the CPU build where one is offered locally; the
+# project's own range (torch>=2.4) then installs nothing more.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/compactgpt pretrain --preset small --out $(RUNS)/teacher --resume
+	$(BIN)/compactgpt eval --model $(RUNS)/teacher
+	$(BIN)/compactgpt generate --model $(RUNS)/teacher --prompt "def read_config(path):" --max-new-tokens 120 --temperature 0.6
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) $(RUNS)

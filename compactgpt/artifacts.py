@@ -1,0 +1,420 @@
+"""Self-describing artifact folders.
+
+A model artifact *is* a Hugging Face GPT-2 folder:
+
+    config.json            model_type "gpt2", GPT2Config fields
+    model.safetensors      GPT-2 tensor names and Conv1D layouts (lm_head tied, left out)
+    tokenizer.json         plus tokenizer_config.json and special_tokens_map.json
+    manifest.json          CompactGPT's record: stage, settings, parent and its hash,
+                           library versions, metrics, and the sha256 of every file
+
+so `transformers.GPT2LMHeadModel.from_pretrained(folder)` loads it, and a folder saved by
+transformers loads here. Writes are atomic: a `.incomplete` marker is written first and the
+manifest is removed, every file is written to a temporary name and renamed, the manifest is
+written last and the marker removed. A folder with the marker never loads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ArtifactError, ConfigError
+from .io import atomic_write, atomic_write_json, atomic_write_text, sha256_file
+from .model import GPT, GPTConfig, from_hf_state_dict, to_hf_state_dict
+from .tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+INCOMPLETE = ".incomplete"
+WEIGHTS = "model.safetensors"
+FORMAT = "compactgpt-artifact"
+FORMAT_VERSION = 1
+
+_TRACKED_LIBRARIES = ("compactgpt", "torch", "transformers", "tokenizers", "safetensors", "numpy")
+
+
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of the libraries whose behaviour shapes an artifact."""
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_LIBRARIES + extra:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+# ---------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass
+class Manifest:
+    stage: str
+    settings: dict[str, Any]
+    parent: dict[str, str] | None = None  # {"path": ..., "sha256": ...}
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "stage": self.stage,
+            "created": self.created,
+            "settings": self.settings,
+            "parent": self.parent,
+            "metrics": self.metrics,
+            "versions": self.versions,
+            "files": self.files,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(
+            stage=d["stage"],
+            settings=d.get("settings", {}),
+            parent=d.get("parent"),
+            metrics=d.get("metrics", {}),
+            files=d.get("files", {}),
+            versions=d.get("versions", {}),
+            created=d.get("created", ""),
+            extra=d.get("extra", {}),
+        )
+
+
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The folder's manifest, None when it has none; errors on an unfinished or damaged one."""
+    folder = Path(folder)
+    check_complete(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); rerun the stage that wrote {folder}") from e
+    if d.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a CompactGPT manifest (format={d.get('format')!r})")
+    return Manifest.from_dict(d)
+
+
+def check_complete(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} does not exist or is not a folder; pass the folder a stage wrote")
+    if (folder / INCOMPLETE).exists():
+        raise ArtifactError(
+            f"{folder} was interrupted while being written and is incomplete; "
+            "rerun the stage that writes it (its checkpoint, if any, is kept)"
+        )
+
+
+def folder_hash(folder: str | Path) -> str:
+    """A content hash of an artifact: over its manifest's file hashes when it has a manifest,
+    else over the files that define a GPT-2 folder."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.files:
+        lines = [f"{name}:{digest}" for name, digest in sorted(manifest.files.items())]
+    else:
+        names = [n for n in ("config.json", WEIGHTS, "tokenizer.json") if (folder / n).is_file()]
+        lines = [f"{n}:{sha256_file(folder / n)}" for n in names]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def parent_record(folder: str | Path | None) -> dict[str, str] | None:
+    if folder is None:
+        return None
+    return {"path": str(Path(folder).resolve()), "sha256": folder_hash(folder)}
+
+
+def begin_write(folder: str | Path) -> Path:
+    """Mark a folder as being written: loads of it fail until finish_write."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / INCOMPLETE, "written by CompactGPT; removed when the write completes\n")
+    (folder / MANIFEST).unlink(missing_ok=True)
+    return folder
+
+
+def finish_write(
+    folder: str | Path,
+    stage: str,
+    settings: dict,
+    *,
+    parent: str | Path | None = None,
+    metrics: dict | None = None,
+    files: list[str],
+    extra: dict | None = None,
+) -> Manifest:
+    """Hash the listed files, write the manifest last, and clear the incomplete marker."""
+    folder = Path(folder)
+    manifest = Manifest(
+        stage=stage,
+        settings=settings,
+        parent=parent_record(parent),
+        metrics=metrics or {},
+        files={name: sha256_file(folder / name) for name in sorted(files)},
+        versions=library_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        extra=extra or {},
+    )
+    atomic_write_json(folder / MANIFEST, manifest.to_dict())
+    (folder / INCOMPLETE).unlink(missing_ok=True)
+    return manifest
+
+
+def update_metrics(folder: str | Path, metrics: dict) -> Manifest:
+    """Merge metrics into an existing manifest (atomically)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ArtifactError(f"{folder} has no {MANIFEST}; only CompactGPT artifacts record metrics")
+    manifest.metrics.update(metrics)
+    atomic_write_json(folder / MANIFEST, manifest.to_dict())
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------
+# GPT-2 config.json
+
+
+def hf_config_dict(config: GPTConfig) -> dict:
+    """GPTConfig -> the config.json transformers' GPT2Config reads."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_ctx": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "activation_function": config.activation_function,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> GPTConfig:
+    """A GPT-2 config.json -> GPTConfig; refuses variants this model does not implement."""
+    if d.get("model_type") != "gpt2":
+        raise ArtifactError(
+            f"{source}: model_type is {d.get('model_type')!r}, CompactGPT reads GPT-2 folders "
+            "(model_type 'gpt2') only"
+        )
+    unsupported = {
+        "scale_attn_weights": (d.get("scale_attn_weights", True), True),
+        "scale_attn_by_inverse_layer_idx": (d.get("scale_attn_by_inverse_layer_idx", False), False),
+        "add_cross_attention": (d.get("add_cross_attention", False), False),
+        "tie_word_embeddings": (d.get("tie_word_embeddings", True), True),
+    }
+    for key, (got, want) in unsupported.items():
+        if got != want:
+            raise ArtifactError(f"{source}: {key}={got} is not supported (CompactGPT implements {key}={want})")
+    try:
+        return GPTConfig(
+            vocab_size=d["vocab_size"],
+            n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
+            n_embd=d["n_embd"],
+            n_layer=d["n_layer"],
+            n_head=d["n_head"],
+            n_inner=d.get("n_inner"),
+            activation_function=d.get("activation_function", "gelu_new"),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            dropout=d.get("resid_pdrop", 0.0),
+            bos_token_id=d.get("bos_token_id", 50256),
+            eos_token_id=d.get("eos_token_id", 50256),
+        )
+    except KeyError as e:
+        raise ArtifactError(f"{source} lacks the field {e.args[0]!r} a GPT-2 config needs") from e
+    except ValueError as e:
+        raise ArtifactError(f"{source}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Model folders
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    manifest: Manifest | None
+    folder: Path
+
+
+def write_weights(path: Path, model: GPT) -> None:
+    tensors = to_hf_state_dict(model)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def save_model(
+    folder: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    *,
+    stage: str,
+    settings: dict,
+    parent: str | Path | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    extra_files: dict[str, Callable[[Path], None]] | None = None,
+) -> Manifest:
+    """Write a model artifact atomically (see the module docstring).
+
+    extra_files maps a file name to a function that writes it at the given path; later
+    stages use it to add their own files (a prompt template, label names, ...).
+    """
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; the model must have a row for every token"
+        )
+    folder = begin_write(folder)
+    atomic_write_json(folder / "config.json", hf_config_dict(model.config))
+    write_weights(folder / WEIGHTS, model)
+    tokenizer.save(folder)
+    names = ["config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    for name, write in (extra_files or {}).items():
+        atomic_write(folder / name, write)
+        names.append(name)
+    return finish_write(folder, stage, settings, parent=parent, metrics=metrics, files=names, extra=extra)
+
+
+def read_config(folder: str | Path) -> GPTConfig:
+    folder = Path(folder)
+    check_complete(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ArtifactError(
+            f"{folder} is not a model artifact: it has no config.json. Pass a folder written by "
+            "a CompactGPT stage (e.g. compactgpt pretrain) or by transformers' save_pretrained"
+        )
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); the folder is damaged") from e
+    return config_from_hf(d, str(path))
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS
+    if not path.is_file():
+        if (folder / "pytorch_model.bin").is_file():
+            raise ArtifactError(
+                f"{folder} holds pickled weights (pytorch_model.bin), which CompactGPT never loads "
+                "because unpickling can run code; convert them once with transformers "
+                "(save_pretrained(..., safe_serialization=True)) and load the safetensors folder"
+            )
+        raise ArtifactError(f"{folder} is not a model artifact: it has no {WEIGHTS}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(
+            f"{path} is truncated or corrupted ({e}); rerun the stage that wrote it, or copy the "
+            "file again"
+        ) from e
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    for name, digest in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: {name} is listed in the manifest but missing; the folder is incomplete")
+        if sha256_file(path) != digest:
+            raise ArtifactError(
+                f"{path} changed after the manifest was written (sha256 mismatch): the file is "
+                "damaged or was edited by hand; rerun the stage that wrote it"
+            )
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
+    """Load a CompactGPT artifact or a GPT-2 folder saved by transformers.
+
+    Raises ArtifactError for a folder that is missing, unfinished, damaged, not GPT-2, or
+    whose tokenizer does not fit the model.
+    """
+    folder = Path(folder)
+    config = read_config(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None and verify:
+        verify_files(folder, manifest)
+    state = read_weights(folder)
+    model = GPT(config)
+    state = from_hf_state_dict(state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{folder / WEIGHTS} does not match config.json: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; the weights and config come from different models"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ArtifactError(
+                f"{folder / WEIGHTS}: {name} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected[name].shape)}; the weights and config come from different models"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    tokenizer = Tokenizer.from_folder(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+            f"is {config.vocab_size}; this tokenizer belongs to another model. Copy the tokenizer "
+            "files of the model that produced these weights"
+        )
+    return LoadedModel(model.to(device).eval(), tokenizer, manifest, folder)
+
+
+def resolve_model_path(spec: str | Path, cache_dir: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id (e.g. "gpt2", "distilgpt2"),
+    fetched once into the local cache (safetensors and tokenizer files only)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+        raise ArtifactError(f"{spec} does not exist; pass an existing model folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            repo_id=str(spec),
+            allow_patterns=["config.json", WEIGHTS, "tokenizer.json", "vocab.json", "merges.txt",
+                            "tokenizer_config.json", "special_tokens_map.json"],
+            cache_dir=cache_dir,
+        )
+    except Exception as e:  # the hub client raises many kinds; all mean "could not fetch"
+        raise ArtifactError(
+            f"{spec} is neither a local folder nor a model that could be fetched from the hub ({e}); "
+            "pass a local GPT-2 folder (config.json + model.safetensors + tokenizer)"
+        ) from e
+    return Path(local)

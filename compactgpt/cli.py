@@ -1,0 +1,306 @@
+"""The `compactgpt` command: one verb per pipeline stage.
+
+Every verb reads and writes artifact folders; bad input ends with a one-line error that
+names the problem and the fix (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .errors import CompactGPTError
+
+TRAIN_HELP = {
+    "data": "training text: a file, folder, glob, JSONL file, prepared data folder, or @stdlib "
+            "(the Python standard library's sources; the default)",
+    "out": "artifact folder to write (checkpoints go in OUT/checkpoint)",
+    "preset": "model and schedule preset: tiny (tests), small (CPU, ~15 min), gpt2-124m (GPU)",
+    "vocab_size": "BPE vocabulary size when the data is tokenized here",
+    "val_fraction": "share of documents held out for validation",
+    "text_field": "JSONL field that holds the text",
+    "block_size": "tokens per training window (<= n-positions)",
+    "n_layer": "transformer blocks", "n_head": "attention heads per block", "n_embd": "embedding width",
+    "n_inner": "MLP width (default 4 x n-embd)", "n_positions": "longest context (learned positions)",
+    "dropout": "dropout rate", "eval_batches": "validation windows per evaluation",
+    "max_steps": "optimizer steps", "batch_size": "sequences per micro-step per process",
+    "grad_accum": "micro-steps per optimizer step", "lr": "peak learning rate", "min_lr": "final learning rate",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay (matrices and embeddings)",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "grad_clip": "max gradient norm (0: off)",
+    "eval_interval": "steps between validations", "checkpoint_interval": "steps between checkpoints",
+    "log_interval": "steps between log lines", "seed": "random seed (weights and batches)",
+    "device": "auto, cpu, cuda or cuda:N", "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16",
+    "compile": "torch.compile the model",
+}
+
+
+def _arg_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp  # Optional[int] / int | None -> int
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, help: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field; defaults are None so that only given flags override."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _arg_type(hints[f.name])
+        text = help.get(f.name, "")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=text, metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training import PRESETS, TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="compactgpt",
+        description="CompactGPT: train a GPT teacher, compress it into small students, quantize "
+        "them, export them to ONNX and benchmark them. Every verb reads and writes artifact folders.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("tokenize", help="train a BPE tokenizer and write token shards",
+                       description="Read a corpus, split it by document into train/validation, train a "
+                       "byte-level BPE tokenizer and write token shards to a data folder.")
+    p.add_argument("--data", default="@stdlib", help="text file, folder, glob, JSONL file or @stdlib (default)")
+    p.add_argument("--out", required=True, help="data folder to write")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--tokenizer", help="use the tokenizer of this model or data folder instead of training one")
+
+    p = sub.add_parser("pretrain", help="train a GPT teacher from scratch",
+                       description="Pretrain a GPT-2-architecture model. Runs on CUDA (bf16) when a GPU is "
+                       "visible, else on CPU in float32. Launch with torchrun for several processes. "
+                       f"Presets: {', '.join(PRESETS)}; "
+                       "a flag given overrides the preset's value.")
+    add_config_args(p, TrainConfig, TRAIN_HELP)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with its settings (starts fresh when there is none yet)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/log.jsonl)")
+
+    p = sub.add_parser("eval", help="perplexity of a model (sliding window)",
+                       description="Perplexity by the fixed-length sliding-window method. Without --data, "
+                       "the model's own held-out validation split is used.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--data", help="text file, folder, glob, JSONL file or prepared data folder (its val split)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--max-length", type=int, help="window length (default: the model's n_positions)")
+    p.add_argument("--stride", type=int, help="step between windows (default: max-length / 2)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Stream a continuation of a prompt. Temperature 0 is greedy decoding.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--prompt", default="", help="prompt text (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95; 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--threads", type=int, help="CPU threads")
+
+    p = sub.add_parser("info", help="print an artifact's manifest",
+                       description="Print what an artifact is: stage, settings, parent, metrics, versions.")
+    p.add_argument("folder", help="artifact folder")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# Verbs
+
+
+def cmd_tokenize(args) -> None:
+    from .data import DataConfig, prepare_data
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(args.tokenizer) if args.tokenizer else None
+    cfg = DataConfig(source=args.data, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                     text_field=args.text_field)
+    out = prepare_data(cfg, args.out, tokenizer=tokenizer, log=lambda m: print(m, file=sys.stderr))
+    from .artifacts import read_manifest
+
+    m = read_manifest(out).metrics
+    print(f"wrote {out}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens from "
+          f"{m['documents']:,} documents; vocabulary {m['vocab_size']:,}; unigram val perplexity "
+          f"{m['unigram_val_perplexity']:.1f}")
+
+
+def cmd_pretrain(args) -> None:
+    from .training import CHECKPOINT, TrainConfig, config_from_preset, pretrain
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    out = Path(given.get("out", TrainConfig.out))
+    saved_settings = out / CHECKPOINT / "settings.json"
+    if args.resume and saved_settings.is_file():
+        # Resume from files alone: the checkpoint's settings, with the flags given now on top.
+        base = json.loads(saved_settings.read_text())
+        config = config_from_preset(base.pop("preset"), **{**base, **given})
+    else:
+        preset = given.pop("preset", "small")
+        config = config_from_preset(preset, **given)
+    pretrain(config, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
+             overwrite=args.overwrite, resume=args.resume)
+    print(out)
+
+
+def eval_tokens(loaded, data: str | None, text_field: str = "text"):
+    """Token ids to score: --data's text, a data folder's val split, or the model's own
+    validation split found through its manifest."""
+    import numpy as np
+    import torch
+
+    from .data import TokenShards, is_data_folder, read_documents, split_documents
+    from .errors import ConfigError
+
+    tok = loaded.tokenizer
+    if data is None:
+        parent = (loaded.manifest.parent or {}).get("path") if loaded.manifest else None
+        if parent and is_data_folder(parent):
+            data = parent
+        elif loaded.manifest and "data" in loaded.manifest.settings:
+            docs, _ = read_documents(loaded.manifest.settings["data"], loaded.manifest.settings.get("text_field", "text"))
+            _, val = split_documents(docs, loaded.manifest.settings.get("val_fraction", 0.05))
+            ids = []
+            for d in val:
+                ids.extend(tok.encode(d.text) + [tok.eot_id])
+            return torch.tensor(ids[:-1]), "validation split of " + loaded.manifest.settings["data"]
+        else:
+            raise ConfigError(
+                f"{loaded.folder} records no training data to hold out from; pass --data with the text to score"
+            )
+    if is_data_folder(data):
+        data_tok = (Path(data) / "tokenizer.json").read_text()
+        if data_tok != tok.to_json():
+            raise ConfigError(
+                f"{data} was tokenized with a different tokenizer than {loaded.folder}'s; pass the raw "
+                "text as --data so it is tokenized with the model's own tokenizer"
+            )
+        return torch.from_numpy(TokenShards(data, "val").all_tokens().astype(np.int64)), f"val split of {data}"
+    docs, _ = read_documents(data, text_field)
+    ids: list[int] = []
+    for i, d in enumerate(docs):
+        if i:
+            ids.append(tok.eot_id)
+        ids.extend(tok.encode(d.text))
+    return torch.tensor(ids), data
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .artifacts import load_model
+    from .evaluation import model_logits_fn, perplexity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    tokens, source = eval_tokens(loaded, args.data, args.text_field)
+    max_length = args.max_length or loaded.model.config.n_positions
+    if max_length > loaded.model.config.n_positions:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"--max-length {max_length} is longer than the model's {loaded.model.config.n_positions} positions; "
+            f"use --max-length {loaded.model.config.n_positions} or less"
+        )
+    result = perplexity(model_logits_fn(loaded.model), tokens, max_length, args.stride, progress=not args.json)
+    record = {"model": str(args.model), "data": source, **result.to_dict()}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f}) over {result.tokens:,} tokens "
+              f"of {source}; windows of {result.max_length}, stride {result.stride}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .artifacts import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+    generator = torch.Generator().manual_seed(args.seed)
+    stream = loaded.model.stream(
+        torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p, generator=generator,
+        stop_tokens=() if args.no_stop else (tok.eot_id,),
+    )
+    sys.stdout.write(args.prompt)
+    new: list[int] = []
+    shown = ""
+    for token in stream:
+        t = int(token[0])
+        if t == tok.eot_id and not args.no_stop:
+            break
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+
+
+def cmd_info(args) -> None:
+    from .artifacts import read_config, read_manifest
+    from .errors import ArtifactError
+
+    folder = Path(args.folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if (folder / "config.json").is_file():
+            cfg = read_config(folder)
+            print(f"{folder}: a GPT-2 folder without a CompactGPT manifest\n  {cfg}")
+            return
+        raise ArtifactError(f"{folder} is not an artifact: it has neither manifest.json nor config.json")
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+        return
+    print(f"{folder}\n  stage:    {manifest.stage}\n  created:  {manifest.created}")
+    if manifest.parent:
+        print(f"  parent:   {manifest.parent['path']} (sha256 {manifest.parent['sha256'][:12]})")
+    print("  metrics:")
+    for k, v in manifest.metrics.items():
+        print(f"    {k}: {v:.6g}" if isinstance(v, float) else f"    {k}: {v}")
+    print("  settings:")
+    for k, v in manifest.settings.items():
+        print(f"    {k}: {v}")
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+    print(f"  files:    {', '.join(manifest.files)}")
+
+
+COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,
+            "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.verb](args)
+    except (CompactGPTError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

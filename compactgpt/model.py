@@ -1,0 +1,387 @@
+"""The GPT-2 model, in one file.
+
+Written bottom-up: config, attention, MLP, block, GPT. Module and parameter names follow
+Hugging Face's GPT-2 (`transformer.wte`, `h.{i}.attn.c_attn`, `ln_f`, ...) so that a
+CompactGPT folder *is* a GPT-2 folder. The one difference in storage: CompactGPT keeps its
+projections as `nn.Linear` (weight shape `(out, in)`), while GPT-2's `Conv1D` stores
+`(in, out)`. `HF_TRANSPOSED` names the four projections whose weights are transposed when
+converting between the two; nothing else changes.
+
+Shapes in comments: B batch, T new tokens, P past tokens, C embedding width,
+nh heads, hs head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Projections stored as (out, in) here and (in, out) in GPT-2's Conv1D layout.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# One (key, value) pair per layer, each (B, nh, P, hs).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class GPTConfig:
+    """Every size a later stage may change. A pruned student is still a plain GPTConfig."""
+
+    vocab_size: int = 50257  # rows of the embedding; may exceed the tokenizer's size (padding)
+    n_positions: int = 1024  # learned positions: the longest context the model can read
+    n_embd: int = 768  # residual width C; attention width too (GPT-2 ties them)
+    n_layer: int = 12
+    n_head: int = 12  # head width is n_embd // n_head
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd as in GPT-2
+    activation_function: str = "gelu_new"  # GPT-2's tanh approximation; "gelu" is the exact erf form
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0  # one rate for embeddings, attention and residuals
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self) -> None:
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "choose a head count that divides the embedding width"
+            )
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"GPTConfig: activation_function={self.activation_function!r} is not supported; "
+                f"use one of {sorted(ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
+            v = torch.cat([past[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            # No padding and no past: the causal fast path (flash / memory-efficient kernels).
+            # With a past and a single new token, every key is visible: no mask either.
+            causal = past is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return F.dropout(self.c_proj(y), dropout, self.training), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.c_proj(self.act(self.c_fc(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past=None, mask=None):
+        a, present = self.attn(self.ln_1(x), past, mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None, n_new: int, n_past: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive attention bias (B or 1, 1, T, P+T), or None when the causal fast path applies.
+
+    attention_mask: (B, P+T) with 1 for real tokens and 0 for padding, as in transformers.
+    A large negative number rather than -inf keeps rows that see no key (padding queries)
+    finite: their output is garbage that nobody reads, but it is never NaN.
+    """
+    if attention_mask is None and (n_past == 0 or n_new == 1):
+        return None
+    total = n_past + n_new
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(n_past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, P+T)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but past + new tokens "
+                f"are {n_past} + {n_new} = {total}; pass a mask over the past and the new tokens"
+            )
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual
+        # stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count (the tied head counted once); non_embedding drops wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        """Logits for every position, and the updated KV cache when use_cache is set.
+
+        input_ids: (B, T) token ids; attention_mask: (B, P+T) 1/0 over past and new tokens;
+        position_ids: (B, T), default P..P+T-1; past_key_values: per-layer (k, v), (B, nh, P, hs).
+        Returns logits (B, T, V), then present KV (if use_cache), then the list of
+        hidden states (if output_hidden_states): the embeddings, each block's output, ln_f's output.
+        """
+        B, T = input_ids.shape
+        n_past = past_key_values[0][0].shape[2] if past_key_values else 0
+        if n_past + T > self.config.n_positions:
+            raise ValueError(
+                f"context of {n_past + T} tokens is longer than the model's {self.config.n_positions} "
+                "positions; shorten the input (or evaluate with a sliding window)"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(n_past, n_past + T, device=input_ids.device)[None]
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = F.dropout(x, self.config.dropout, self.training)
+        mask = attention_bias(attention_mask, T, n_past, x.dtype)
+        hidden = [x] if output_hidden_states else None
+        presents: KVCache = []
+        for i, block in enumerate(self.transformer.h):
+            x, present = block(x, past_key_values[i] if past_key_values else None, mask)
+            presents.append(present)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.transformer.ln_f(x)
+        if hidden is not None:
+            hidden[-1] = x  # transformers reports the last block after ln_f
+        logits = self.lm_head(x)  # (B, T, V)
+        out = (logits,)
+        if use_cache:
+            out += (presents,)
+        if hidden is not None:
+            out += (hidden,)
+        return out[0] if len(out) == 1 else out
+
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Sequence[int] = (),
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next tokens (B,) one step at a time, reusing the KV cache.
+
+        temperature 0 is greedy decoding. Prompts of different lengths are left-padded with
+        attention_mask marking real tokens. A sequence that produced a stop token keeps
+        producing it; the stream ends when all sequences have stopped.
+        """
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.n_positions:
+            raise ValueError(
+                f"prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                f"{self.config.n_positions} positions; shorten the prompt or lower max_new_tokens"
+            )
+        was_training = self.training
+        self.eval()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        padded = bool((attention_mask == 0).any())
+        # Left padding shifts positions so that each prompt's first real token is position 0.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits, past = self(
+            input_ids, attention_mask if padded else None, position_ids, use_cache=True
+        )
+        next_pos = position_ids[:, -1:] + 1
+        try:
+            for _ in range(max_new_tokens):
+                token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                if len(stops):
+                    token = torch.where(done, stops[0], token)
+                    done |= torch.isin(token, stops)
+                yield token
+                if bool(done.all()):
+                    break
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+                logits, past = self(
+                    token[:, None], attention_mask if padded else None, next_pos, past, use_cache=True
+                )
+                next_pos = next_pos + 1
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """The prompt followed by up to max_new_tokens generated tokens, (B, T + n)."""
+        new = list(self.stream(input_ids, max_new_tokens, **kwargs))
+        if not new:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of logits (B, V): greedy at temperature 0, else sample.
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability
+    reaches p (always at least the most likely token).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """CompactGPT state dict -> GPT-2 tensor names and layouts (the tied head left out)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name.endswith(HF_TRANSPOSED):
+            tensor = tensor.t()
+        out[name] = tensor.contiguous()
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2 tensors (with or without the `transformer.` prefix) -> CompactGPT names and layouts.
+
+    Buffers GPT-2 checkpoints may carry (`attn.bias`, `attn.masked_bias`) are dropped: the
+    causal mask here comes from scaled_dot_product_attention.
+    """
+    out = {}
+    for name, tensor in sd.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue
+        if not name.startswith("transformer."):
+            name = "transformer." + name
+        if name.endswith(HF_TRANSPOSED):
+            tensor = tensor.t()
+        out[name] = tensor.contiguous()
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out

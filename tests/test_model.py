@@ -1,0 +1,146 @@
+"""The model against transformers' GPT-2: logits, KV cache, padding, generation."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from compactgpt.artifacts import load_model, save_model
+from compactgpt.model import GPT, GPTConfig, sample_next
+
+from conftest import random_gpt, tiny_config
+
+CONFIGS = [
+    dict(),  # MLP width 4 x embedding
+    dict(n_inner=48, n_layer=3, n_head=2),  # MLP width != 4 x embedding
+    dict(activation_function="gelu", n_embd=48, n_head=3),
+]
+
+
+def hf_from_ours(folder) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_compactgpt_folder_loads_in_transformers_with_equal_logits(tmp_path, byte_tokenizer, overrides):
+    ours = random_gpt(1, **overrides)
+    save_model(tmp_path / "m", ours, byte_tokenizer, stage="test", settings={})
+    hf = hf_from_ours(tmp_path / "m")
+    ids = torch.randint(0, 320, (3, 17))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_transformers_folder_loads_in_compactgpt_with_equal_logits(tmp_path, byte_tokenizer, overrides):
+    cfg = tiny_config(**overrides)
+    torch.manual_seed(2)
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=overrides.get("n_inner"), activation_function=cfg.activation_function,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    byte_tokenizer.save(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf").model
+    ids = torch.randint(0, cfg.vocab_size, (2, 21))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_and_left_padding_match_transformers(tmp_path, byte_tokenizer):
+    ours = random_gpt(3)
+    save_model(tmp_path / "m", ours, byte_tokenizer, stage="test", settings={})
+    hf = hf_from_ours(tmp_path / "m")
+    ids = torch.randint(0, 320, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # second row left-padded by 3
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits, past = ours(ids, mask, pos, use_cache=True)
+        ref = hf(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        real = mask.bool()
+        assert torch.allclose(logits[real], ref.logits[real], atol=1e-5)
+        # One decode step on top of the cache.
+        nxt = torch.randint(0, 320, (2, 1))
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        pos2 = pos[:, -1:] + 1
+        step, _ = ours(nxt, mask2, pos2, past, use_cache=True)
+        ref2 = hf(nxt, attention_mask=mask2, position_ids=pos2, past_key_values=ref.past_key_values)
+        assert torch.allclose(step, ref2.logits, atol=1e-5)
+
+
+def test_incremental_decoding_equals_full_forward():
+    model = random_gpt(4)
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        logits, past = model(ids[:, :5], use_cache=True)
+        parts = [logits]
+        for t in range(5, 12):
+            step, past = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            parts.append(step)
+        # A multi-token chunk on top of a past uses the offset causal mask.
+        chunk, _ = model(ids[:, 5:12], past_key_values=model(ids[:, :5], use_cache=True)[1], use_cache=True)
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    assert torch.allclose(chunk, full[:, 5:], atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers_token_for_token(tmp_path, byte_tokenizer):
+    ours = random_gpt(5)
+    save_model(tmp_path / "m", ours, byte_tokenizer, stage="test", settings={})
+    hf = hf_from_ours(tmp_path / "m")
+    prompt = torch.randint(0, 320, (1, 6))
+    mine = ours.generate(prompt, 20)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(mine, theirs)
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    model = random_gpt(6)
+    a = torch.randint(1, 320, (1, 7))
+    b = torch.randint(1, 320, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = model.generate(batch, 8, attention_mask=mask)
+    assert torch.equal(out[0, 7:], model.generate(a, 8)[0, 7:])
+    assert torch.equal(out[1, 7:], model.generate(b, 8)[0, 4:])
+
+
+def test_sampling_controls():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits).item() == 1
+    # top_k=1 and a tiny top_p both reduce sampling to the argmax.
+    assert all(sample_next(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(20))
+    assert all(sample_next(logits, 1.0, top_p=0.01, generator=g).item() == 1 for _ in range(20))
+    # top_k=2 never picks outside the two best.
+    assert {sample_next(logits, 5.0, top_k=2, generator=g).item() for _ in range(100)} <= {1, 3}
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, 1.0, top_p=1.5)
+
+
+def test_generation_stops_at_stop_token():
+    model = random_gpt(7)
+    prompt = torch.randint(0, 320, (1, 4))
+    greedy = model.generate(prompt, 10)
+    stop = int(greedy[0, 6])  # the third generated token
+    out = model.generate(prompt, 10, stop_tokens=[stop])
+    assert out.shape[1] <= 7 and int(out[0, -1]) == stop
+
+
+def test_context_longer_than_positions_is_a_clear_error():
+    model = random_gpt(8)
+    with pytest.raises(ValueError, match="longer than the model's 64 positions"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+def test_config_rejects_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown keys"):
+        GPTConfig.from_dict({"n_embd": 64, "n_heads": 4})
