@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import typing
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print what an artifact is: stage, settings, parent, metrics, versions.")
     p.add_argument("folder", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+
+    for module in PLUGINS:
+        importlib.import_module(module).register(sub, COMMANDS)
     return parser
 
 
@@ -202,12 +206,12 @@ def eval_tokens(loaded, data: str | None, text_field: str = "text"):
 def cmd_eval(args) -> None:
     import torch
 
-    from .artifacts import load_model
+    from .artifacts import load_model, resolve_model_path
     from .evaluation import model_logits_fn, perplexity
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(resolve_model_path(args.model))
     tokens, source = eval_tokens(loaded, args.data, args.text_field)
     max_length = args.max_length or loaded.model.config.n_positions
     if max_length > loaded.model.config.n_positions:
@@ -229,11 +233,11 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from .artifacts import load_model
+    from .artifacts import load_model, resolve_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(resolve_model_path(args.model))
     tok = loaded.tokenizer
     ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
     generator = torch.Generator().manual_seed(args.seed)
@@ -285,6 +289,10 @@ def cmd_info(args) -> None:
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
     print(f"  files:    {', '.join(manifest.files)}")
 
+
+# Modules that add verbs of later stages: each has register(subparsers, commands), which adds
+# its parsers and maps each verb name to a function taking the parsed args.
+PLUGINS: tuple[str, ...] = ()
 
 COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,
             "info": cmd_info}

@@ -98,3 +98,16 @@ def test_unsupported_gpt2_variants_are_refused(tmp_path, byte_tokenizer):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="scale_attn_by_inverse_layer_idx"):
         load_model(folder, verify=False)
+
+
+def test_model_spec_resolves_local_folders_and_reports_unreachable_hub_ids(tmp_path, byte_tokenizer, monkeypatch):
+    from compactgpt.artifacts import resolve_model_path
+
+    _, folder = saved(tmp_path, byte_tokenizer)
+    assert resolve_model_path(str(folder)) == folder
+    with pytest.raises(ArtifactError, match="does not exist"):
+        resolve_model_path("./no/such/folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(ArtifactError, match="neither a local folder nor a model that could be fetched"):
+        resolve_model_path("someone/missing-model")

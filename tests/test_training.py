@@ -95,3 +95,12 @@ def test_two_process_torchrun_trains(data_dir, tmp_path):
     # Two processes: each step saw twice the tokens of one process.
     assert manifest["metrics"]["train_tokens"] == 6 * 2 * 8 * 32
     assert manifest["metrics"]["steps"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_compiled_training_runs(data_dir, tmp_path):
+    folder = pretrain(tiny_run(data_dir, tmp_path / "gpu", max_steps=20, dropout=0.0, compile=True),
+                      log=lambda m: None, progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["metrics"]["val_perplexity"] < manifest["metrics"]["unigram_val_perplexity"]

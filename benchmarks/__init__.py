@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements against baselines, with the machine recorded."""
