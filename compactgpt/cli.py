@@ -292,7 +292,8 @@ def cmd_info(args) -> None:
 
 # Modules that add verbs of later stages: each has register(subparsers, commands), which adds
 # its parsers and maps each verb name to a function taking the parsed args.
-PLUGINS: tuple[str, ...] = ()
+PLUGINS: tuple[str, ...] = (
+)
 
 COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,
             "info": cmd_info}
