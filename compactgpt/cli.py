@@ -152,7 +152,9 @@ def cmd_pretrain(args) -> None:
     if args.resume and saved_settings.is_file():
         # Resume from files alone: the checkpoint's settings, with the flags given now on top.
         base = json.loads(saved_settings.read_text())
-        config = config_from_preset(base.pop("preset"), **{**base, **given})
+        preset = given.pop("preset", base.pop("preset"))
+        base.pop("preset", None)
+        config = config_from_preset(preset, **{**base, **given})
     else:
         preset = given.pop("preset", "small")
         config = config_from_preset(preset, **given)
