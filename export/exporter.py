@@ -1,0 +1,196 @@
+"""`export_onnx`: artifact folder in, validated ONNX decoder folder out.
+
+The output folder holds model.onnx (+ model.onnx.data for large models), the source's
+config.json and tokenizer (so Optimum's ORTModelForCausalLM and onnxruntime-genai load it),
+genai_config.json and a manifest whose metrics carry the parity report. It is written
+atomically: a failed validation leaves it marked incomplete, so nothing loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from compactgpt.artifacts import begin_write, finish_write, read_manifest
+from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.io import atomic_write_json
+
+from .config import EXTERNAL_DATA_AUTO_BYTES, ExportConfig, ExportError
+from .genai import convert_to_ort, genai_config
+from .graph import BuildOptions, build_decoder, collect_projections
+from .spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE, DecoderSpec
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# fp16 exports are compared with the float PyTorch model: half precision rounds each
+# activation to ~3 significant digits, so their bound is relative, like a quantized export's.
+FP16_RTOL = 0.02
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    """A quantize/ artifact: config.json has a quantization_config, or the manifest says so."""
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            if "quantization_config" in json.loads(cfg.read_text(encoding="utf-8")):
+                return True
+        except json.JSONDecodeError:
+            return False
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    return manifest is not None and manifest.stage == "quantize"
+
+
+def load_source(folder: Path):
+    """(model, tokenizer, quantized?) of an artifact folder; typed errors for anything else."""
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} does not exist or is not a folder; pass a model artifact folder")
+    if (folder / MODEL_FILE).is_file() and not (folder / "model.safetensors").is_file():
+        raise ArtifactError(
+            f"{folder} is already an ONNX export; pass the model artifact it was exported from"
+        )
+    if is_quantized_folder(folder):
+        try:
+            from quantize import load_quantized
+        except ImportError as e:
+            raise ExportError(f"{folder} is a quantized artifact but the quantize package is unavailable ({e})") from e
+        q = load_quantized(folder)
+        return q.model.eval(), q.tokenizer, True
+    from compactgpt.artifacts import load_model
+
+    loaded = load_model(folder)
+    return loaded.model, loaded.tokenizer, False
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of all initializers: what a decode step reads at most."""
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in proto.graph.initializer)
+
+
+def save_proto(proto: onnx.ModelProto, folder: Path, external: str) -> list[str]:
+    """Write model.onnx (and model.onnx.data when external); returns the file names."""
+    nbytes = weight_bytes(proto)
+    use_external = external == "always" or (external == "auto" and nbytes > EXTERNAL_DATA_AUTO_BYTES)
+    for name in (MODEL_FILE, DATA_FILE):
+        (folder / name).unlink(missing_ok=True)
+    if use_external:
+        onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        return [MODEL_FILE, DATA_FILE]
+    onnx.save_model(proto, str(folder / MODEL_FILE))
+    return [MODEL_FILE]
+
+
+def ort_dynamic_int8(folder: Path, external: bool) -> None:
+    """Replace folder/model.onnx by ONNX Runtime's dynamic int8 quantization of it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = folder / "float.onnx"
+    (folder / MODEL_FILE).rename(src)
+    data = folder / DATA_FILE
+    if data.is_file():
+        data.rename(folder / "float.onnx.data")
+        model = onnx.load(str(src))  # external data must be reread under its new name
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "float.onnx.data"
+        onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="float.onnx.data")
+    quantize_dynamic(str(src), str(folder / MODEL_FILE), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=external,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    src.unlink()
+    (folder / "float.onnx.data").unlink(missing_ok=True)
+
+
+def make_session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """Export config.model to config.out and validate it against PyTorch.
+
+    Raises ArtifactError (not an artifact), ConfigError (contradictory settings), ExportError
+    (a layout the graph cannot hold) and ParityError (the export disagrees with PyTorch).
+    Returns the output folder.
+    """
+    from .validate import validate
+
+    src, out = Path(config.model), Path(config.out)
+    if not config.model or not config.out:
+        raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
+    if src.resolve() == out.resolve():
+        raise ConfigError(f"--out {out} is the model folder itself; write the export to a new folder")
+    model, tokenizer, quantized = load_source(src)
+    if quantized and config.ort_int8:
+        raise ConfigError(
+            f"{src} is already quantized; --ort-int8 quantizes a float export. Export the float "
+            "parent with --ort-int8, or drop the flag to export these integer weights"
+        )
+    spec = DecoderSpec.from_config(model.config)
+    options = BuildOptions(dtype=config.dtype, fused=config.optimize, opset=config.opset,
+                           accuracy_level=config.accuracy_level,
+                           extra_meta={"producer": "compactgpt", "source": str(src.resolve())})
+    log(f"building the decoder graph ({'fused' if config.optimize else 'standard ops'}, {config.dtype}"
+        f"{', quantized weights' if quantized else ''})")
+    proto = build_decoder(model, collect_projections(model), options)
+    try:
+        onnx.checker.check_model(proto) if weight_bytes(proto) < EXTERNAL_DATA_AUTO_BYTES else None
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the built graph is not valid ONNX at opset {config.opset}: {e}") from e
+
+    out = begin_write(out)
+    files = save_proto(proto, out, config.external_data)
+    nbytes = weight_bytes(proto)
+    del proto
+    if config.ort_int8:
+        log("quantizing with ONNX Runtime's dynamic int8 (MatMulInteger)")
+        ort_dynamic_int8(out, external=DATA_FILE in files)
+    log("validating against PyTorch")
+    session = make_session(out / MODEL_FILE, config.threads)
+    run = lambda feeds: session.run(None, feeds)
+    np_dtype = np.float16 if config.dtype == "fp16" else np.float32
+    if quantized or config.ort_int8 or config.dtype == "fp16":
+        rtol = config.quant_rtol if (quantized or config.ort_int8) else FP16_RTOL
+        report = validate(model, run, spec, rtol=rtol, np_dtype=np_dtype)
+        report["tolerance"] = {"max_logits_rel_diff": rtol}
+    else:
+        report = validate(model, run, spec, atol=config.atol, np_dtype=np_dtype)
+        report["tolerance"] = {"atol": config.atol}
+    del session
+
+    shutil.copyfile(src / "config.json", out / "config.json")
+    files.append("config.json")
+    tokenizer.save(out)
+    files += list(TOKENIZER_FILES)
+    atomic_write_json(out / GENAI_CONFIG, genai_config(model.config))
+    files.append(GENAI_CONFIG)
+    if config.ort_format:
+        log("converting to the ORT format")
+        files += [f.name for f in convert_to_ort(out) if f.is_file()]
+    kind = "ort-int8" if config.ort_int8 else ("quantized" if quantized else config.dtype)
+    metrics = {
+        "parity_max_logits_diff": report["max_logits_diff"],
+        "parity_max_present_diff": report["max_present_diff"],
+        "parity_max_logits_rel_diff": report["max_logits_rel_diff"],
+        "onnx_bytes": sum((out / f).stat().st_size for f in files if f in (MODEL_FILE, DATA_FILE)),
+        "initializer_bytes": nbytes,
+    }
+    finish_write(out, "export", config.to_dict(), parent=src, metrics=metrics, files=files,
+                 extra={"kind": kind, "parity": report, "spec": {"inputs": spec.input_names[:3],
+                                                                 "past": spec.past_key(0), "opset": config.opset}})
+    log(f"wrote {out}: max |logits diff| {report['max_logits_diff']:.3g}, "
+        f"max |KV diff| {report['max_present_diff']:.3g} over {len(report['cases'])} shapes")
+    return out

@@ -1,0 +1,285 @@
+"""Build the decoder graph directly from the weights (no tracing).
+
+Writing the graph node by node, as ONNX Runtime's GenAI model builder does, means every
+projection is a MatMul (never a Gemm that 4-bit quantizers skip), names are fixed by the
+spec, and quantized weights become MatMulNBits nodes straight from their integer codes.
+
+Two forms of the same math:
+
+* fused (default): ONNX Runtime contrib ops. SkipLayerNormalization adds the residual, the
+  projection bias and normalizes in one op; FastGelu adds the MLP bias and applies tanh-GELU;
+  MultiHeadAttention takes q/k/v with their bias, the past KV and an additive mask and returns
+  the present KV.
+* unfused: standard ONNX ops only (LayerNormalization, MatMul, Softmax, ...), for runtimes
+  other than ONNX Runtime.
+
+Both compute an additive attention bias (B, 1, T, P+T) once from attention_mask and the
+causal structure, as `compactgpt.model.attention_bias` does, so left padding works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from compactgpt.model import GPT
+
+from .config import ExportError
+from .nbits import NBitsWeight, to_nbits
+from .spec import IR_VERSION, MS_DOMAIN, DecoderSpec
+
+_NP = {"fp32": np.float32, "fp16": np.float16}
+_ONNX = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+
+
+@dataclass
+class Projection:
+    """One linear layer as the graph needs it: float (in, out) weight, or MatMulNBits arrays."""
+
+    name: str
+    bias: np.ndarray | None
+    weight: np.ndarray | None = None  # float (in, out)
+    nbits: NBitsWeight | None = None
+    act_bits: int | None = None
+
+
+def projection_of(name: str, module: torch.nn.Module) -> Projection:
+    """A Linear or a quantized module from quantize/ (duck-typed on `.qweight`)."""
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach().float().cpu().numpy()
+    q = getattr(module, "qweight", None)
+    if q is not None:
+        g_idx = None if q.g_idx is None else q.g_idx.cpu().numpy()
+        try:
+            nb = to_nbits(q.codes.cpu().numpy(), q.scales.float().cpu().numpy(), q.zeros.cpu().numpy(),
+                          q.bits, q.group_size, g_idx)
+        except ExportError as e:
+            raise ExportError(f"{name}: {e}") from e
+        return Projection(name, bias, nbits=nb, act_bits=getattr(module, "act_bits", None))
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ExportError(
+            f"{name} is a {type(module).__name__}, which the exporter does not know: expected an "
+            "nn.Linear or a quantized linear exposing .qweight"
+        )
+    return Projection(name, bias, weight=weight.detach().float().cpu().numpy().T.copy())
+
+
+class _Graph:
+    """Collects nodes and initializers with unique names."""
+
+    def __init__(self, dtype: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.dtype = dtype
+        self._n = 0
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def init(self, name: str, array: np.ndarray, cast: bool = True) -> str:
+        if cast and array.dtype in (np.float32, np.float64):
+            array = array.astype(_NP[self.dtype])
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, hint: str, values, dtype) -> str:
+        return self.init(self.fresh(hint), np.asarray(values, dtype=dtype), cast=False)
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
+           outputs: list[str] | None = None, domain: str | None = None, **attrs) -> list[str]:
+        name = name or self.fresh(op_type)
+        outputs = outputs or [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def one(self, op_type: str, inputs: list[str], **kw) -> str:
+        return self.op(op_type, inputs, **kw)[0]
+
+
+@dataclass
+class BuildOptions:
+    dtype: str = "fp32"
+    fused: bool = True
+    opset: int = 17
+    accuracy_level: int = 4
+    eps: float = 1e-5
+    extra_meta: dict = field(default_factory=dict)
+
+
+def build_decoder(model: GPT, projections: dict[str, Projection], options: BuildOptions) -> onnx.ModelProto:
+    """The decoder ModelProto of `model`, with `projections` (see `collect_projections`)."""
+    cfg = model.config
+    spec = DecoderSpec.from_config(cfg)
+    g = _Graph(options.dtype)
+    fdt = _ONNX[options.dtype]
+    C, nh, hs = cfg.n_embd, cfg.n_head, cfg.head_dim
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    # A quantized embedding keeps its (dequantized) table as a non-persistent buffer.
+    sd["transformer.wte.weight"] = model.transformer.wte.weight.detach().float().cpu().numpy()
+    eps = cfg.layer_norm_epsilon
+
+    def matmul(x: str, p: Projection, with_bias: bool) -> str:
+        """x @ W (+ bias when with_bias; otherwise the caller folds the bias into a fused op)."""
+        if p.nbits is not None:
+            nb = p.nbits
+            if nb.order is not None:
+                x = g.one("Gather", [x, g.const(p.name + ".order", nb.order, np.int64)], axis=-1)
+            ins = [x, g.init(p.name + ".qweight", nb.packed), g.init(p.name + ".scales", nb.scales.astype(_NP[options.dtype])),
+                   g.init(p.name + ".qzeros", nb.zero_points)]
+            if with_bias and p.bias is not None:
+                ins += ["", g.init(p.name + ".bias", p.bias)]
+            return g.one("MatMulNBits", ins, domain=MS_DOMAIN, name=p.name, K=nb.k, N=nb.n, bits=nb.bits,
+                         block_size=nb.block_size, accuracy_level=options.accuracy_level)
+        y = g.one("MatMul", [x, g.init(p.name + ".weight", p.weight)], name=p.name)
+        if with_bias and p.bias is not None:
+            y = g.one("Add", [y, g.init(p.name + ".bias", p.bias)])
+        return y
+
+    def bias_of(p: Projection) -> str:
+        b = p.bias if p.bias is not None else np.zeros(p.nbits.n if p.nbits else p.weight.shape[1], np.float32)
+        return g.init(p.name + ".bias", b)
+
+    def layer_norm(x: str, prefix: str) -> str:
+        return g.one("LayerNormalization", [x, g.init(prefix + ".weight", sd[prefix + ".weight"]),
+                                            g.init(prefix + ".bias", sd[prefix + ".bias"])], axis=-1, epsilon=eps)
+
+    def skip_ln(x: str, skip: str, prefix: str, bias: str | None) -> tuple[str, str]:
+        """(LayerNorm(x + skip + bias), x + skip + bias)."""
+        if options.fused:
+            ins = [x, skip, g.init(prefix + ".weight", sd[prefix + ".weight"]),
+                   g.init(prefix + ".bias", sd[prefix + ".bias"])] + ([bias] if bias else [])
+            name = g.fresh("SkipLayerNorm")
+            out = g.op("SkipLayerNormalization", ins, name=name, domain=MS_DOMAIN, epsilon=eps,
+                       outputs=[f"{name}/out", "", "", f"{name}/sum"])
+            return out[0], out[3]
+        s = g.one("Add", [x, bias]) if bias else x
+        s = g.one("Add", [s, skip])
+        return layer_norm(s, prefix), s
+
+    # -- inputs / outputs -----------------------------------------------------------------
+    shapes_in, shapes_out = spec.input_shapes(), spec.output_shapes()
+    inputs = [
+        helper.make_tensor_value_info(spec.input_ids, TensorProto.INT64, shapes_in[spec.input_ids]),
+        helper.make_tensor_value_info(spec.attention_mask, TensorProto.INT64, shapes_in[spec.attention_mask]),
+        helper.make_tensor_value_info(spec.position_ids, TensorProto.INT64, shapes_in[spec.position_ids]),
+    ] + [helper.make_tensor_value_info(n, fdt, shapes_in[n]) for n in spec.past_names]
+    outputs = [helper.make_tensor_value_info(spec.logits, fdt, shapes_out[spec.logits])] + [
+        helper.make_tensor_value_info(n, fdt, shapes_out[n]) for n in spec.present_names]
+
+    # -- attention bias (B, 1, T, P+T), shared by every layer ---------------------------------
+    i64 = np.int64
+    past_len = g.one("Shape", [spec.past_key(0)], start=2, end=3)
+    new_len = g.one("Shape", [spec.input_ids], start=1, end=2)
+    total = g.one("Add", [past_len, new_len])
+    axis0 = g.const("axis0", [0], i64)
+    p_s, t_s = g.one("Squeeze", [past_len, axis0]), g.one("Squeeze", [total, axis0])
+    zero, one = g.const("zero", 0, i64), g.const("one", 1, i64)
+    q_pos = g.one("Unsqueeze", [g.one("Range", [p_s, t_s, one]), g.const("axis1", [1], i64)])  # (T, 1)
+    k_pos = g.one("Unsqueeze", [g.one("Range", [zero, t_s, one]), axis0])  # (1, P+T)
+    causal = g.one("LessOrEqual", [k_pos, q_pos])  # (T, P+T)
+    mask = g.one("Cast", [spec.attention_mask], to=TensorProto.BOOL)
+    mask = g.one("Unsqueeze", [mask, g.const("axes12", [1, 2], i64)])  # (B, 1, 1, P+T)
+    allowed = g.one("And", [causal, mask])  # (B, 1, T, P+T)
+    np_dt = _NP[options.dtype]
+    attn_bias = g.one("Where", [allowed, g.const("zero_f", np.zeros((), np_dt), np_dt),
+                                g.const("min_f", np.array(np.finfo(np_dt).min, np_dt), np_dt)], name="attention_bias")
+
+    # -- embeddings: the tied matrix is stored once, as the LM head's (C, V) ------------------
+    head = projections.get("lm_head")
+    if head is None or head.nbits is None:
+        wte_t = g.init("transformer.wte.weight_t", sd["transformer.wte.weight"].T.copy())
+        tok = g.one("Gather", [wte_t, spec.input_ids], axis=1)  # (C, B, T)
+        tok = g.one("Transpose", [tok], perm=[1, 2, 0])  # (B, T, C)
+    else:  # a quantized head keeps a float embedding table for the lookup
+        wte_t = None
+        tok = g.one("Gather", [g.init("transformer.wte.weight", sd["transformer.wte.weight"]), spec.input_ids], axis=0)
+    pos = g.one("Gather", [g.init("transformer.wpe.weight", sd["transformer.wpe.weight"]), spec.position_ids], axis=0)
+
+    scale = 1.0 / math.sqrt(hs)
+    # x: normalized input of the current sublayer; resid: the residual stream it adds to.
+    x, resid = skip_ln(tok, pos, "transformer.h.0.ln_1", None)
+    if not options.fused:
+        shape_bthd = g.const("shape_bthd", [0, 0, nh, hs], i64)
+        shape_btc = g.const("shape_btc", [0, 0, C], i64)
+    for i in range(cfg.n_layer):
+        pre = f"transformer.h.{i}"
+        c_attn, c_proj = projections[f"{pre}.attn.c_attn"], projections[f"{pre}.attn.c_proj"]
+        c_fc, m_proj = projections[f"{pre}.mlp.c_fc"], projections[f"{pre}.mlp.c_proj"]
+        # ---- attention
+        if options.fused:
+            qkv = matmul(x, c_attn, with_bias=False)
+            q, k, v = g.op("Split", [qkv, g.const("split", [C, C, C], i64)], n_out=3, axis=-1)
+            attn = g.op("MultiHeadAttention", [q, k, v, bias_of(c_attn), "", attn_bias, spec.past_key(i), spec.past_value(i)],
+                        name=f"{pre}.attn", domain=MS_DOMAIN, num_heads=nh, scale=scale,
+                        outputs=[f"{pre}.attn/out", spec.present_key(i), spec.present_value(i)])[0]
+        else:
+            qkv = matmul(x, c_attn, with_bias=True)
+            q, k, v = g.op("Split", [qkv, g.const("split", [C, C, C], i64)], n_out=3, axis=-1)
+            heads = lambda t: g.one("Transpose", [g.one("Reshape", [t, shape_bthd])], perm=[0, 2, 1, 3])
+            q, k, v = heads(q), heads(k), heads(v)  # (B, nh, T, hs)
+            k = g.op("Concat", [spec.past_key(i), k], axis=2, outputs=[spec.present_key(i)])[0]
+            v = g.op("Concat", [spec.past_value(i), v], axis=2, outputs=[spec.present_value(i)])[0]
+            scores = g.one("MatMul", [q, g.one("Transpose", [k], perm=[0, 1, 3, 2])])
+            scores = g.one("Mul", [scores, g.const("scale", np.array(scale, np_dt), np_dt)])
+            probs = g.one("Softmax", [g.one("Add", [scores, attn_bias])], axis=-1)
+            y = g.one("Transpose", [g.one("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+            attn = g.one("Reshape", [y, shape_btc])
+        a = matmul(attn, c_proj, with_bias=not options.fused)
+        x, resid = skip_ln(a, resid, f"{pre}.ln_2", bias_of(c_proj) if options.fused else None)
+        # ---- MLP
+        h = matmul(x, c_fc, with_bias=not options.fused)
+        h = _gelu(g, h, bias_of(c_fc) if options.fused else None, cfg.activation_function, options.fused, np_dt)
+        m = matmul(h, m_proj, with_bias=not options.fused)
+        nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "transformer.ln_f"
+        x, resid = skip_ln(m, resid, nxt, bias_of(m_proj) if options.fused else None)
+
+    if head is not None and head.nbits is not None:
+        logits = matmul(x, head, with_bias=True)
+        g.nodes[-1].output[0] = spec.logits
+    else:
+        g.op("MatMul", [x, wte_t], name="lm_head", outputs=[spec.logits])
+
+    graph = helper.make_graph(g.nodes, "compactgpt_decoder", inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", options.opset)]
+    if any(n.domain == MS_DOMAIN for n in g.nodes):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    model_proto = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
+                                    producer_name="compactgpt")
+    for k, v in options.extra_meta.items():
+        model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    return model_proto
+
+
+def _gelu(g: _Graph, h: str, bias: str | None, kind: str, fused: bool, np_dt) -> str:
+    tanh_form = kind in ("gelu_new", "gelu_pytorch_tanh")
+    if fused:
+        if tanh_form:
+            return g.one("FastGelu", [h, bias], domain=MS_DOMAIN)
+        return g.one("BiasGelu", [h, bias], domain=MS_DOMAIN)
+    c = lambda v: g.const("c", np.array(v, np_dt), np_dt)
+    if tanh_form:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = g.one("Mul", [g.one("Mul", [h, h]), h])
+        inner = g.one("Add", [h, g.one("Mul", [cube, c(0.044715)])])
+        t = g.one("Tanh", [g.one("Mul", [inner, c(math.sqrt(2.0 / math.pi))])])
+    else:  # 0.5 x (1 + erf(x / sqrt 2))
+        t = g.one("Erf", [g.one("Mul", [h, c(1.0 / math.sqrt(2.0))])])
+    return g.one("Mul", [g.one("Mul", [h, c(0.5)]), g.one("Add", [t, c(1.0)])])
+
+
+def collect_projections(model: GPT) -> dict[str, Projection]:
+    """Every projection of the GPT (and a quantized LM head when there is one), by module name."""
+    out = {}
+    for i in range(model.config.n_layer):
+        for sub in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            name = f"transformer.h.{i}.{sub}"
+            out[name] = projection_of(name, model.get_submodule(name))
+    if getattr(model.lm_head, "qweight", None) is not None:
+        out["lm_head"] = projection_of("lm_head", model.lm_head)
+    return out

@@ -1,0 +1,147 @@
+"""Pure functions that lay quantize/'s integer weights out as ONNX Runtime's MatMulNBits wants.
+
+MatMulNBits(A, B, scales, zero_points[, g_idx]) computes A @ dequant(B)^T with B stored per
+output row in blocks of `block_size` input columns: 4-bit codes two to a byte (low nibble =
+even column), 8-bit codes one to a byte, one scale and one zero point per block. The codes,
+scales and zero points from quantize/ are carried over unchanged; only their layout changes:
+
+* a group wider than ONNX Runtime's block (per-channel int8, groups of 512, ...) is split into
+  several blocks that repeat the group's scale and zero point (exactly the same dequantization);
+* GPTQ's activation order (g_idx) is turned into contiguous groups by permuting the input
+  columns of the weight, and the graph gathers the activations in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ExportError
+
+# Block lengths the CPU kernels of MatMulNBits implement.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 (..., n) with values < 16 -> uint8 (..., ceil(n/2)); low nibble = even column.
+
+    An odd n is padded with a zero nibble."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.size and int(codes.max()) > 15:
+        raise ExportError(f"4-bit codes must be < 16, found {int(codes.max())}")
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of pack_nibbles: uint8 (..., ceil(n/2)) -> uint8 (..., n)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    out = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
+    return out[..., :n]
+
+
+def block_size_for(group_size: int, in_features: int) -> int:
+    """The largest MatMulNBits block length that tiles a group exactly.
+
+    Raises ExportError when no supported block divides the group (groups narrower than 16
+    columns or of an odd width)."""
+    for bs in sorted(BLOCK_SIZES, reverse=True):
+        if group_size % bs == 0 and in_features % bs == 0:
+            return bs
+    raise ExportError(
+        f"group size {group_size} (in_features {in_features}) cannot be laid out as MatMulNBits "
+        f"blocks of {BLOCK_SIZES}: quantize with a group size that is a multiple of 16"
+    )
+
+
+def contiguous_order(g_idx: np.ndarray | None, group_size: int, in_features: int) -> np.ndarray | None:
+    """A column permutation that makes the groups of g_idx contiguous, or None when they are.
+
+    Raises ExportError when g_idx does not give every group exactly group_size columns."""
+    if g_idx is None:
+        return None
+    g_idx = np.asarray(g_idx, dtype=np.int64)
+    natural = np.arange(in_features) // group_size
+    if g_idx.shape != (in_features,):
+        raise ExportError(f"g_idx has shape {g_idx.shape}, expected ({in_features},)")
+    if np.array_equal(g_idx, natural):
+        return None
+    order = np.argsort(g_idx, kind="stable")
+    if not np.array_equal(g_idx[order], natural):
+        raise ExportError(
+            "g_idx does not assign exactly group_size columns to every group; this weight cannot "
+            "be expressed as contiguous MatMulNBits blocks"
+        )
+    return order
+
+
+@dataclass
+class NBitsWeight:
+    """Arrays and attributes of one MatMulNBits node."""
+
+    bits: int
+    block_size: int
+    n: int  # output features
+    k: int  # input features
+    packed: np.ndarray  # uint8 (N, n_blocks, block_size * bits / 8)
+    scales: np.ndarray  # float32 (N * n_blocks,)
+    zero_points: np.ndarray  # uint8 (N * ceil(n_blocks * bits / 8),)
+    order: np.ndarray | None  # int64 (K,): gather activations in this order first
+
+
+def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None) -> NBitsWeight:
+    """quantize/'s (codes, scales, zeros[, g_idx]) -> MatMulNBits arrays, same dequantization.
+
+    codes uint8 (N, K); scales float32 (N, K // group_size); zeros uint8 (N, K // group_size).
+    """
+    codes = np.asarray(codes, dtype=np.uint8)
+    scales = np.asarray(scales, dtype=np.float32)
+    zeros = np.asarray(zeros, dtype=np.uint8)
+    if bits not in (4, 8):
+        raise ExportError(f"MatMulNBits holds 4- or 8-bit weights, got {bits} bits")
+    n, k = codes.shape
+    if k % group_size:
+        raise ExportError(f"in_features {k} is not a multiple of group_size {group_size}")
+    n_groups = k // group_size
+    if scales.shape != (n, n_groups) or zeros.shape != (n, n_groups):
+        raise ExportError(
+            f"scales {scales.shape} / zeros {zeros.shape} do not match codes {codes.shape} with "
+            f"group_size {group_size}; expected ({n}, {n_groups})"
+        )
+    order = contiguous_order(None if g_idx is None else np.asarray(g_idx), group_size, k)
+    if order is not None:
+        codes = codes[:, order]
+    bs = block_size_for(group_size, k)
+    repeat = group_size // bs
+    n_blocks = k // bs
+    scales_b = np.repeat(scales, repeat, axis=1)  # (N, n_blocks)
+    zeros_b = np.repeat(zeros, repeat, axis=1)
+    if bits == 4:
+        packed = pack_nibbles(codes).reshape(n, n_blocks, bs // 2)
+        zp = pack_nibbles(zeros_b)  # (N, ceil(n_blocks / 2))
+    else:
+        packed = codes.reshape(n, n_blocks, bs)
+        zp = zeros_b
+    return NBitsWeight(bits, bs, n, k, np.ascontiguousarray(packed), scales_b.reshape(-1).copy(),
+                       np.ascontiguousarray(zp).reshape(-1), order)
+
+
+def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
+    """float32 (N, K) from MatMulNBits arrays, in the original column order (for tests)."""
+    n_blocks = w.k // w.block_size
+    if w.bits == 4:
+        codes = unpack_nibbles(w.packed.reshape(w.n, -1), w.k)
+        zeros = unpack_nibbles(w.zero_points.reshape(w.n, -1), n_blocks)
+    else:
+        codes = w.packed.reshape(w.n, w.k)
+        zeros = w.zero_points.reshape(w.n, n_blocks)
+    scales = w.scales.reshape(w.n, n_blocks)
+    per_col = lambda a: np.repeat(a, w.block_size, axis=1)
+    out = (codes.astype(np.float32) - per_col(zeros).astype(np.float32)) * per_col(scales)
+    if w.order is not None:
+        restored = np.empty_like(out)
+        restored[:, w.order] = out
+        out = restored
+    return out

@@ -1,0 +1,214 @@
+"""Run an exported decoder with ONNX Runtime: KV cache, IO binding, greedy and sampling.
+
+`OnnxDecoder(folder)` reads the folder's config.json, tokenizer and model.onnx and feeds the
+graph by the names of `export.spec`. The KV cache stays in ONNX Runtime's own buffers
+between steps (IO binding), so a decode step copies only the new token in and the logits
+out. The CPU provider is the default; `device="cuda"` uses the CUDA provider when
+onnxruntime-gpu sees a GPU and falls back to the CPU with a message when it does not.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from compactgpt.artifacts import check_complete, read_config
+from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.model import sample_next
+from compactgpt.tokenizer import Tokenizer
+
+from .spec import MODEL_FILE, DecoderSpec
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def is_onnx_folder(folder: str | Path) -> bool:
+    """True for a folder holding an exported decoder (model.onnx next to config.json)."""
+    folder = Path(folder)
+    return (folder / MODEL_FILE).is_file() and (folder / "config.json").is_file()
+
+
+def gpu_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU device node (the CUDA provider needs one)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or (torch.cuda.is_available())
+
+
+def resolve_providers(device: str, log: Callable[[str], None]) -> list:
+    """Execution providers for a device string, always explicit.
+
+    onnxruntime-gpu lists the CUDA provider even on machines without a GPU, so the list it
+    reports cannot be trusted alone: a CUDA request also needs a visible GPU."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda" or device.startswith("cuda:"):
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            log("CUDA was requested but this ONNX Runtime build has no CUDA provider "
+                "(install onnxruntime-gpu); running on the CPU")
+            return ["CPUExecutionProvider"]
+        if not gpu_visible():
+            log("CUDA was requested but no GPU is visible; running on the CPU")
+            return ["CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+class OnnxDecoder:
+    """An exported CompactGPT decoder run by ONNX Runtime.
+
+    folder: an export folder (model.onnx, config.json, tokenizer). device: cpu | cuda[:N].
+    threads: intra-op threads (default: ONNX Runtime's choice). io_binding: keep the KV
+    cache in ONNX Runtime's buffers (default on).
+    Raises ArtifactError when the folder is not a complete export.
+    """
+
+    def __init__(self, folder: str | Path, *, device: str = "cpu", threads: int | None = None,
+                 io_binding: bool = True, log: Callable[[str], None] = _stderr):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        check_complete(self.folder)
+        if not (self.folder / MODEL_FILE).is_file():
+            raise ArtifactError(
+                f"{self.folder} has no {MODEL_FILE}: it is not an ONNX export. Create one with "
+                f"`compactgpt export --model MODEL --out {self.folder}`"
+            )
+        self.config = read_config(self.folder)
+        self.spec = DecoderSpec.from_config(self.config)
+        self.tokenizer = Tokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = resolve_providers(device, log)
+        try:
+            self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), options, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise ArtifactError(f"ONNX Runtime cannot load {self.folder / MODEL_FILE}: {e}") from e
+        active = self.session.get_providers()
+        self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
+        if device.startswith("cuda") and self.device_type != "cuda" and len(providers) > 1:
+            log("the CUDA provider failed to start (see ONNX Runtime's message above); running on the CPU")
+        self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in self.spec.input_names if n not in inputs]
+        if missing:
+            raise ArtifactError(
+                f"{self.folder / MODEL_FILE} lacks the inputs {missing[:4]} of a CompactGPT decoder; "
+                "re-export it with `compactgpt export`"
+            )
+        self.dtype = _ORT_TYPES.get(inputs[self.spec.past_key(0)].type, np.float32)
+        self.io_binding = io_binding
+
+    # -- one call of the graph ------------------------------------------------------------
+    def empty_past(self, batch: int) -> list:
+        shape = (batch, self.spec.n_head, 0, self.spec.head_dim)
+        return [self._ortvalue(np.zeros(shape, self.dtype)) for _ in self.spec.past_names]
+
+    def _ortvalue(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        if not self.io_binding:
+            return array
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device_type, self.device_id)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: list | None = None) -> tuple[np.ndarray, list]:
+        """One call: logits (B, T, V) as float32 numpy, and the present KV (opaque values to
+        pass back as `past`). past None means an empty cache."""
+        spec = self.spec
+        B = input_ids.shape[0]
+        past = past if past is not None else self.empty_past(B)
+        feeds = {spec.input_ids: np.ascontiguousarray(input_ids, dtype=np.int64),
+                 spec.attention_mask: np.ascontiguousarray(attention_mask, dtype=np.int64),
+                 spec.position_ids: np.ascontiguousarray(position_ids, dtype=np.int64)}
+        if not self.io_binding:
+            feeds.update(zip(spec.past_names, past))
+            outs = self.session.run(None, feeds)
+            return outs[0].astype(np.float32, copy=False), outs[1:]
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(spec.past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(spec.logits, "cpu")
+        for name in spec.present_names:
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy().astype(np.float32, copy=False), list(outs[1:])
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of whole sequences with no cache (for perplexity)."""
+        ids = input_ids.cpu().numpy()
+        B, T = ids.shape
+        if T > self.config.n_positions:
+            raise ConfigError(f"{T} tokens exceed the model's {self.config.n_positions} positions")
+        out, _ = self.forward(ids, np.ones((B, T), np.int64), np.tile(np.arange(T), (B, 1)))
+        return torch.from_numpy(out)
+
+    def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A logits function for `compactgpt.evaluation.perplexity`."""
+        return self.logits
+
+    # -- generation -------------------------------------------------------------------------
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
+               attention_mask: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next tokens (B,) step by step; the same contract as `GPT.stream`.
+
+        Raises ConfigError when prompt + new tokens exceed the model's positions."""
+        input_ids = torch.as_tensor(input_ids)
+        B, T = input_ids.shape
+        if T == 0:
+            raise ConfigError("the prompt is empty; give at least one token (e.g. <|endoftext|>)")
+        if T + max_new_tokens > self.config.n_positions:
+            raise ConfigError(
+                f"prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                f"{self.config.n_positions} positions; shorten the prompt or lower max_new_tokens"
+            )
+        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        stops = torch.tensor(list(stop_tokens), dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        logits, past = self.forward(input_ids.numpy(), mask.numpy(), positions.numpy())
+        next_pos = positions[:, -1:] + 1
+        mask_np = mask.numpy().astype(np.int64)
+        for _ in range(max_new_tokens):
+            token = sample_next(torch.from_numpy(logits[:, -1, :]), temperature, top_k, top_p, generator)
+            if len(stops):
+                token = torch.where(done, stops[0], token)
+                done |= torch.isin(token, stops)
+            yield token
+            if bool(done.all()):
+                break
+            mask_np = np.concatenate([mask_np, np.ones((B, 1), np.int64)], axis=1)
+            logits, past = self.forward(token[:, None].numpy(), mask_np, next_pos.numpy(), past)
+            next_pos = next_pos + 1
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """The prompt followed by up to max_new_tokens generated tokens, (B, T + n)."""
+        input_ids = torch.as_tensor(input_ids)
+        new = list(self.stream(input_ids, max_new_tokens, **kwargs))
+        if not new:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+
+def threads_default() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
