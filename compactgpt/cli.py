@@ -233,6 +233,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    if (Path(args.model) / "model.onnx").is_file():  # an ONNX export runs on ONNX Runtime
+        return importlib.import_module("export.cli").generate_onnx(args)
     import torch
 
     from .artifacts import load_model, resolve_model_path
@@ -295,6 +297,7 @@ def cmd_info(args) -> None:
 # Modules that add verbs of later stages: each has register(subparsers, commands), which adds
 # its parsers and maps each verb name to a function taking the parsed args.
 PLUGINS: tuple[str, ...] = (
+    "export.cli",
 )
 
 COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,
