@@ -135,8 +135,11 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
                    g.init(p.name + ".qzeros", nb.zero_points)]
             if with_bias and p.bias is not None:
                 ins += ["", g.init(p.name + ".bias", p.bias)]
+            # SmoothQuant's W8A8 layers were calibrated for int8 activations: level 4 is their
+            # arithmetic whatever the weight-only layers use.
+            level = 4 if p.act_bits == 8 else options.accuracy_level
             return g.one("MatMulNBits", ins, domain=MS_DOMAIN, name=p.name, K=nb.k, N=nb.n, bits=nb.bits,
-                         block_size=nb.block_size, accuracy_level=options.accuracy_level)
+                         block_size=nb.block_size, accuracy_level=level)
         y = g.one("MatMul", [x, g.init(p.name + ".weight", p.weight)], name=p.name)
         if with_bias and p.bias is not None:
             y = g.one("Add", [y, g.init(p.name + ".bias", p.bias)])
@@ -271,6 +274,13 @@ def _gelu(g: _Graph, h: str, bias: str | None, kind: str, fused: bool, np_dt) ->
     else:  # 0.5 x (1 + erf(x / sqrt 2))
         t = g.one("Erf", [g.one("Mul", [h, c(1.0 / math.sqrt(2.0))])])
     return g.one("Mul", [g.one("Mul", [h, c(0.5)]), g.one("Add", [t, c(1.0)])])
+
+
+def exact_arithmetic(projections: dict[str, Projection], accuracy_level: int) -> bool:
+    """True when ONNX Runtime computes what PyTorch computes up to float rounding: float
+    weights, or weight-only integer weights with float activations (accuracy level 0)."""
+    quantized = [p for p in projections.values() if p.nbits is not None]
+    return all(p.act_bits is None for p in quantized) and (accuracy_level == 0 or not quantized)
 
 
 def collect_projections(model: GPT) -> dict[str, Projection]:
