@@ -1,0 +1,351 @@
+"""Knowledge distillation: a student trained on the teacher's distributions, on run_loop.
+
+The teacher runs frozen, in inference mode, next to the student on the same batches (no
+stored logits), on the training device and under the same autocast; under torchrun every
+process holds its own teacher replica. The loss (losses.py) mixes a divergence between
+temperature-softened logits with cross-entropy on the data and, optionally, a hidden-state
+loss through learned projections. With kd_weight 0 and hidden_weight 0 the teacher is not
+run at all: the same stage then trains a student from scratch with cross-entropy, which is
+how the benchmarks' baseline is made.
+
+The student is a model folder (a pruned or sparse student, or any GPT-2 folder with the
+teacher's tokenizer) or a shape: a JSON file or `key=value,...` overrides of the teacher's
+GPTConfig, initialised at random. A sparse student (from `compactgpt sparsify`) keeps its
+zeros: the masks are held through training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from compactgpt.artifacts import LoadedModel, load_model, parent_record, resolve_model_path, save_model
+from compactgpt.data import DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
+from compactgpt.errors import ConfigError
+from compactgpt.evaluation import mean_loss
+from compactgpt.model import GPT, GPTConfig
+from compactgpt.training import (CHECKPOINT, LoopConfig, WindowBatches, cleanup_distributed, flops_per_token,
+                                 run_loop, setup_runtime)
+
+from .losses import DIVERGENCES, distillation_loss
+from .prune import eval_perplexity, parameter_summary
+from .sparsity import MaskKeeper, masks_from_zeros, sparsity_report
+from .tokens import check_same_tokenizer, eval_slice, training_data_of
+
+
+@dataclass
+class DistillConfig(LoopConfig):
+    """Settings of the distillation stage; one CLI flag per field; saved in the artifact."""
+
+    teacher: str = ""  # teacher model folder
+    student: str = ""  # student folder, or a shape: JSON file or "n_layer=2,n_embd=128,..." (random init)
+    data: str | None = None  # prepared data folder or text; default: the teacher's training data
+    out: str = "runs/student"
+    text_field: str = "text"
+    val_fraction: float = 0.05
+    block_size: int = 256  # tokens per training window
+    kd_weight: float = 1.0  # weight of the divergence to the teacher's softened logits
+    ce_weight: float = 0.0  # weight of cross-entropy on the data's next tokens
+    temperature: float = 1.0  # softens both distributions; the divergence is scaled by T^2
+    divergence: str = "forward_kl"  # forward_kl (mean-seeking) or reverse_kl (mode-seeking)
+    hidden_weight: float = 0.0  # weight of the hidden-state loss (0: off)
+    eval_batches: int = 40  # validation windows per evaluation during training
+    eval_tokens: int = 0  # validation tokens for the final perplexities; 0: the whole split
+    # Shorter, gentler schedule than pretraining: a pruned student starts close to the teacher.
+    max_steps: int = 300
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    eval_interval: int = 100
+    checkpoint_interval: int = 100
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.teacher:
+            raise ConfigError("--teacher is required: the folder of the model to distill from")
+        if not self.student:
+            raise ConfigError("--student is required: a student folder (e.g. from compactgpt prune) or a shape "
+                              "such as n_layer=2,n_embd=128,n_head=2")
+        for name in ("kd_weight", "ce_weight", "hidden_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("--kd-weight and --ce-weight are both 0: the logits would get no training signal")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(f"--divergence {self.divergence!r} is unknown; choose one of {sorted(DIVERGENCES)}")
+        if self.block_size <= 1 or self.eval_batches <= 0 or self.eval_tokens < 0:
+            raise ConfigError("--block-size must be > 1, --eval-batches > 0, --eval-tokens >= 0")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_weight > 0 or self.hidden_weight > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# The student
+
+
+def parse_student_shape(spec: str) -> dict:
+    """A JSON file of GPTConfig fields, or "key=value,..." -> dict of overrides."""
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ConfigError(f"{spec} must hold a JSON object of GPTConfig fields")
+        return d
+    known = {f.name: f for f in fields(GPTConfig)}
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ConfigError(
+                f"--student {spec!r} is neither an existing folder nor a shape: {part!r} is not key=value with a "
+                f"GPTConfig field ({', '.join(sorted(known))})"
+            )
+        value = value.strip()
+        out[key] = value if key == "activation_function" else (float(value) if key in ("dropout", "layer_norm_epsilon") else int(value))
+    if not out:
+        raise ConfigError(f"--student {spec!r} names no student: pass a folder or key=value settings")
+    return out
+
+
+def build_student(spec: str, teacher: LoadedModel, seed: int) -> tuple[GPT, Path | None, LoadedModel | None]:
+    """The student model, its folder (None for a fresh shape) and its loaded artifact."""
+    path = Path(spec)
+    if path.is_dir():
+        loaded = load_model(path)
+        check_same_tokenizer(loaded.tokenizer, teacher.tokenizer, f"the student {path}", f"the teacher {teacher.folder}")
+        return loaded.model, path, loaded
+    overrides = parse_student_shape(spec)
+    values = {**teacher.model.config.to_dict(), **overrides}
+    if "n_embd" in overrides and "n_inner" not in overrides:
+        values["n_inner"] = None  # follow GPT-2's 4 x n_embd rather than the teacher's width
+    try:
+        cfg = GPTConfig.from_dict(values)
+    except ValueError as e:
+        raise ConfigError(f"--student {spec!r}: {e}") from e
+    torch.manual_seed(seed)  # the initial weights depend on the seed alone
+    return GPT(cfg), None, None
+
+
+def hidden_layer_map(student: GPT, teacher: GPT, plan: dict | None) -> list[tuple[int, int]]:
+    """(student, teacher) indices into the hidden-state lists, one pair per student block:
+    the teacher block each pruned block came from, else evenly spaced teacher blocks. The last
+    pair is always the final (ln_f) states of both."""
+    ls, lt = student.config.n_layer, teacher.config.n_layer
+    if plan and len(plan.get("layers", [])) == ls:
+        pairs = [(k + 1, plan["layers"][k] + 1) for k in range(ls)]
+    else:
+        pairs = [(k, max(1, round(k * lt / ls))) for k in range(1, ls + 1)]
+    pairs[-1] = (ls, lt)
+    return pairs
+
+
+class DistillModule(nn.Module):
+    """The student and the projections of its hidden states to the teacher's width: one
+    module, so the optimizer, checkpoints and DDP see every trained parameter."""
+
+    def __init__(self, student: GPT, teacher_width: int, pairs: list[tuple[int, int]], channels: list[int] | None):
+        super().__init__()
+        self.student = student
+        self.pairs = pairs
+        width = student.config.n_embd
+        self.proj = None
+        if pairs and width != teacher_width:
+            self.proj = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for _ in pairs)
+            if channels is not None:
+                # A pruned student's channels are a subset of the teacher's: start from the map
+                # that puts each channel back in its place.
+                scatter = torch.zeros(teacher_width, width)
+                scatter[torch.tensor(channels), torch.arange(width)] = 1.0
+                with torch.no_grad():
+                    for p in self.proj:
+                        p.weight.copy_(scatter)
+
+    def forward(self, input_ids: torch.Tensor, with_hidden: bool = False):
+        if not with_hidden:
+            return self.student(input_ids), None
+        logits, hidden = self.student(input_ids, output_hidden_states=True)
+        states = [hidden[s] for s, _ in self.pairs]
+        if self.proj is not None:
+            states = [p(h) for p, h in zip(self.proj, states)]
+        return logits, states
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def resolve_data(config: DistillConfig, teacher: LoadedModel, out: Path, is_main: bool, distributed: bool, log) -> Path:
+    """A data folder tokenized with the teacher's tokenizer: the given one (checked), or text
+    prepared under OUT/data (reused while unchanged)."""
+    data = config.data or training_data_of(teacher)
+    if data is None:
+        raise ConfigError(f"{teacher.folder} records no training data; pass --data with text or a prepared data folder")
+    if is_data_folder(data):
+        from compactgpt.tokenizer import Tokenizer
+
+        check_same_tokenizer(Tokenizer.from_folder(data), teacher.tokenizer, f"the data folder {data}",
+                             f"the teacher {teacher.folder}")
+        return Path(data)
+    cfg = DataConfig(source=data, vocab_size=teacher.tokenizer.vocab_size, val_fraction=config.val_fraction,
+                     text_field=config.text_field)
+    folder = out / "data"
+    if is_main and not prepared_matches(folder, cfg):
+        log(f"tokenizing {data} with the teacher's tokenizer...")
+        prepare_data(cfg, folder, tokenizer=teacher.tokenizer, log=log)
+    if distributed:
+        torch.distributed.barrier()
+    return folder
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def distill(config: DistillConfig, log: Callable[[str], None] = print, progress: bool = True,
+            overwrite: bool = False, resume: bool = False) -> Path:
+    """Train config.student on config.teacher's outputs and write the student to config.out.
+
+    Returns the folder. Raises ConfigError on a tokenizer mismatch between teacher, student
+    and data, on a block size longer than either model's context, and when OUT holds a
+    checkpoint and neither resume nor overwrite is given.
+    """
+    config.validate()
+    out = Path(config.out)
+    ckpt = out / CHECKPOINT
+    if (ckpt / "trainer.pt").is_file() and not resume:
+        if not overwrite:
+            raise ConfigError(f"{out} already holds a training checkpoint; pass --resume to continue it, "
+                              "or --overwrite to start over")
+        shutil.rmtree(ckpt)
+        (out / "log.jsonl").unlink(missing_ok=True)
+    rt = setup_runtime(config)
+    try:
+        teacher_dir = resolve_model_path(config.teacher)
+        t_loaded = load_model(teacher_dir)
+        teacher = t_loaded.model
+        student, student_dir, s_loaded = build_student(config.student, t_loaded, config.seed)
+        tokenizer = t_loaded.tokenizer
+        for name, m in (("teacher", teacher), ("student", student)):
+            if config.block_size > m.config.n_positions:
+                raise ConfigError(f"--block-size {config.block_size} exceeds the {name}'s {m.config.n_positions} "
+                                  f"positions; pass --block-size {m.config.n_positions} or less")
+        # Padding rows beyond the tokenizer carry no tokens: compare distributions over real tokens
+        # only when the two embeddings are padded differently.
+        vocab = None if student.config.vocab_size == teacher.config.vocab_size else tokenizer.vocab_size
+        s_extra = s_loaded.manifest.extra if (s_loaded and s_loaded.manifest) else {}
+        plan = s_extra.get("pruning_plan")
+        sparse = s_extra.get("sparsity")
+
+        out.mkdir(parents=True, exist_ok=True)
+        data_dir = resolve_data(config, t_loaded, out, rt.is_main, rt.distributed, log)
+        train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+        train.check_window(config.block_size)
+
+        pairs = hidden_layer_map(student, teacher, plan) if config.hidden_weight > 0 else []
+        module = DistillModule(student, teacher.config.n_embd, pairs, plan.get("channels") if plan else None)
+        teacher.to(rt.device).eval().requires_grad_(False)
+        keeper = MaskKeeper(module, masks_from_zeros(student), prefix="student.") if sparse else None
+        with_hidden = bool(pairs)
+        running: dict[str, list[float]] = {}
+
+        def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+            x, y = batch
+            s_logits, s_states = model(x, with_hidden)
+            t_logits, t_states = None, None
+            if config.uses_teacher:
+                with torch.no_grad():  # frozen teacher, eval mode: no graph, no dropout
+                    t_out = teacher(x, output_hidden_states=with_hidden)
+                t_logits, t_hidden = t_out if with_hidden else (t_out, None)
+                if with_hidden:
+                    t_states = [t_hidden[t] for _, t in pairs]
+            if vocab is not None:
+                s_logits = s_logits[..., :vocab]
+                t_logits = t_logits[..., :vocab] if t_logits is not None else None
+            loss, parts = distillation_loss(
+                s_logits, t_logits, y, kd_weight=config.kd_weight, ce_weight=config.ce_weight,
+                temperature=config.temperature, divergence=config.divergence,
+                hidden_pairs=list(zip(s_states, t_states)) if with_hidden else [], hidden_weight=config.hidden_weight)
+            for k, v in parts.items():
+                running.setdefault(k, []).append(v)
+            return loss, y.numel()
+
+        windows = val.fixed_windows(config.eval_batches, config.block_size)
+        val_batches = [(torch.cat([x for x, _ in windows[i:i + 8]]), torch.cat([y for _, y in windows[i:i + 8]]))
+                       for i in range(0, len(windows), 8)]
+
+        def evaluate(m: nn.Module) -> dict:
+            loss = mean_loss(m.student, val_batches, rt.device, rt.autocast())
+            parts = {f"train_{k}": sum(v) / len(v) for k, v in running.items() if v}
+            running.clear()
+            return {"val_loss": loss, "val_ppl": math.exp(loss), **parts}
+
+        fingerprint = {"student": student.config.to_dict(), "teacher": parent_record(teacher_dir)["sha256"],
+                       "data": str(Path(data_dir).resolve()), "block_size": config.block_size,
+                       "loss": {k: getattr(config, k) for k in ("kd_weight", "ce_weight", "temperature",
+                                                                 "divergence", "hidden_weight")}}
+        if rt.is_main:
+            summary = parameter_summary(student, teacher)
+            log(f"student: {summary['parameters']:,} parameters ({summary['non_embedding_ratio']:.1%} of the teacher's "
+                f"non-embedding), {student.config.n_layer} layers x {student.config.n_embd} wide; "
+                f"loss {config.kd_weight} x {config.divergence} (T={config.temperature}) + {config.ce_weight} x CE"
+                + (f" + {config.hidden_weight} x hidden" if with_hidden else "")
+                + (" (teacher not run)" if not config.uses_teacher else "") + f"; device {rt.device}")
+        flops = flops_per_token(student.config, config.block_size)
+        if config.uses_teacher:
+            flops += flops_per_token(teacher.config, config.block_size) / 3  # forward only
+        try:
+            result = run_loop(module, config, out, WindowBatches(train, config.batch_size, config.block_size), loss_fn,
+                              evaluate, runtime=rt, fingerprint=fingerprint, resume=resume, flops_per_token=flops,
+                              log=log, progress=progress, on_step=keeper, desc="distill")
+        finally:
+            if keeper is not None:
+                keeper.remove()
+        if rt.is_main:
+            student.eval()
+            vtokens = eval_slice(val.all_tokens(), config.eval_tokens)
+            s_ppl = eval_perplexity(student, vtokens, rt.device)
+            t_ppl = eval_perplexity(teacher, vtokens, rt.device)
+            t_tokens = (t_loaded.manifest.metrics.get("train_tokens") if t_loaded.manifest else None)
+            metrics = {**result.metrics, **parameter_summary(student, teacher), "val_perplexity": s_ppl,
+                       "teacher_val_perplexity": t_ppl, "perplexity_delta": s_ppl / t_ppl - 1.0,
+                       "val_tokens_scored": int(vtokens.numel()) - 1, "teacher_train_tokens": t_tokens,
+                       "token_fraction_of_teacher": result.state.tokens / t_tokens if t_tokens else None}
+            if sparse:
+                metrics.update({k: v for k, v in sparsity_report(student).items() if k != "sparsity_by_kind"})
+            extra = {
+                "teacher": parent_record(teacher_dir),
+                "student_init": str(student_dir.resolve()) if student_dir else f"random ({config.student}, seed {config.seed})",
+                "pruning_plan": ({k: plan[k] for k in ("layers", "shape")} if plan else None),
+                "sparsity": sparse,
+                "losses": {"kd_weight": config.kd_weight, "divergence": config.divergence,
+                           "temperature": config.temperature, "ce_weight": config.ce_weight,
+                           "hidden_weight": config.hidden_weight, "hidden_pairs": pairs,
+                           "teacher_run": config.uses_teacher},
+                "tokens": result.state.tokens,
+                "data": str(Path(data_dir).resolve()),
+            }
+            save_model(out, student.cpu(), tokenizer, stage="distill", settings=config.to_dict(),
+                       parent=student_dir or teacher_dir, metrics=metrics, extra=extra)
+            log(f"wrote {out}: perplexity {s_ppl:.2f} vs teacher {t_ppl:.2f} ({s_ppl / t_ppl - 1:+.1%}) after "
+                f"{result.state.tokens:,} tokens" + (f" ({metrics['token_fraction_of_teacher']:.1%} of the teacher's)"
+                                                     if t_tokens else ""))
+        if rt.distributed:
+            torch.distributed.barrier()
+        return out
+    finally:
+        cleanup_distributed()
