@@ -297,6 +297,7 @@ def cmd_info(args) -> None:
 # Modules that add verbs of later stages: each has register(subparsers, commands), which adds
 # its parsers and maps each verb name to a function taking the parsed args.
 PLUGINS: tuple[str, ...] = (
+    "distill.cli",
     "export.cli",
 )
 
