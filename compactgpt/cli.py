@@ -299,6 +299,7 @@ def cmd_info(args) -> None:
 PLUGINS: tuple[str, ...] = (
     "distill.cli",
     "export.cli",
+    "quantize.cli",
 )
 
 COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,

@@ -15,7 +15,7 @@ from .format import QuantizedWeight, pack_int4, unpack_int4
 
 # Heavier parts load on first use, so `quantize.format` stays importable on its own.
 _LAZY = {
-    "quantize_": "api", "quantize_model": "api", "CalibrationData": "api",
+    "quantize_": "api", "CalibrationData": "api", "load_calibration": "api",
     "load_quantized": "artifact", "save_quantized": "artifact", "QuantizedArtifact": "artifact",
     "quantized_linears": "modules", "QuantLinear": "modules", "QuantEmbedding": "modules",
     "QuantConfig": "config", "RTNConfig": "config", "GPTQConfig": "config", "AWQConfig": "config",

@@ -1,0 +1,87 @@
+"""bitsandbytes LLM.int8 (`Linear8bitLt`) and NF4/FP4 (`Linear4bit`) layers.
+
+bitsandbytes 0.45+ runs both on CPU as well as CUDA. Its layers keep their own storage
+(int8 rows with per-row absmax `SCB`; 4-bit codes with per-block absmax and a code map), so
+they are saved in bitsandbytes' own serialization (the tensors of the layer's state dict,
+which transformers also reads) and rebuilt from it here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from compactgpt.errors import ArtifactError
+
+
+def _bnb():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes
+
+    return bitsandbytes
+
+
+def to_int8_linear(lin: nn.Linear, threshold: float) -> nn.Module:
+    """An LLM.int8 layer with lin's weights (quantized row-wise when moved to its device)."""
+    bnb = _bnb()
+    m = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                            has_fp16_weights=False, threshold=threshold)
+    m.weight = bnb.nn.Int8Params(lin.weight.detach().float().clone(), requires_grad=False, has_fp16_weights=False)
+    if lin.bias is not None:
+        m.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
+    return m.to(lin.weight.device)
+
+
+def to_4bit_linear(lin: nn.Linear, quant_type: str, blocksize: int, double_quant: bool) -> nn.Module:
+    """An NF4/FP4 layer with lin's weights; moving it to a device quantizes them."""
+    bnb = _bnb()
+    m = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=torch.float32, compress_statistics=double_quant, quant_type=quant_type)
+    m.weight = bnb.nn.Params4bit(lin.weight.detach().float().clone(), requires_grad=False, quant_type=quant_type,
+                                 blocksize=blocksize, compress_statistics=double_quant)
+    if lin.bias is not None:
+        m.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
+    # A Linear4bit quantizes on its first move; before it, forward fails.
+    return m.to(lin.weight.device)
+
+
+def is_bnb_module(m: nn.Module) -> bool:
+    bnb = _bnb()
+    return isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+
+
+def bnb_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that define a bitsandbytes layer (its state dict, minus bookkeeping)."""
+    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items() if k != "weight_format"}
+
+
+def int8_from_tensors(t: dict[str, torch.Tensor], threshold: float, name: str) -> nn.Module:
+    bnb = _bnb()
+    if "weight" not in t or "SCB" not in t:
+        raise ArtifactError(f"{name}: the LLM.int8 layer lacks weight or SCB; the file is damaged")
+    out_f, in_f = t["weight"].shape
+    m = bnb.nn.Linear8bitLt(in_f, out_f, bias="bias" in t, has_fp16_weights=False, threshold=threshold)
+    p = bnb.nn.Int8Params(t["weight"].clone(), requires_grad=False, has_fp16_weights=False)
+    p.CB = p.data
+    p.SCB = t["SCB"].clone()
+    m.weight = p
+    if "bias" in t:
+        m.bias = nn.Parameter(t["bias"].clone(), requires_grad=False)
+    return m
+
+
+def fourbit_from_tensors(t: dict[str, torch.Tensor], in_f: int, out_f: int, name: str) -> nn.Module:
+    bnb = _bnb()
+    if "weight" not in t:
+        raise ArtifactError(f"{name}: the 4-bit layer lacks its weight; the file is damaged")
+    stats = {k[len("weight."):]: v for k, v in t.items() if k.startswith("weight.")}
+    p = bnb.nn.Params4bit.from_prequantized(data=t["weight"], quantized_stats=stats, requires_grad=False, device="cpu")
+    m = bnb.nn.Linear4bit(in_f, out_f, bias="bias" in t, compute_dtype=torch.float32,
+                          quant_type=p.quant_state.quant_type)
+    m.weight = p
+    if "bias" in t:
+        m.bias = nn.Parameter(t["bias"].clone(), requires_grad=False)
+    return m

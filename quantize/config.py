@@ -1,0 +1,226 @@
+"""One config dataclass per quantization method, validated on creation, and the registry
+that finds a method's config by its name.
+
+Every config serializes to a flat dict (`to_dict`, saved in the artifact's manifest and
+config.json) and back (`config_from_dict`), and every field is one CLI flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from compactgpt.errors import ConfigError
+
+# name -> config class; filled by @register_method below.
+METHODS: dict[str, type["QuantConfig"]] = {}
+
+# What the CLI and the manifests say about each field.
+FIELD_HELP = {
+    "bits": "bits per weight",
+    "group_size": "input columns that share one scale (must divide every quantized layer's width; "
+                  "0 = one scale per output channel)",
+    "symmetric": "symmetric codes (zero point fixed at the middle code) instead of an asymmetric "
+                 "zero point per group",
+    "include_embeddings": "also quantize the tied token embedding / LM head (a large share of a small model)",
+    "calib_samples": "calibration windows drawn from the calibration data",
+    "calib_seq_len": "tokens per calibration window (0 = the model's n_positions)",
+    "seed": "seed that picks the calibration windows",
+    "damp_percent": "GPTQ: Hessian dampening, as a share of its mean diagonal",
+    "act_order": "GPTQ: quantize columns in order of decreasing activation energy",
+    "block_columns": "GPTQ: columns updated together in one lazy batch",
+    "n_grid": "AWQ: points on the grid searched for the scale exponent and the clipping ratio",
+    "max_shrink": "AWQ: smallest clipping ratio tried is 1 - max-shrink (0 = no clipping search)",
+    "alpha": "SmoothQuant: migration strength (0 = all difficulty on activations, 1 = all on weights)",
+    "threshold": "LLM.int8: activation magnitude above which a feature runs in float (0 = pure int8)",
+    "quant_type": "bitsandbytes 4-bit data type: nf4 or fp4",
+    "blocksize": "bitsandbytes 4-bit: weights per absmax block",
+    "double_quant": "bitsandbytes 4-bit: quantize the absmax statistics too",
+}
+
+
+def register_method(name: str):
+    def wrap(cls):
+        cls.method = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class QuantConfig:
+    """Settings shared by every method."""
+
+    method: ClassVar[str] = ""
+    supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
+    calibrated: ClassVar[bool] = False  # needs calibration data (prepare -> calibrate -> convert)
+    integer_weights: ClassVar[bool] = True  # produces QuantizedWeight (GPTQ layout); False for bitsandbytes
+
+    bits: int = 8
+    group_size: int = 0
+    symmetric: bool = True
+    include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in self.supported_bits:
+            raise ConfigError(
+                f"{self.method}: bits={self.bits} is not supported; this method quantizes to "
+                f"{' or '.join(map(str, self.supported_bits))} bits"
+            )
+        if self.group_size < 0:
+            raise ConfigError(f"{self.method}: group_size must be 0 (per channel) or positive, got {self.group_size}")
+        if self.group_size and self.group_size % 2:
+            raise ConfigError(f"{self.method}: group_size={self.group_size} must be even (int4 packs two per byte)")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+    def group_for(self, in_features: int, name: str = "layer") -> int:
+        """The group size used for a layer of this width; errors when it does not divide it."""
+        if self.group_size == 0:
+            return in_features
+        if in_features % self.group_size:
+            raise ConfigError(
+                f"{self.method}: group_size={self.group_size} does not divide the {in_features} input "
+                f"columns of {name}; choose a group size that divides every layer's width "
+                "(e.g. 32, 64 or 128 for widths that are multiples of 128), or 0 for per-channel"
+            )
+        return self.group_size
+
+
+@dataclass
+class CalibratedConfig(QuantConfig):
+    calibrated: ClassVar[bool] = True
+
+    calib_samples: int = 128
+    calib_seq_len: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calib_samples <= 0:
+            raise ConfigError(f"{self.method}: calib_samples must be positive, got {self.calib_samples}")
+        if self.calib_seq_len < 0:
+            raise ConfigError(f"{self.method}: calib_seq_len must be >= 0, got {self.calib_seq_len}")
+
+
+@register_method("rtn")
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round to nearest: per output channel (group_size 0) or per group of input columns."""
+
+
+@register_method("gptq")
+@dataclass
+class GPTQConfig(CalibratedConfig):
+    """GPTQ: each column's rounding error is compensated on the columns not yet quantized,
+    weighted by the inverse Hessian of the layer's calibration inputs."""
+
+    bits: int = 4
+    group_size: int = 128
+    damp_percent: float = 0.01
+    act_order: bool = True
+    block_columns: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"gptq: damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_columns <= 0:
+            raise ConfigError(f"gptq: block_columns must be positive, got {self.block_columns}")
+
+
+@register_method("awq")
+@dataclass
+class AWQConfig(CalibratedConfig):
+    """AWQ: per-input-channel scales that protect the channels with large activations, searched
+    on calibration data and folded into the preceding LayerNorm or projection; then a search
+    for the clipping range of every group."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    n_grid: int = 20
+    max_shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_grid < 1:
+            raise ConfigError(f"awq: n_grid must be >= 1, got {self.n_grid}")
+        if not 0 <= self.max_shrink < 1:
+            raise ConfigError(f"awq: max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+@register_method("smoothquant")
+@dataclass
+class SmoothQuantConfig(CalibratedConfig):
+    """SmoothQuant W8A8: activation outliers migrated into the weights by per-channel scales
+    folded into the LayerNorms; int8 per-channel weights; int8 per-token dynamic activations."""
+
+    supported_bits: ClassVar[tuple[int, ...]] = (8,)
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"smoothquant: alpha must be in [0, 1], got {self.alpha}")
+
+
+@register_method("bnb-int8")
+@dataclass
+class BnbInt8Config(QuantConfig):
+    """bitsandbytes LLM.int8 (Linear8bitLt): int8 row-wise weights, outlier features in float."""
+
+    supported_bits: ClassVar[tuple[int, ...]] = (8,)
+    integer_weights: ClassVar[bool] = False
+    threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size:
+            raise ConfigError("bnb-int8: LLM.int8 quantizes per output row; group_size must be 0")
+        if self.threshold < 0:
+            raise ConfigError(f"bnb-int8: threshold must be >= 0, got {self.threshold}")
+
+
+@register_method("bnb-nf4")
+@dataclass
+class BnbNF4Config(QuantConfig):
+    """bitsandbytes 4-bit (Linear4bit): NF4 or FP4 codes with one absmax per block."""
+
+    supported_bits: ClassVar[tuple[int, ...]] = (4,)
+    integer_weights: ClassVar[bool] = False
+    bits: int = 4
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size:
+            raise ConfigError("bnb-nf4: bitsandbytes sets its block with --blocksize; group_size must be 0")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"bnb-nf4: quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"bnb-nf4: blocksize must be a power of two from 32 to 4096, got {self.blocksize}")
+
+
+def config_for(method: str, **settings) -> QuantConfig:
+    """Build a method's config by name; unknown methods and unknown settings are errors."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown quantization method {method!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[method]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"{method}: unknown settings {unknown}; this method takes {sorted(known)}")
+    return cls(**settings)
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    """Inverse of QuantConfig.to_dict."""
+    d = dict(d)
+    if "method" not in d:
+        raise ConfigError(f"quantization settings {d} name no method")
+    return config_for(d.pop("method"), **d)

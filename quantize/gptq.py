@@ -1,0 +1,97 @@
+"""GPTQ: optimal-brain-quantization of one linear layer at a time.
+
+Pure math here: `accumulate_hessian` builds H = sum x x^T from a layer's calibration inputs and
+`gptq_quantize` solves the layer: columns are quantized one by one and each column's rounding
+error, scaled by the inverse Hessian (through its upper Cholesky factor), is pushed onto the
+columns not yet quantized. Columns are processed in lazy batches of `block_columns`.
+
+With activation order, columns with the largest Hessian diagonal (the most input energy) are
+quantized first, while they still have the most columns left to absorb their error. The
+groups' scales are then fixed up front from the original weights ("static groups"), so
+groups stay contiguous in column order (no g_idx permutation): the layout every runtime,
+the ONNX exporter included, reads directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import QuantizedWeight
+from .rtn import grid_params, group_ranges, quantize_codes
+
+
+def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Add x^T x of a batch of inputs (..., in) to H (in, in), float64; H None starts a new one."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    update = x.T @ x
+    return update if H is None else H + update
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = True,
+    damp_percent: float = 0.01,
+    act_order: bool = True,
+    block_columns: int = 128,
+) -> QuantizedWeight:
+    """Quantize w (out, in) against the Hessian H (in, in) of its inputs.
+
+    Returns a QuantizedWeight with contiguous groups of `group_size` columns.
+    """
+    W = w.detach().clone().double()
+    out_f, n = W.shape
+    H = H.detach().clone().double()
+    dead = torch.diag(H) == 0  # inputs that are always zero: any weight works, use 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    groups = n // group_size
+    maxq = 2**bits - 1
+
+    static = act_order or group_size == n
+    scale = torch.zeros(out_f, groups, dtype=torch.float64)
+    zero = torch.zeros(out_f, groups, dtype=torch.float64)
+    if static:
+        lo, hi = group_ranges(W.float(), group_size)
+        s, z = grid_params(lo, hi, bits, symmetric)
+        scale, zero = s.double(), z.double()
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    group_of = perm // group_size  # group of each column in processing order
+
+    damp = damp_percent * torch.mean(torch.diag(H))
+    H += damp * torch.eye(n, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    codes = torch.zeros(out_f, n, dtype=torch.float64)
+    for i1 in range(0, n, block_columns):
+        i2 = min(i1 + block_columns, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % group_size == 0:
+                # Without activation order, a group's grid comes from its weights as already
+                # updated by the earlier columns' errors (the original GPTQ rule).
+                lo = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                s, z = grid_params(lo.amin(1).float(), lo.amax(1).float(), bits, symmetric)
+                scale[:, col // group_size], zero[:, col // group_size] = s.double(), z.double()
+            g = group_of[col]
+            wcol = W1[:, i]
+            q = quantize_codes(wcol, scale[:, g], zero[:, g], bits)
+            codes[:, col] = q
+            deq = (q - zero[:, g]) * scale[:, g]
+            err = (wcol - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv].clamp(0, maxq)
+    return QuantizedWeight(bits, group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8))
