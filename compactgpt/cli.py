@@ -213,6 +213,12 @@ def cmd_eval(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .finetune_classify import is_classifier
+
+    if is_classifier(resolve_model_path(args.model)):  # a classifier is judged by accuracy, not perplexity
+        from .finetune import cmd_eval_classifier
+
+        return cmd_eval_classifier(args)
     loaded = load_model(resolve_model_path(args.model))
     tokens, source = eval_tokens(loaded, args.data, args.text_field)
     max_length = args.max_length or loaded.model.config.n_positions
@@ -243,14 +249,18 @@ def cmd_generate(args) -> None:
         torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model_path(args.model))
     tok = loaded.tokenizer
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+    from .finetune import prompt_for_generation
+
+    # An instruction-tuned model reads the prompt inside the template it was trained with.
+    text = prompt_for_generation(loaded.folder, args.prompt)
+    ids = tok.encode(text) if text else [tok.eot_id]
     generator = torch.Generator().manual_seed(args.seed)
     stream = loaded.model.stream(
         torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k or None, top_p=args.top_p, generator=generator,
         stop_tokens=() if args.no_stop else (tok.eot_id,),
     )
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(args.prompt if text == args.prompt else "")  # a templated prompt is not echoed
     new: list[int] = []
     shown = ""
     for token in stream:
@@ -300,6 +310,7 @@ PLUGINS: tuple[str, ...] = (
     "distill.cli",
     "export.cli",
     "quantize.cli",
+    "compactgpt.finetune",
 )
 
 COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,
