@@ -15,6 +15,8 @@ runs recorded so far, each with the exact command that produced it.
   macro F1, confusion matrix, the majority-class baseline; full finetuning against rank-8
   LoRA (adapters on every attention and MLP projection, the head trained in full).
 - instruct-lora: instruction tuning with rank-8 LoRA, for the same comparison.
+- lm: continued pretraining on English Wikipedia text (WikiText-2), 10% held out; domain
+  perplexity before and after, and perplexity on the teacher's own held-out text (what is kept).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ RUNS = {
                       dict(task="instruct", template="alpaca", val_fraction=0.1, max_steps=300, batch_size=16,
                            lr=2e-3, warmup_steps=20, eval_interval=100, eval_samples=3, sample_tokens=48,
                            lora_rank=8, lora_alpha=16.0)),
+    "lm": ("wikitext-2-raw/wiki.test.hf-joined.txt",
+           dict(task="lm", val_fraction=0.1, max_length=256, max_steps=100, batch_size=8, lr=3e-4,
+                warmup_steps=10, eval_interval=50, eval_max_tokens=32768)),
     "classify": ("sms-spam/SMSSpamCollection",
                  dict(task="classify", val_fraction=0.2, max_length=128, max_steps=400, batch_size=32,
                       lr=3e-4, warmup_steps=20, eval_interval=100)),
@@ -50,8 +55,11 @@ RUNS = {
 }
 
 
-def run_one(name: str, teacher: Path, data_root: Path, work: Path, seed: int) -> dict | None:
+def run_one(name: str, teacher: Path, data_root: Path, work: Path, seed: int,
+            max_steps: int | None = None) -> dict | None:
     rel, settings = RUNS[name]
+    if max_steps is not None:  # smoke runs only; the recorded command shows it
+        settings = {**settings, "max_steps": max_steps, "eval_interval": max_steps}
     data = data_root / rel
     if not data.is_file():
         print(f"skipping {name}: {data} is absent", file=sys.stderr)
@@ -88,6 +96,16 @@ def render(record: dict) -> str:
                              f"{fmt(m['before_val_response_loss'])} | {fmt(m['val_response_loss'])} | "
                              f"{m['val_examples'] if 'val_examples' in m else '-'} | {m['train_seconds']} |")
         lines.append("")
+    if "lm" in runs:
+        m = runs["lm"]["metrics"]
+        lines += ["## Domain adaptation (continued pretraining, perplexity, lower is better)", "",
+                  "| held-out text | before | after |", "| --- | ---: | ---: |",
+                  f"| domain ({runs['lm']['data']}, {m['domain_val_tokens']:,} tokens) | "
+                  f"{fmt(m['before_domain_val_ppl'], 2)} | {fmt(m['domain_val_ppl'], 2)} |"]
+        if "general_val_ppl" in m:
+            lines.append(f"| teacher's own validation text ({m['general_val_tokens']:,} tokens) | "
+                         f"{fmt(m['before_general_val_ppl'], 2)} | {fmt(m['general_val_ppl'], 2)} |")
+        lines += ["", f"{m['steps']} steps, {m['train_tokens']:,} tokens, {m['train_seconds']} s.", ""]
     if "classify" in runs or "classify-lora" in runs:
         lines += ["## SMS spam classification (stratified held-out split)", "",
                   "| run | trainable params | accuracy | macro F1 | spam recall | spam precision | majority baseline | train s |",
@@ -131,6 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--max-steps", type=int, help="override every run's steps (smoke runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -151,7 +170,7 @@ def main(argv=None) -> None:
                    "machine": info, "machine_text": describe(info)})
     command = "python -m benchmarks.finetune " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     for name in names:
-        result = run_one(name, teacher, Path(args.data_root), Path(args.work), args.seed)
+        result = run_one(name, teacher, Path(args.data_root), Path(args.work), args.seed, args.max_steps)
         if result is None:
             continue
         result["command"] = command

@@ -14,6 +14,7 @@ frozen, adapters train, and they are merged into plain weights before saving.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -26,16 +27,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .artifacts import LoadedModel, load_model, read_manifest, resolve_model_path, save_model
+from .artifacts import LoadedModel, load_model, resolve_model_path, save_model
 from .data import DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
 from .errors import ConfigError, DataError
 from .evaluation import mean_loss, model_logits_fn, perplexity
 from .finetune_data import (TEMPLATE_FILE, check_known_labels, label_set, random_split, read_instructions,
                             read_labelled, resolve_template, safe_label, stratified_split, BucketBatches)
-from .io import atomic_write_json
 from .lora import LORA_TARGETS, apply_lora, count_parameters, merge_lora
 from .training import CHECKPOINT, LoopConfig, WindowBatches, lm_loss, run_loop, setup_runtime
-from .tokenizer import Tokenizer
 
 STAGE = "finetune"
 
@@ -117,7 +116,7 @@ class TaskRun:
     batches: object  # a training.BatchSource
     loss_fn: Callable
     evaluate: Callable[[nn.Module], dict]  # quick validation inside the loop
-    report: Callable[[nn.Module], dict]  # the full held-out report, before and after
+    report: Callable[[nn.Module, str], dict]  # the full held-out report; phase "before" or "after"
     save: Callable[[Path, nn.Module, dict, dict], None]  # (out, model, metrics, extra)
     fingerprint: dict
     train_also: tuple[str, ...] = ()  # modules trained in full under LoRA (new heads)
@@ -152,7 +151,7 @@ def _lm_task(config: FinetuneConfig, parent: LoadedModel, log) -> TaskRun:
         loss = mean_loss(model, val_batches, next(model.parameters()).device, contextlib.nullcontext())
         return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
-    def report(model):
+    def report(model, phase):
         device = next(model.parameters()).device
         fn = model_logits_fn(model, device)
         out = {"domain_val_ppl": perplexity(fn, val_tokens, block).perplexity, "domain_val_tokens": int(val_tokens.numel())}
@@ -230,14 +229,11 @@ def _instruct_task(config: FinetuneConfig, parent: LoadedModel, log) -> TaskRun:
     samples = val_recs[: config.eval_samples]
     sample_log: list[dict] = [{"where": r.where, "instruction": r.instruction, "input": r.input,
                                "reference": r.output} for r in samples]
-    calls = {"n": 0}
 
-    def report(model):
-        out = fi.heldout_response_loss(model, val_batches)
-        key = "before" if calls["n"] == 0 else "after"
-        calls["n"] += 1
+    def report(model, phase):
+        out = {**fi.heldout_response_loss(model, val_batches), "val_examples": len(val_ex)}
         for rec, entry in zip(samples, sample_log):
-            entry[key] = fi.generate_response(model, tok, template.prompt(rec.instruction, rec.input),
+            entry[phase] = fi.generate_response(model, tok, template.prompt(rec.instruction, rec.input),
                                               min(config.sample_tokens, max_len - 1))
         return out
 
@@ -292,7 +288,7 @@ def _classify_task(config: FinetuneConfig, parent: LoadedModel, log) -> TaskRun:
     torch.manual_seed(config.seed)  # the head's initial weights
     model = fc.GPTClassifier(parent.model, len(labels))
 
-    def report(m):
+    def report(m, phase):
         r = fc.evaluate_examples(m, tok, val, labels, max_len)
         out = {"val_accuracy": r["accuracy"], "val_macro_f1": r["macro_f1"], "val_loss": r["loss"],
                "val_examples": r["examples"], "majority_baseline_accuracy": baseline}
@@ -341,6 +337,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
     """
     config.resolve()
     out = Path(config.out)
+    if Path(config.model).resolve() == out.resolve():
+        raise ConfigError("--out must differ from --model: the parent is never overwritten")
     ckpt = out / CHECKPOINT
     if (ckpt / "trainer.pt").is_file() and not resume:
         if not overwrite:
@@ -348,8 +346,6 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
                               "or --overwrite to start over")
         shutil.rmtree(ckpt)
         (out / "log.jsonl").unlink(missing_ok=True)
-    if Path(config.model).resolve() == out.resolve():
-        raise ConfigError("--out must differ from --model: the parent is never overwritten")
     model_path = resolve_model_path(config.model)
     rt = setup_runtime(config)
     parent = load_model(model_path)
@@ -358,7 +354,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
     run = TASKS[config.task](config, parent, log)
 
     log("measuring the held-out set before finetuning...")
-    before = run.report(run.model)
+    before = run.report(run.model, "before")
     lora = None
     if config.lora_rank > 0:
         wrapped = apply_lora(run.model, config.lora_rank, config.lora_alpha, config.targets(), run.train_also)
@@ -375,7 +371,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
     if lora:
         merge_lora(model)
     model.eval()
-    after = run.report(model)
+    after = run.report(model, "after")
     metrics = {k: v for k, v in result.metrics.items() if k in ("steps", "train_tokens", "train_seconds", "tokens_per_s")}
     metrics.update({f"before_{k}": v for k, v in before.items() if k != "confusion"})
     metrics.update({k: v for k, v in after.items() if k != "confusion"})
@@ -457,7 +453,10 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="what to finetune for")
     p.add_argument("--data", required=True, help="training data (format depends on --task)")
     p.add_argument("--out", required=True, help="artifact folder to write (checkpoints in OUT/checkpoint)")
-    add_config_args(p, FinetuneConfig, FINETUNE_HELP, skip=("model", "task", "data", "out"))
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    helps = {k: text + (f" (default {defaults[k]})" if defaults.get(k) not in (None, "") and "default" not in text else "")
+             for k, text in FINETUNE_HELP.items()}
+    add_config_args(p, FinetuneConfig, helps, skip=("model", "task", "data", "out"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -475,8 +474,6 @@ def register(sub, commands: dict) -> None:
 
 
 def cmd_finetune(args) -> None:
-    import dataclasses
-
     names = [f.name for f in dataclasses.fields(FinetuneConfig)]
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     config = FinetuneConfig(**given)
@@ -525,7 +522,7 @@ def cmd_eval_classifier(args) -> None:
                                  settings.get("columns", "auto"))
         source = args.data
     elif settings.get("task") == "classify":
-        known = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
+        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
         config = FinetuneConfig(**{k: v for k, v in settings.items() if k in known})
         _, examples, _ = classify_split(config)
         source = f"held-out split of {settings['data']}"

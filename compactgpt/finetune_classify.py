@@ -67,10 +67,10 @@ class GPTClassifier(nn.Module):
 
 
 def classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of the class logits; n counts the examples."""
+    """Cross-entropy of the class logits; n counts the real (unpadded) tokens read."""
     ids, mask, labels = batch
     logits = model(ids, mask)
-    return F.cross_entropy(logits.float(), labels), labels.numel()
+    return F.cross_entropy(logits.float(), labels), int(mask.sum())
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

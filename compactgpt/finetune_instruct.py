@@ -37,13 +37,14 @@ def response_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
 
 
 def response_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss on response tokens only: prompt and padding targets are ignored."""
+    """Mean next-token loss on response tokens only: prompt and padding targets are ignored.
+    Returns (loss, real tokens read), the count the loop's throughput figures use."""
     ids, mask, targets = batch
     # Right padding: real tokens never attend to the padding after them, so the causal
     # fast path (no mask) gives the same logits at every position that is scored.
     logits = model(ids)
     total, n = response_loss_sum(logits, targets)
-    return total / max(n, 1), n
+    return total / max(n, 1), int(mask.sum())
 
 
 def make_batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int):

@@ -70,7 +70,7 @@ def test_response_loss_is_the_same_with_right_padding():
     mask = torch.tensor([[1] * 10 + [0] * 5])
     two = response_loss(model, (padded_ids, mask, padded_labels))
     torch.testing.assert_close(one[0], two[0])
-    assert one[1] == two[1] == 4
+    assert one[1] == two[1] == 10  # real tokens read, padding not counted
 
 
 def test_fit_example_cuts_the_response_then_the_prompts_beginning():
