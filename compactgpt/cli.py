@@ -213,12 +213,10 @@ def cmd_eval(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .finetune_classify import is_classifier
+    from .finetune import eval_finetuned
 
-    if is_classifier(resolve_model_path(args.model)):  # a classifier is judged by accuracy, not perplexity
-        from .finetune import cmd_eval_classifier
-
-        return cmd_eval_classifier(args)
+    if eval_finetuned(args):  # a classifier's accuracy; an instruction model's held-out response perplexity
+        return
     loaded = load_model(resolve_model_path(args.model))
     tokens, source = eval_tokens(loaded, args.data, args.text_field)
     max_length = args.max_length or loaded.model.config.n_positions

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .artifacts import LoadedModel, load_model, resolve_model_path, save_model
+from .artifacts import LoadedModel, load_model, read_manifest, resolve_model_path, save_model
 from .data import DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
 from .errors import ConfigError, DataError
 from .evaluation import mean_loss, model_logits_fn, perplexity
@@ -206,18 +206,23 @@ def _general_tokens(parent: LoadedModel, limit: int, log) -> torch.Tensor | None
 # instruct: instruction tuning with a stored prompt template
 
 
+def instruct_split(config: FinetuneConfig):
+    """(train records, held-out records) exactly as the stage splits them; `compactgpt eval`
+    on an instruction-tuned model calls it again to rebuild the held-out set."""
+    records = read_instructions(config.data)
+    if config.val_data:
+        return records, read_instructions(config.val_data)
+    tr, va = random_split(len(records), config.val_fraction, config.seed)
+    return [records[i] for i in tr], [records[i] for i in va]
+
+
 def _instruct_task(config: FinetuneConfig, parent: LoadedModel, log) -> TaskRun:
     from . import finetune_instruct as fi
 
     tok = parent.tokenizer
     max_len = _max_length(config, parent)
     template = resolve_template(config.template)
-    records = read_instructions(config.data)
-    if config.val_data:
-        train_recs, val_recs = records, read_instructions(config.val_data)
-    else:
-        tr, va = random_split(len(records), config.val_fraction, config.seed)
-        train_recs, val_recs = [records[i] for i in tr], [records[i] for i in va]
+    train_recs, val_recs = instruct_split(config)
     encode = lambda r: fi.encode_instruction(tok, template, r, max_len, config.min_response_tokens)
     train_ex = [encode(r) for r in train_recs]
     val_ex = [encode(r) for r in val_recs]
@@ -507,6 +512,53 @@ def cmd_classify(args) -> None:
             print(f"{result['label']}\t{p:.3f}\t{text}")
 
 
+def eval_finetuned(args) -> bool:
+    """`compactgpt eval` for artifacts that perplexity on plain text does not describe: a
+    classifier (accuracy), and an instruction-tuned model without --data (held-out response
+    perplexity). Returns False when the plain perplexity evaluation applies."""
+    from .finetune_classify import is_classifier
+
+    folder = resolve_model_path(args.model)
+    if is_classifier(folder):
+        cmd_eval_classifier(args)
+        return True
+    manifest = read_manifest(folder)
+    if args.data is None and manifest is not None and manifest.stage == STAGE and manifest.settings.get("task") == "instruct":
+        cmd_eval_instruct(args, folder, manifest)
+        return True
+    return False
+
+
+def _settings_config(settings: dict) -> FinetuneConfig:
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in settings.items() if k in known})
+
+
+def cmd_eval_instruct(args, folder: Path, manifest) -> None:
+    """Held-out response loss and perplexity of an instruction-tuned model, on the split its
+    finetuning held out (rebuilt from the manifest's settings)."""
+    from . import finetune_instruct as fi
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    loaded = load_model(folder)
+    config = _settings_config(manifest.settings)
+    template = fi.stored_template(folder)
+    if template is None:
+        raise ConfigError(f"{folder} lacks {TEMPLATE_FILE}; the folder is incomplete")
+    max_len = min(args.max_length or config.max_length or loaded.model.config.n_positions,
+                  loaded.model.config.n_positions)
+    _, val = instruct_split(config)
+    examples = [fi.encode_instruction(loaded.tokenizer, template, r, max_len, config.min_response_tokens) for r in val]
+    result = fi.heldout_response_loss(loaded.model, fi.make_batches(examples, 16, loaded.tokenizer.eot_id))
+    record = {"model": str(args.model), "data": f"held-out split of {config.data}", "examples": len(examples), **result}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"response perplexity {result['val_response_ppl']:.4f} (loss {result['val_response_loss']:.4f}) over "
+              f"{result['val_response_tokens']:,} response tokens of {len(examples)} held-out examples of {config.data}")
+
+
 def cmd_eval_classifier(args) -> None:
     """`compactgpt eval` on a classifier: accuracy and confusion matrix on --data, or on the
     held-out split the stage used (rebuilt from the manifest's settings)."""
@@ -522,9 +574,7 @@ def cmd_eval_classifier(args) -> None:
                                  settings.get("columns", "auto"))
         source = args.data
     elif settings.get("task") == "classify":
-        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        config = FinetuneConfig(**{k: v for k, v in settings.items() if k in known})
-        _, examples, _ = classify_split(config)
+        _, examples, _ = classify_split(_settings_config(settings))
         source = f"held-out split of {settings['data']}"
     else:
         raise ConfigError(f"{loaded.folder} records no training data to hold out from; pass --data with labelled text")

@@ -294,6 +294,10 @@ def test_instruct_lowers_heldout_response_loss_and_stores_the_template(tmp_path,
                  "--max-new-tokens", "6"])
     assert code == 0
     assert "### Instruction" not in capsys.readouterr().out  # the template is applied, not echoed
+    # eval without --data scores the held-out split the stage used, as the stage did.
+    assert main(["eval", "--model", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_response_ppl"] == pytest.approx(metrics["val_response_ppl"], rel=1e-5)
 
 
 def _labelled_file(tmp_path):
