@@ -32,8 +32,9 @@ from .rtn import rtn_quantize
 from .smoothquant import fold_scales, fold_scales_into_values, smoothing_scales
 
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-# Rows of input activations kept per layer for AWQ's searches (a fixed, spread-out subset).
-AWQ_SEARCH_ROWS = 4096
+# Calibration windows AWQ's scale search runs through each module, and input rows (a fixed,
+# spread-out subset) its clipping search scores.
+AWQ_SEARCH_WINDOWS = 32
 AWQ_CLIP_ROWS = 1024
 
 
@@ -216,21 +217,27 @@ def _awq(model: GPT, config: AWQConfig, calib: CalibrationData, progress: bool) 
         inputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in BLOCK_LAYERS}
         hooks = {block.get_submodule(layer): (lambda x, l=layer: inputs[l].append(x)) for layer in BLOCK_LAYERS}
         out = run_block(block, xs, hooks=hooks)  # float block: AWQ keeps the float function
-        X = {layer: _rows(torch.cat(v), AWQ_SEARCH_ROWS) for layer, v in inputs.items()}
+        X = {layer: torch.cat(v)[:AWQ_SEARCH_WINDOWS] for layer, v in inputs.items()}  # (n, T, in)
         del inputs
         attn, mlp = block.attn, block.mlp
         gs = {layer: config.group_for(block.get_submodule(layer).in_features, f"transformer.h.{i}.{layer}")
               for layer in BLOCK_LAYERS}
+        through = dict(search, duo=config.duo_scaling)
 
-        s, _, _ = awq_math.search_scales(X["attn.c_attn"], [attn.c_attn.weight], group_size=gs["attn.c_attn"], **search)
+        # Each scale is judged by the output of the module its layer feeds: the attention for
+        # q/k/v (errors in q and k pass through the softmax), the MLP for its first layer.
+        s, _ = awq_math.search_scales_through(X["attn.c_attn"], lambda x: attn(x, None, None)[0],
+                                              [attn.c_attn.weight], group_size=gs["attn.c_attn"], **through)
         fold_scales(block.ln_1, [attn.c_attn], s)
         X["attn.c_attn"] = X["attn.c_attn"] / s
 
-        s, _, _ = awq_math.search_scales(X["attn.c_proj"], [attn.c_proj.weight], group_size=gs["attn.c_proj"], **search)
+        s, _ = awq_math.search_scales_through(X["attn.c_proj"], attn.c_proj, [attn.c_proj.weight],
+                                              group_size=gs["attn.c_proj"], **through)
         fold_scales_into_values(attn.c_attn, attn.c_proj, s)
         X["attn.c_proj"] = X["attn.c_proj"] / s
 
-        s, _, _ = awq_math.search_scales(X["mlp.c_fc"], [mlp.c_fc.weight], group_size=gs["mlp.c_fc"], **search)
+        s, _ = awq_math.search_scales_through(X["mlp.c_fc"], mlp, [mlp.c_fc.weight], group_size=gs["mlp.c_fc"],
+                                              **through)
         fold_scales(block.ln_2, [mlp.c_fc], s)
         X["mlp.c_fc"] = X["mlp.c_fc"] / s
         # mlp.c_proj reads the GELU's output: no linear op to fold a scale into, so it gets the

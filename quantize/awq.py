@@ -2,9 +2,10 @@
 
 Weights that meet large activations matter most. Scaling input channel j of a weight by
 s_j (and its input by 1/s_j, folded into the previous LayerNorm or projection) keeps the float
-function but gives those channels a finer grid. `search_scales` tries s = mean|x|^a for a on a
-grid (a = 0 is the identity, so the search never does worse than round-to-nearest on the
-calibration data) and keeps the one whose quantized output is closest to the float output.
+function but gives those channels a finer grid. `search_scales_through` tries s = mean|x|^a / mean|w|^(1-a)
+for a on a grid, plus the identity (so the search never does worse than round-to-nearest on
+the calibration data), and keeps the one whose quantized *module* output (the attention or
+the MLP the layer feeds, not just the layer) is closest to the float output.
 `search_clip` then shrinks each group's range where clipping a few large weights lowers the
 output error of that group.
 """
@@ -39,15 +40,63 @@ def search_scales(
     ref = x @ W.T
     x_mean = x.abs().mean(dim=0).clamp(min=1e-8)
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
-    for k in range(n_grid):
-        a = k / n_grid
-        s = x_mean.pow(a)
-        s = s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
+    for a, s in candidate_scales(x_mean, None, n_grid):
         Wq = fake_quantize_groups(W * s, bits, group_size, symmetric) / s
         err = (x @ Wq.T - ref).pow(2).mean().item()
         if err < best[0]:
             best = (err, s, a)
     return best[1], best[2], best[0] / max(ref.pow(2).mean().item(), 1e-30)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int):
+    """(exponent, s) candidates: s = mean|x|^a (/ mean|w|^(1-a) when w_mean is given), a on
+    a grid in [0, 1); the identity comes first so a search can only improve on it."""
+    yield 0.0, torch.ones_like(x_mean)
+    for k in range(1, n_grid):
+        a = k / n_grid
+        s = x_mean.pow(a)
+        if w_mean is not None:
+            s = s / (w_mean.pow(1 - a) + 1e-4)
+        s = s.clamp(min=1e-4)
+        yield a, s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
+
+
+def normalized_weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |W| relative to its group's max|W|, per input channel."""
+    W = torch.cat([w.detach().float() for w in weights], dim=0)
+    out_f, in_f = W.shape
+    g = W.abs().reshape(out_f, in_f // group_size, group_size)
+    g = g / g.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return g.reshape(out_f, in_f).mean(dim=0)
+
+
+@torch.no_grad()
+def search_scales_through(
+    x: torch.Tensor, forward, params: list[torch.nn.Parameter], bits: int, group_size: int, symmetric: bool,
+    n_grid: int, duo: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """Per-input-channel scales for the weights `params` that read x (..., in), judged by the
+    output of `forward(x)`, the module whose output the scaled layers feed (attention, MLP).
+
+    Each candidate temporarily replaces every weight W by Q(W * s) / s, the function the
+    scaled, quantized layers compute on the unscaled input. Returns s and its exponent.
+    """
+    originals = [p.detach().clone() for p in params]
+    ref = forward(x)
+    x_mean = x.reshape(-1, x.shape[-1]).abs().mean(dim=0).clamp(min=1e-8)
+    w_mean = normalized_weight_mean(originals, group_size) if duo else None
+    best = (float("inf"), torch.ones_like(x_mean), 0.0)
+    try:
+        for a, s in candidate_scales(x_mean, w_mean, n_grid):
+            for p, w in zip(params, originals):
+                p.copy_(fake_quantize_groups(w * s, bits, group_size, symmetric) / s)
+            err = (forward(x) - ref).pow(2).mean().item()
+            if err < best[0]:
+                best = (err, s, a)
+    finally:
+        for p, w in zip(params, originals):
+            p.copy_(w)
+    return best[1], best[2]
 
 
 def search_clip(

@@ -31,6 +31,8 @@ FIELD_HELP = {
     "block_columns": "GPTQ: columns updated together in one lazy batch",
     "n_grid": "AWQ: points on the grid searched for the scale exponent and the clipping ratio",
     "max_shrink": "AWQ: smallest clipping ratio tried is 1 - max-shrink (0 = no clipping search)",
+    "duo_scaling": "AWQ: scales from activation and weight magnitudes (mean|x|^a / mean|w|^(1-a)) "
+                   "instead of activations alone",
     "alpha": "SmoothQuant: migration strength (0 = all difficulty on activations, 1 = all on weights)",
     "threshold": "LLM.int8: activation magnitude above which a feature runs in float (0 = pure int8)",
     "quant_type": "bitsandbytes 4-bit data type: nf4 or fp4",
@@ -143,6 +145,7 @@ class AWQConfig(CalibratedConfig):
     symmetric: bool = False
     n_grid: int = 20
     max_shrink: float = 0.5
+    duo_scaling: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

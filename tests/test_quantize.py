@@ -17,7 +17,7 @@ from quantize import (AWQConfig, BnbInt8Config, BnbNF4Config, GPTQConfig, Quanti
                       SmoothQuantConfig, load_quantized, pack_int4, quantize_, quantized_linears, unpack_int4)
 from quantize.api import CalibrationData, load_calibration
 from quantize.artifact import layout_for, save_quantized
-from quantize.awq import fake_quantize_groups, search_clip, search_scales
+from quantize.awq import fake_quantize_groups, search_clip, search_scales, search_scales_through
 from quantize.format import from_gptq_tensors, gptq_tensors
 from quantize.gptq import accumulate_hessian, gptq_quantize
 from quantize.modules import QuantEmbedding, QuantLinear, quantize_activations_per_token
@@ -153,6 +153,25 @@ def test_awq_scales_lower_output_error_on_outlier_channels():
     e_awq = rel_err((x / s) @ fake_quantize_groups(w * s, 4, 32, False).T, ref)
     assert a > 0 and e_awq < e_rtn
     assert abs(err - e_awq) < 1e-6 * max(1.0, e_rtn) + 1e-4 * e_awq
+
+
+def test_awq_module_search_restores_weights_and_beats_identity():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    x = correlated_inputs(512, 128).reshape(8, 64, 128)
+    before = mlp[0].weight.detach().clone()
+    ref = mlp(x)
+    s, a = search_scales_through(x, mlp, [mlp[0].weight], bits=4, group_size=32, symmetric=False, n_grid=8)
+    assert torch.equal(mlp[0].weight, before)
+
+    def err(scale):
+        with torch.no_grad():
+            mlp[0].weight.copy_(fake_quantize_groups(before * scale, 4, 32, False) / scale)
+            e = (mlp(x) - ref).pow(2).mean().item()
+            mlp[0].weight.copy_(before)
+        return e
+
+    assert a > 0 and err(s) < err(torch.ones(128))
 
 
 def test_awq_clip_search_never_worse_than_full_range():
