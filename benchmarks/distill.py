@@ -30,6 +30,7 @@ from compactgpt.artifacts import read_manifest
 from compactgpt.machine import describe, machine_info
 from distill.distill import DistillConfig, distill
 from distill.prune import PruneConfig, prune
+from distill.sparsity import SparsityConfig, sparsify
 
 ARMS = {
     "a": "random init + cross-entropy (from scratch)",
@@ -113,6 +114,38 @@ def run_corpus(args) -> dict:
     return record
 
 
+SPARSITY_RUNS = [("magnitude", "unstructured"), ("wanda", "unstructured"), ("magnitude", "2:4"), ("wanda", "2:4")]
+
+
+def run_sparsity(args) -> dict:
+    """50% sparsity of the block projections by each method and pattern, then KD recovery of
+    Wanda 2:4 with its mask held, at the same token budget as the students."""
+    teacher_m = read_manifest(args.teacher)
+    steps = int(args.budget * teacher_m.metrics["train_tokens"] // (args.batch_size * args.block_size))
+    work = Path(args.work) / (args.name + "-sparsity")
+    log = lambda m: print(m, file=sys.stderr)
+    rows = []
+    for method, pattern in SPARSITY_RUNS:
+        out = work / f"{method}-{pattern.replace(':', 'of')}"
+        sparsify(SparsityConfig(model=args.teacher, out=str(out), data=args.data, method=method, pattern=pattern,
+                                sparsity=0.5, calib_windows=args.calib_windows), log=log, progress=False)
+        m = read_manifest(out).metrics
+        rows.append({"method": method, "pattern": pattern, "sparsity": m["sparsity"], "val_perplexity": m["val_perplexity"],
+                     "dense_val_perplexity": m["dense_val_perplexity"], "perplexity_delta": m["perplexity_delta"]})
+    recovered = work / "wanda-2of4-kd"
+    cfg = DistillConfig(teacher=args.teacher, student=str(work / "wanda-2of4"), data=args.data, out=str(recovered),
+                        block_size=args.block_size, batch_size=args.batch_size, max_steps=steps, warmup_steps=args.warmup,
+                        eval_interval=steps, checkpoint_interval=steps, eval_batches=20, lr=args.lr_pruned,
+                        min_lr=args.lr_pruned / 10, seed=args.seed, temperature=args.temperature)
+    distill(cfg, log=log, progress=False, overwrite=True)
+    m = read_manifest(recovered).metrics
+    rows.append({"method": "wanda", "pattern": "2:4", "recovery": f"KD, {m['train_tokens']:,} tokens "
+                 f"({m['token_fraction_of_teacher']:.0%} of the teacher's), mask held", "sparsity": m["sparsity"],
+                 "val_perplexity": m["val_perplexity"], "dense_val_perplexity": m["teacher_val_perplexity"],
+                 "perplexity_delta": m["perplexity_delta"]})
+    return {"rows": rows, "teacher": args.teacher, "steps": steps}
+
+
 def fmt_ratio(x: float) -> str:
     return f"{x:.1%}"
 
@@ -152,17 +185,29 @@ def render(results: dict) -> str:
                          f"({x['non_embedding_parameters']:,}, {fmt_ratio(x['non_embedding_ratio'])}) | "
                          f"{x['val_perplexity']:.2f} | {x['perplexity_delta']:+.1%} | {vs_a} |")
         lines += ["", "Commands:", ""]
+        if r.get("teacher_command"):
+            lines.append(f"- teacher: `{r['teacher_command']}`")
         for arms, cmd in r["commands"].items():
             lines.append(f"- arms {arms}: `{cmd}`")
         lines.append("")
+    for name, r in results.get("sparsity", {}).items():
+        lines += [f"## Sparsity: {name} (teacher `{r['teacher']}`)", "",
+                  "Block projections only (embeddings and the tied head stay dense). No speed-up on this CPU: its dense "
+                  "kernels multiply zeros like any other number; 2:4 is the pattern NVIDIA Ampere+ sparse tensor cores "
+                  "run faster.", "",
+                  "| method | pattern | recovery | sparsity | val ppl | dense ppl | delta |", "|---|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            lines.append(f"| {x['method']} | {x['pattern']} | {x.get('recovery', 'none (one shot)')} | {x['sparsity']:.1%} | "
+                         f"{x['val_perplexity']:.2f} | {x['dense_val_perplexity']:.2f} | {x['perplexity_delta']:+.1%} |")
+        lines += ["", f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="corpus name in the results (e.g. stdlib, tinyshakespeare)")
-    p.add_argument("--teacher", required=True, help="teacher model folder")
-    p.add_argument("--data", required=True, help="the teacher's prepared data folder")
+    p.add_argument("--name", default="stdlib", help="corpus name in the results (e.g. stdlib, tinyshakespeare)")
+    p.add_argument("--teacher", help="teacher model folder (students and sparsity modes)")
+    p.add_argument("--data", help="the teacher's prepared data folder (students and sparsity modes)")
     p.add_argument("--prune", default="mlp=248", help="pruning targets for (c), e.g. mlp=248 or heads=3,mlp=632")
     p.add_argument("--arms", default="a,b,c", help="arms to run now (others are kept from earlier runs)")
     p.add_argument("--budget", type=float, default=0.1, help="share of the teacher's training tokens per arm")
@@ -179,13 +224,32 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="runs/bench_distill", help="where the students are written")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
+    p.add_argument("--mode", choices=("students", "sparsity", "render"), default="students",
+                   help="students: arms (a)-(c); sparsity: magnitude/Wanda x unstructured/2:4, then KD recovery; "
+                        "render: rewrite distill.md from distill.json (recording --teacher-command for --name)")
+    p.add_argument("--teacher-command", help="the command that trained the teacher, recorded in the results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "distill.json"
     results = json.loads(path.read_text()) if path.is_file() else {"corpora": {}}
+    command = "python -m benchmarks.distill " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.mode != "render" and not (args.teacher and args.data):
+        p.error("--teacher and --data are required in the students and sparsity modes")
+    if args.mode == "render":
+        if args.teacher_command:
+            results["corpora"][args.name]["teacher_command"] = args.teacher_command
+        _write(results, out, path, keep_machine=True)
+        return
+    if args.mode == "sparsity":
+        record = run_sparsity(args)
+        record["command"] = command
+        results.setdefault("sparsity", {})[args.name] = record
+        _write(results, out, path)
+        return
     record = run_corpus(args)
+    record["teacher_command"] = args.teacher_command or results["corpora"].get(args.name, {}).get("teacher_command")
     prev = results["corpora"].get(args.name, {})
     same = prev.get("settings") == record["settings"]
     if same:  # arms run separately with the same settings are merged
@@ -193,11 +257,16 @@ def main(argv=None) -> None:
         record["commands"] = {k: v for k, v in prev.get("commands", {}).items() if k != args.arms}
     else:
         record["commands"] = {}
-    record["commands"][args.arms] = "python -m benchmarks.distill " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    record["commands"][args.arms] = command
     results["corpora"][args.name] = record
-    info = machine_info()
-    results["machine"] = info
-    results["machine_text"] = describe(info)
+    _write(results, out, path)
+
+
+def _write(results: dict, out: Path, path: Path, keep_machine: bool = False) -> None:
+    if not keep_machine:
+        info = machine_info()
+        results["machine"] = info
+        results["machine_text"] = describe(info)
     path.write_text(json.dumps(results, indent=2))
     (out / "distill.md").write_text(render(results))
     print(render(results))
