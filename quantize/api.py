@@ -305,12 +305,9 @@ def _bnb_nf4(model: GPT, config: BnbNF4Config, calib, progress: bool) -> None:
     for i, block in enumerate(_progress(list(model.transformer.h), "bnb-4bit", progress)):
         for layer in BLOCK_LAYERS:
             name = f"transformer.h.{i}.{layer}"
-            lin = model.get_submodule(name)
-            if lin.in_features % config.blocksize:
-                raise ConfigError(f"bnb-nf4: blocksize={config.blocksize} does not divide the {lin.in_features} "
-                                  f"input columns of {name}; choose a smaller --blocksize")
-            set_module(model, name, bnb_layers.to_4bit_linear(lin, config.quant_type, config.blocksize,
-                                                              config.double_quant))
+            # bitsandbytes blocks run over the flattened weight, so any width works.
+            set_module(model, name, bnb_layers.to_4bit_linear(model.get_submodule(name), config.quant_type,
+                                                              config.blocksize, config.double_quant))
 
 
 HANDLERS: dict[type, Callable] = {

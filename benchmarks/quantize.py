@@ -1,0 +1,259 @@
+"""Perplexity, file size and quantization time of every quantization method, side by side.
+
+For each model: fp32, int8 RTN, W8A8 SmoothQuant, LLM.int8, int4 RTN (g128, g32), int4 GPTQ,
+int4 AWQ, NF4, and a few variants (symmetric grids, quantized embeddings). Each method
+quantizes a fresh copy of the model, writes its artifact, and the artifact is *loaded back*
+and scored: the figure is the artifact's, not the in-memory model's. Perplexity is the
+sliding-window method of `compactgpt eval` on the model's own validation text (and on
+WikiText-2 / TinyShakespeare when the model was trained on them); calibrated methods read
+the model's training split.
+
+Rows are cached in the JSON file, so a long table is filled in several shorter runs:
+
+    python -m benchmarks.quantize --model runs/small [--rows gptq4-g128,awq4-g128] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from compactgpt.artifacts import WEIGHTS, load_model
+from compactgpt.cli import eval_tokens
+from compactgpt.data import TokenShards
+from compactgpt.evaluation import model_logits_fn, perplexity
+from compactgpt.machine import describe, machine_info
+from quantize.api import default_calibration_source, load_calibration, quantize_
+from quantize.artifact import load_quantized, save_quantized
+from quantize.config import config_for
+
+# key: (label, method, settings)
+ROWS: dict[str, tuple[str, str | None, dict]] = {
+    "fp32": ("fp32", None, {}),
+    "rtn8": ("int8 RTN per-channel", "rtn", {"bits": 8}),
+    "smoothquant": ("W8A8 SmoothQuant (a=0.5)", "smoothquant", {}),
+    "bnb-int8": ("LLM.int8 (bitsandbytes, t=6)", "bnb-int8", {}),
+    "rtn4-g128": ("int4 RTN g128", "rtn", {"bits": 4, "group_size": 128, "symmetric": False}),
+    "rtn4-g32": ("int4 RTN g32", "rtn", {"bits": 4, "group_size": 32, "symmetric": False}),
+    "gptq4-g128": ("int4 GPTQ g128", "gptq", {"bits": 4, "group_size": 128, "symmetric": False}),
+    "awq4-g128": ("int4 AWQ g128", "awq", {"bits": 4, "group_size": 128, "symmetric": False}),
+    "gptq4-g32": ("int4 GPTQ g32", "gptq", {"bits": 4, "group_size": 32, "symmetric": False}),
+    "awq4-g32": ("int4 AWQ g32", "awq", {"bits": 4, "group_size": 32, "symmetric": False}),
+    "rtn4-pc": ("int4 RTN per-channel", "rtn", {"bits": 4, "group_size": 0, "symmetric": False}),
+    "gptq4-pc": ("int4 GPTQ per-channel", "gptq", {"bits": 4, "group_size": 0, "symmetric": False}),
+    "awq4-pc": ("int4 AWQ per-channel", "awq", {"bits": 4, "group_size": 0, "symmetric": False}),
+    "nf4": ("NF4 (bitsandbytes, block 64)", "bnb-nf4", {}),
+    "rtn4-g128-sym": ("int4 RTN g128 symmetric", "rtn", {"bits": 4, "group_size": 128, "symmetric": True}),
+    "gptq4-g128-sym": ("int4 GPTQ g128 symmetric", "gptq", {"bits": 4, "group_size": 128, "symmetric": True}),
+    "rtn8-emb": ("int8 RTN + int8 embeddings", "rtn", {"bits": 8, "include_embeddings": True}),
+    "gptq4-g32-emb": ("int4 GPTQ g32 + int4 embeddings", "gptq",
+                      {"bits": 4, "group_size": 32, "symmetric": False, "include_embeddings": True}),
+}
+# (4-bit method row, RTN row at the same bits and group size) pairs judged against the aims.
+GAP_PAIRS = [("gptq4-g128", "rtn4-g128"), ("awq4-g128", "rtn4-g128"), ("gptq4-g32", "rtn4-g32"),
+             ("awq4-g32", "rtn4-g32"), ("gptq4-pc", "rtn4-pc"), ("awq4-pc", "rtn4-pc"),
+             ("gptq4-g128-sym", "rtn4-g128-sym")]
+EXTRA_DATA = {"wikitext": "wikitext-2-raw", "shakespeare": "tinyshakespeare"}
+
+
+def trained_on(folder: Path) -> str:
+    """The training data spec of a model, followed through its manifests."""
+    from compactgpt.artifacts import read_manifest
+
+    m = read_manifest(folder)
+    seen = 0
+    while m is not None and seen < 6:
+        if "source" in m.settings:
+            return str(m.settings["source"])
+        if "data" in m.settings:
+            return str(m.settings["data"])
+        if not m.parent or not Path(m.parent["path"]).exists():
+            break
+        m = read_manifest(m.parent["path"])
+        seen += 1
+    return ""
+
+
+def eval_sets(loaded, shared: Path, max_tokens: int) -> dict[str, tuple[torch.Tensor, str]]:
+    """name -> (tokens, description): the model's validation split, plus public sets it was trained on."""
+    data = default_calibration_source(loaded.manifest)
+    if data is not None:  # the validation split of the data folder the model descends from
+        tokens = torch.from_numpy(TokenShards(data, "val").all_tokens().astype("int64"))
+        source = f"val split of {data}"
+    else:
+        tokens, source = eval_tokens(loaded, None)
+    sets = {"val": (tokens[:max_tokens] if max_tokens else tokens, source)}
+    data = trained_on(loaded.folder)
+    for key, folder in EXTRA_DATA.items():
+        path = shared / folder
+        if key in data.lower() and path.exists():
+            files = sorted(path.glob("*valid*")) or sorted(path.glob("*test*"))
+            if files:
+                t, s = eval_tokens(loaded, str(files[0]))
+                sets[key] = (t[:max_tokens] if max_tokens else t, s)
+    return sets
+
+
+def score(model, sets, n_positions: int) -> dict:
+    out = {}
+    for name, (tokens, _) in sets.items():
+        r = perplexity(model_logits_fn(model), tokens, n_positions)
+        out[name] = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens}
+    return out
+
+
+def run_row(key: str, model_dir: Path, work: Path, sets, calib_samples: int) -> dict:
+    label, method, settings = ROWS[key]
+    loaded = load_model(model_dir)
+    n_pos = loaded.model.config.n_positions
+    if method is None:
+        t0 = time.perf_counter()
+        ppl = score(loaded.model, sets, n_pos)
+        return {"label": label, "method": "fp32", "settings": {}, "quantize_seconds": 0.0,
+                "file_bytes": (model_dir / WEIGHTS).stat().st_size, "perplexity": ppl,
+                "eval_seconds": time.perf_counter() - t0}
+    config = config_for(method, **settings)
+    calib = None
+    if config.calibrated:
+        if "calib_samples" not in settings:
+            config = config_for(method, **settings, calib_samples=calib_samples)
+        source = default_calibration_source(loaded.manifest)
+        calib = load_calibration(source, loaded.tokenizer, config.calib_samples, config.calib_seq_len or n_pos,
+                                 config.seed)
+    report = quantize_(loaded.model, config, calib, progress=True)
+    out = work / model_dir.name / key
+    save_quantized(out, loaded.model, loaded.tokenizer, config, parent=model_dir,
+                   metrics={"quantize_seconds": report.seconds}, extra={"calibration": report.calibration})
+    q = load_quantized(out)
+    t0 = time.perf_counter()
+    ppl = score(q.model, sets, n_pos)
+    return {"label": label, "method": method, "settings": config.to_dict(), "quantize_seconds": report.seconds,
+            "calibration": report.calibration, "file_bytes": (out / WEIGHTS).stat().st_size, "perplexity": ppl,
+            "eval_seconds": time.perf_counter() - t0, "artifact": str(out)}
+
+
+def gap_closed(method_ppl: float, rtn_ppl: float, fp_ppl: float) -> float | None:
+    """Share of RTN's perplexity gap to fp32 that a method closes (1 = all of it)."""
+    gap = rtn_ppl - fp_ppl
+    return None if gap <= 0 else (rtn_ppl - method_ppl) / gap
+
+
+def render(results: dict) -> str:
+    lines = ["# Post-training quantization: perplexity, size, time", ""]
+    lines += [f"Machine: {describe(results['machine'])}", ""]
+    lines += ["Produced by (rows are cached; each run fills the rows it names):", ""]
+    lines += [f"    {c}" for c in results["commands"]]
+    lines += [""]
+    for model, entry in results["models"].items():
+        rows = entry["rows"]
+        sets = entry["eval_sets"]
+        lines += [f"## {model}", ""]
+        for name, desc in sets.items():
+            lines.append(f"- `{name}`: {desc['source']} ({desc['tokens']:,} tokens scored, windows of "
+                         f"{entry['n_positions']}, stride {entry['n_positions'] // 2})")
+        calib = next((r.get("calibration") for r in rows.values() if r.get("calibration")), None)
+        if calib:
+            lines.append(f"- calibration: {calib['samples']} windows of {calib['seq_len']} tokens from {calib['source']}")
+        lines.append("")
+        fp = rows.get("fp32")
+        head = "| method | " + " | ".join(f"ppl {s}" for s in sets) + " | Δ vs fp32 | weights file | quantize time |"
+        lines += [head, "|" + " --- |" * (len(sets) + 4)]
+        for key in ROWS:
+            if key not in rows:
+                continue
+            r = rows[key]
+            ppls = " | ".join(f"{r['perplexity'][s]['perplexity']:.3f}" for s in sets)
+            delta = ""
+            if fp:
+                d = r["perplexity"]["val"]["perplexity"] / fp["perplexity"]["val"]["perplexity"] - 1
+                delta = f"{100 * d:+.2f}%"
+            lines.append(f"| {r['label']} | {ppls} | {delta} | {r['file_bytes'] / 1e6:.2f} MB | "
+                         f"{r['quantize_seconds']:.1f} s |")
+        lines.append("")
+        if fp:
+            fpp = fp["perplexity"]["val"]["perplexity"]
+            lines += ["Aims (validation perplexity):", ""]
+            for key in ("rtn8", "smoothquant", "bnb-int8"):
+                if key in rows:
+                    d = 100 * (rows[key]["perplexity"]["val"]["perplexity"] / fpp - 1)
+                    lines.append(f"- {rows[key]['label']}: {d:+.2f}% (aim <= +0.5%: {'met' if d <= 0.5 else 'NOT met'})")
+            for m, b in GAP_PAIRS:
+                if m in rows and b in rows:
+                    c = gap_closed(rows[m]["perplexity"]["val"]["perplexity"], rows[b]["perplexity"]["val"]["perplexity"], fpp)
+                    txt = "n/a (RTN has no gap)" if c is None else f"{100 * c:.0f}% of RTN's gap closed"
+                    ok = c is not None and c >= 0.5
+                    lines.append(f"- {rows[m]['label']} vs {rows[b]['label']}: {txt} (aim >= 50%: {'met' if ok else 'NOT met'})")
+            four = {k: r for k, r in rows.items() if r["settings"].get("bits") == 4 or r["method"] == "bnb-nf4"}
+            if four:
+                k = min(four, key=lambda k: four[k]["perplexity"]["val"]["perplexity"])
+                d = 100 * (four[k]["perplexity"]["val"]["perplexity"] / fpp - 1)
+                lines.append(f"- best 4-bit: {four[k]['label']} at {d:+.2f}% (aim <= +5%: {'met' if d <= 5 else 'NOT met'})")
+            lines.append("")
+    lines += ["File sizes are `model.safetensors` of each artifact: projections packed (int4: two values "
+              "per byte), the embedding in float32 unless a row says it is quantized. Quantize time is "
+              "wall time of `quantize_` (calibration included), excluding loading and saving.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, help="float model folder (repeatable)")
+    p.add_argument("--rows", help=f"comma-separated rows to run (default all): {', '.join(ROWS)}")
+    p.add_argument("--force", action="store_true", help="rerun rows already in the results")
+    p.add_argument("--work", default="runs/quantize_bench", help="where the quantized artifacts are written")
+    p.add_argument("--out", default="benchmarks/results/quantize", help="results path without suffix")
+    p.add_argument("--shared-data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--max-eval-tokens", type=int, default=0, help="score at most this many tokens per set (0 = all)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows for calibrated methods")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    keys = args.rows.split(",") if args.rows else list(ROWS)
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; known: {list(ROWS)}")
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {"commands": [], "models": {}}
+    results["machine"] = machine_info()
+    command = "python -m benchmarks.quantize " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if command not in results["commands"]:
+        results["commands"].append(command)
+    for model in args.model:
+        model_dir = Path(model)
+        loaded = load_model(model_dir)
+        sets = eval_sets(loaded, Path(args.shared_data), args.max_eval_tokens)
+        desc = {k: {"source": s, "tokens": int(t.numel()) - 1} for k, (t, s) in sets.items()}
+        entry = results["models"].setdefault(str(model_dir), {"rows": {}})
+        if entry.get("eval_sets") != desc:
+            entry["rows"] = {}  # scored on other text: start over
+        entry["eval_sets"] = desc
+        entry["n_positions"] = loaded.model.config.n_positions
+        entry["parameters"] = loaded.model.num_parameters()
+        del loaded
+        for key in keys:
+            if key in entry["rows"] and not args.force:
+                continue
+            print(f"[{model_dir.name}] {key} ...", file=sys.stderr, flush=True)
+            entry["rows"][key] = row = run_row(key, model_dir, Path(args.work), sets, args.calib_samples)
+            row["command"] = command
+            print(f"[{model_dir.name}] {key}: ppl {row['perplexity']['val']['perplexity']:.3f}, "
+                  f"{row['file_bytes'] / 1e6:.2f} MB, {row['quantize_seconds']:.1f} s", file=sys.stderr, flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2))
+            out.with_suffix(".md").write_text(render(results))
+    path.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(render(results))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
