@@ -45,7 +45,7 @@ RUNS = {
                            lora_rank=8, lora_alpha=16.0)),
     "lm": ("wikitext-2-raw/wiki.test.hf-joined.txt",
            dict(task="lm", val_fraction=0.1, max_length=256, max_steps=100, batch_size=8, lr=3e-4,
-                warmup_steps=10, eval_interval=50, eval_max_tokens=32768)),
+                warmup_steps=10, eval_interval=50, eval_max_tokens=131072)),
     "classify": ("sms-spam/SMSSpamCollection",
                  dict(task="classify", val_fraction=0.2, max_length=128, max_steps=400, batch_size=32,
                       lr=3e-4, warmup_steps=20, eval_interval=100)),
@@ -119,7 +119,11 @@ def render(record: dict) -> str:
                              f"{m['train_seconds']} |")
         if "classify" in runs and "classify-lora" in runs:
             gap = 100 * (runs["classify"]["metrics"]["val_accuracy"] - runs["classify-lora"]["metrics"]["val_accuracy"])
-            lines += ["", f"LoRA accuracy is {gap:+.2f} points below full finetuning (negative: above)."]
+            side = "below" if gap >= 0 else "above"
+            lora_m = runs["classify-lora"]["metrics"]
+            lines += ["", f"LoRA (rank {runs['classify-lora']['settings']['lora_rank']}, "
+                          f"{100 * lora_m['trainable_fraction']:.2f}% of the parameters trainable) is "
+                          f"{abs(gap):.2f} points {side} full finetuning's held-out accuracy."]
         for name in ("classify", "classify-lora"):
             if name in runs:
                 lines += ["", f"Confusion matrix, {name} (rows true, columns predicted):", "", "```",

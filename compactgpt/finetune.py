@@ -34,7 +34,8 @@ from .evaluation import mean_loss, model_logits_fn, perplexity
 from .finetune_data import (TEMPLATE_FILE, check_known_labels, label_set, random_split, read_instructions,
                             read_labelled, resolve_template, safe_label, stratified_split, BucketBatches)
 from .lora import LORA_TARGETS, apply_lora, count_parameters, merge_lora
-from .training import CHECKPOINT, LoopConfig, WindowBatches, lm_loss, run_loop, setup_runtime
+from .training import (CHECKPOINT, LoopConfig, WindowBatches, cleanup_distributed, lm_loss, run_loop,
+                       setup_runtime)
 
 STAGE = "finetune"
 
@@ -376,20 +377,29 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
     if lora:
         merge_lora(model)
     model.eval()
-    after = run.report(model, "after")
     metrics = {k: v for k, v in result.metrics.items() if k in ("steps", "train_tokens", "train_seconds", "tokens_per_s")}
-    metrics.update({f"before_{k}": v for k, v in before.items() if k != "confusion"})
-    metrics.update({k: v for k, v in after.items() if k != "confusion"})
-    if "confusion" in after:
-        metrics["confusion"] = after["confusion"]
-    metrics["trainable_parameters"] = trainable
-    metrics["total_parameters"] = total
-    metrics["trainable_fraction"] = trainable / total
-    extra = {"task": config.task, "lora": lora, "parent_stage": parent_manifest.stage if parent_manifest else None,
-             **run.extra}
-    run.save(out, model.cpu(), metrics, extra)
-    log(summary(config.task, metrics))
+    if rt.is_main:
+        after = run.report(model, "after")
+        metrics.update({f"before_{k}": v for k, v in before.items() if k not in _SAME_BEFORE_AND_AFTER})
+        metrics.update({k: v for k, v in after.items() if k != "confusion"})
+        if "confusion" in after:
+            metrics["confusion"] = after["confusion"]
+        metrics["trainable_parameters"] = trainable
+        metrics["total_parameters"] = total
+        metrics["trainable_fraction"] = trainable / total
+        extra = {"task": config.task, "lora": lora, "parent_stage": parent_manifest.stage if parent_manifest else None,
+                 **run.extra}
+        run.save(out, model.cpu(), metrics, extra)
+        log(summary(config.task, metrics))
+    if rt.distributed:
+        torch.distributed.barrier()
+        cleanup_distributed()
     return metrics
+
+
+# Report entries that describe the held-out set, not the model: recorded once.
+_SAME_BEFORE_AND_AFTER = {"confusion", "val_examples", "majority_baseline_accuracy", "domain_val_tokens",
+                          "general_val_tokens", "val_response_tokens"}
 
 
 def summary(task: str, metrics: dict) -> str:
