@@ -348,3 +348,14 @@ def test_cli_errors_are_one_line(tmp_path, parent, capsys):
     code = main(["finetune", "--model", str(parent), "--task", "classify", "--data", str(data),
                  "--out", str(tmp_path / "x"), "--no-progress"])
     assert code == 2 and "at least two classes" in capsys.readouterr().err
+
+
+def test_a_run_resumes_from_its_checkpoint_and_refuses_to_clobber_it(tmp_path, parent):
+    data = _labelled_file(tmp_path)
+    settings = dict(model=str(parent), task="classify", data=str(data), out=str(tmp_path / "clf"), lora_rank=2)
+    finetune(_quick(**settings, max_steps=6), log=lambda m: None, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        finetune(_quick(**settings, max_steps=8), log=lambda m: None, progress=False)
+    metrics = finetune(_quick(**settings, max_steps=8), log=lambda m: None, progress=False, resume=True)
+    assert metrics["steps"] == 8
+    assert load_classifier(tmp_path / "clf").labels == ["neg", "pos"]
