@@ -44,8 +44,12 @@ ROWS: dict[str, tuple[str, str | None, dict]] = {
     "rtn4-g32": ("int4 RTN g32", "rtn", {"bits": 4, "group_size": 32, "symmetric": False}),
     "gptq4-g128": ("int4 GPTQ g128", "gptq", {"bits": 4, "group_size": 128, "symmetric": False}),
     "awq4-g128": ("int4 AWQ g128", "awq", {"bits": 4, "group_size": 128, "symmetric": False}),
+    "awq4-g128-noclip": ("int4 AWQ g128, scales only (no clip search)", "awq",
+                         {"bits": 4, "group_size": 128, "symmetric": False, "max_shrink": 0.0}),
     "gptq4-g32": ("int4 GPTQ g32", "gptq", {"bits": 4, "group_size": 32, "symmetric": False}),
     "awq4-g32": ("int4 AWQ g32", "awq", {"bits": 4, "group_size": 32, "symmetric": False}),
+    "awq4-g32-noclip": ("int4 AWQ g32, scales only (no clip search)", "awq",
+                        {"bits": 4, "group_size": 32, "symmetric": False, "max_shrink": 0.0}),
     "rtn4-pc": ("int4 RTN per-channel", "rtn", {"bits": 4, "group_size": 0, "symmetric": False}),
     "gptq4-pc": ("int4 GPTQ per-channel", "gptq", {"bits": 4, "group_size": 0, "symmetric": False}),
     "awq4-pc": ("int4 AWQ per-channel", "awq", {"bits": 4, "group_size": 0, "symmetric": False}),
@@ -58,7 +62,8 @@ ROWS: dict[str, tuple[str, str | None, dict]] = {
 }
 # (4-bit method row, RTN row at the same bits and group size) pairs judged against the aims.
 GAP_PAIRS = [("gptq4-g128", "rtn4-g128"), ("awq4-g128", "rtn4-g128"), ("gptq4-g32", "rtn4-g32"),
-             ("awq4-g32", "rtn4-g32"), ("gptq4-pc", "rtn4-pc"), ("awq4-pc", "rtn4-pc"),
+             ("awq4-g32", "rtn4-g32"), ("awq4-g128-noclip", "rtn4-g128"),
+             ("awq4-g32-noclip", "rtn4-g32"), ("gptq4-pc", "rtn4-pc"), ("awq4-pc", "rtn4-pc"),
              ("gptq4-g128-sym", "rtn4-g128-sym")]
 EXTRA_DATA = {"wikitext": "wikitext-2-raw", "shakespeare": "tinyshakespeare"}
 
