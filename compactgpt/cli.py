@@ -309,6 +309,8 @@ PLUGINS: tuple[str, ...] = (
     "export.cli",
     "quantize.cli",
     "compactgpt.finetune",
+    "compactgpt.bench",
+    "compactgpt.pipeline",
 )
 
 COMMANDS = {"tokenize": cmd_tokenize, "pretrain": cmd_pretrain, "eval": cmd_eval, "generate": cmd_generate,

@@ -1,0 +1,442 @@
+"""`compactgpt bench`: every artifact measured the same way, PyTorch or ONNX, float or quantized.
+
+For each model folder: perplexity through the artifact's own runtime (ONNX Runtime for an
+ONNX export, PyTorch for a float or quantized artifact) on the same tokens; parameters and
+file size; time to first token, decode tokens/s and prefill tokens/s for a fixed prompt and
+length at batch 1 and one larger batch (warm-up runs, repeats, median and p90, fixed
+threads); peak resident memory in a separate process per artifact. The machine, library
+versions and the exact settings travel with every figure.
+
+    compactgpt bench --models runs/p/teacher-onnx runs/p/student-int4-onnx --data runs/p/data --out runs/p/report
+
+The report (report.md, report.json, PNG plots) is built by `compactgpt.bench_report` from
+the artifacts' manifests and these measurements alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import ArtifactError, ConfigError
+
+BENCH_HELP = {
+    "data": "prepared data folder (its val split is scored) or text to score",
+    "eval_tokens": "tokens scored for perplexity (0: the whole split)",
+    "stride": "sliding-window stride (0: half the model's context)",
+    "prompt_tokens": "prompt length for the speed runs",
+    "new_tokens": "tokens generated per speed run",
+    "batch_sizes": "comma-separated batch sizes for the speed runs (the first is the headline)",
+    "warmup": "untimed runs before the timed ones",
+    "repeats": "timed runs; medians and p90 are over their step times",
+    "threads": "CPU threads for every runtime (fixed so that figures compare)",
+    "memory": "measure peak resident memory in a separate process per artifact",
+    "seed": "seed of the random prompt",
+}
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run; saved with every figure."""
+
+    data: str = ""
+    eval_tokens: int = 32768
+    stride: int = 0
+    prompt_tokens: int = 64
+    new_tokens: int = 64
+    batch_sizes: str = "1,8"
+    warmup: int = 1
+    repeats: int = 5
+    threads: int = 2
+    memory: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.eval_tokens < 0 or self.stride < 0:
+            raise ConfigError("eval_tokens and stride must be >= 0")
+        if self.prompt_tokens < 1 or self.new_tokens < 2:
+            raise ConfigError(f"prompt_tokens must be >= 1 and new_tokens >= 2 (decode speed needs two steps); "
+                              f"got {self.prompt_tokens}, {self.new_tokens}")
+        if self.warmup < 0 or self.repeats < 1 or self.threads < 1:
+            raise ConfigError("warmup must be >= 0, repeats >= 1, threads >= 1")
+        self.batches  # validates the list
+
+    @property
+    def batches(self) -> list[int]:
+        try:
+            out = [int(b) for b in str(self.batch_sizes).split(",") if b.strip()]
+        except ValueError as e:
+            raise ConfigError(f"batch_sizes {self.batch_sizes!r} must be comma-separated integers, e.g. 1,8") from e
+        if not out or min(out) < 1:
+            raise ConfigError(f"batch_sizes {self.batch_sizes!r} must list positive batch sizes, e.g. 1,8")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing: pure statistics and the stream timer
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of a non-empty list."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
+class StreamTiming:
+    """Times of generation runs: first-token latency and per-step decode latency."""
+
+    ttft_s: list[float]  # one per timed run: call -> first token
+    step_s: list[float]  # every decode step of every timed run: token i-1 -> token i
+
+    def summary(self, batch: int, prompt_tokens: int) -> dict:
+        ttft = statistics.median(self.ttft_s)
+        step = statistics.median(self.step_s)
+        return {
+            "batch": batch,
+            "ttft_ms_median": ttft * 1e3,
+            "ttft_ms_p90": percentile(self.ttft_s, 90) * 1e3,
+            "step_ms_median": step * 1e3,
+            "step_ms_p90": percentile(self.step_s, 90) * 1e3,
+            # Tokens per second across the batch: every step yields one token per sequence.
+            "decode_tok_s": batch / step,
+            # The first token is the prefill's output: prompt tokens over time to first token.
+            "prefill_tok_s": batch * prompt_tokens / ttft,
+            "runs": len(self.ttft_s),
+            "steps": len(self.step_s),
+        }
+
+
+def time_stream(make_stream: Callable[[], Iterator], warmup: int, repeats: int,
+                clock: Callable[[], float] = time.perf_counter) -> StreamTiming:
+    """Run `make_stream()` to exhaustion warmup + repeats times; time the timed runs.
+
+    The first yield of a run marks the first token (prefill included); each later yield one
+    decode step."""
+    ttft: list[float] = []
+    steps: list[float] = []
+    for run in range(warmup + repeats):
+        t0 = clock()
+        last = t0
+        first = True
+        for _ in make_stream():
+            now = clock()
+            if run >= warmup:
+                if first:
+                    ttft.append(now - t0)
+                else:
+                    steps.append(now - last)
+            first = False
+            last = now
+        if run >= warmup and first:
+            raise ConfigError("the generation stream yielded no tokens; new_tokens must be >= 1")
+    if not steps:
+        raise ConfigError("no decode steps were timed; new_tokens must be >= 2")
+    return StreamTiming(ttft, steps)
+
+
+# ---------------------------------------------------------------------------------------
+# Runtimes: one registry entry per artifact kind
+
+
+@dataclass
+class Runtime:
+    """An artifact opened for measurement."""
+
+    kind: str  # pytorch, pytorch-quantized, onnx
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    stream: Callable[..., Iterator]
+    n_positions: int
+    tokenizer_json: str
+    parameters: int | None
+
+
+def _open_pytorch(folder: Path, threads: int) -> Runtime:
+    from .artifacts import load_model
+    from .evaluation import model_logits_fn
+
+    torch.set_num_threads(threads)
+    loaded = load_model(folder)
+    model = loaded.model.eval()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return Runtime("pytorch", torch.no_grad()(model_logits_fn(model)), torch.no_grad()(model.stream),
+                   model.config.n_positions, loaded.tokenizer.to_json(), params)
+
+
+def _open_quantized(folder: Path, threads: int) -> Runtime:
+    from quantize import load_quantized
+
+    from .evaluation import model_logits_fn
+
+    torch.set_num_threads(threads)
+    art = load_quantized(folder)
+    model = art.model.eval()
+    return Runtime("pytorch-quantized", torch.no_grad()(model_logits_fn(model)), torch.no_grad()(model.stream),
+                   model.config.n_positions, art.tokenizer.to_json(), None)
+
+
+def _open_onnx(folder: Path, threads: int) -> Runtime:
+    from export import OnnxDecoder
+
+    decoder = OnnxDecoder(folder, threads=threads, log=lambda m: None)
+    return Runtime("onnx", decoder.logits_fn(), decoder.stream, decoder.config.n_positions,
+                   decoder.tokenizer.to_json(), None)
+
+
+RUNTIMES: dict[str, Callable[[Path, int], Runtime]] = {
+    "pytorch": _open_pytorch,
+    "pytorch-quantized": _open_quantized,
+    "onnx": _open_onnx,
+}
+
+
+def artifact_kind(folder: str | Path) -> str:
+    """Which runtime measures a folder; ArtifactError for a folder that is not a finished
+    CompactGPT artifact (no manifest) or an ONNX export without its tokenizer."""
+    from .artifacts import read_manifest
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)  # raises for a missing or unfinished folder
+    if manifest is None:
+        raise ArtifactError(
+            f"{folder} has no manifest.json: bench measures CompactGPT artifacts only (their manifest "
+            "names the stage, settings and parent); write it with a compactgpt verb"
+        )
+    if (folder / "model.onnx").is_file():
+        if not (folder / "tokenizer.json").is_file():
+            raise ArtifactError(
+                f"{folder} is an ONNX export without tokenizer.json: prompts and perplexity text cannot be "
+                "tokenized; re-export it with `compactgpt export`, which copies the tokenizer"
+            )
+        return "onnx"
+    if not (folder / "tokenizer.json").is_file():
+        raise ArtifactError(f"{folder} has no tokenizer.json; rerun the stage that wrote it")
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    return "pytorch-quantized" if "quantization_config" in cfg else "pytorch"
+
+
+def file_bytes(folder: str | Path) -> int:
+    """Bytes of the files a deployment ships: weights and graphs (manifest, logs and
+    checkpoints excluded)."""
+    folder = Path(folder)
+    names = ("model.safetensors", "model.onnx", "model.onnx.data")
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+def _float_parameters(folder: Path) -> int | None:
+    """Parameters of a float artifact, read from its safetensors header (tied head counted once)."""
+    from safetensors import safe_open
+
+    cfg = folder / "config.json"
+    if not (folder / "model.safetensors").is_file() or not cfg.is_file():
+        return None
+    if "quantization_config" in json.loads(cfg.read_text(encoding="utf-8")):
+        return None
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".attn.bias"))
+
+
+def count_parameters(folder: Path, runtime: Runtime) -> int | None:
+    """Parameters of the model an artifact holds (a quantized or exported artifact has its
+    float ancestor's count), found through the manifests' parent links."""
+    from .artifacts import read_manifest
+
+    if runtime.parameters:
+        return runtime.parameters
+    path: Path | None = folder
+    for _ in range(8):
+        if path is None or not path.is_dir():
+            return None
+        n = _float_parameters(path)
+        if n:
+            return n
+        m = read_manifest(path)
+        parent = (m.parent or {}).get("path") if m else None
+        path = Path(parent) if parent else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Peak memory: one child process per artifact
+
+
+_PROBE = r"""
+import json, resource, sys
+from pathlib import Path
+from compactgpt.bench import RUNTIMES
+import torch, onnxruntime, export, quantize.modules  # both runtimes loaded before the baseline
+folder, kind, threads, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rt = RUNTIMES[kind](Path(folder), threads)
+ids = torch.randint(0, 100, (1, prompt))
+for _ in rt.stream(ids, new):
+    pass
+print(json.dumps({"baseline_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def peak_memory(folder: Path, kind: str, threads: int, prompt: int, new: int) -> dict:
+    """Peak resident memory (MiB) of a fresh process that opens the artifact and generates
+    once; `runtime_baseline` is the same process before the model is opened (PyTorch and
+    ONNX Runtime imported), so peak - baseline is what the model itself costs."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), kind, str(threads), str(prompt), str(new)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode != 0:
+        raise ArtifactError(f"the memory probe failed on {folder}: {proc.stderr.strip()[-500:]}")
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"peak_rss_mib": d["peak_kib"] / 1024, "runtime_baseline_rss_mib": d["baseline_kib"] / 1024,
+            "model_rss_mib": (d["peak_kib"] - d["baseline_kib"]) / 1024}
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring one artifact
+
+
+def eval_token_ids(data: str, tokenizer_json: str) -> tuple[torch.Tensor, str]:
+    """Tokens to score: a prepared data folder's val split (same tokenizer required)."""
+    from .data import TokenShards, is_data_folder
+
+    path = Path(data)
+    if not is_data_folder(path):
+        raise ConfigError(f"--data {data} is not a prepared data folder; create one with `compactgpt tokenize` "
+                          "using the models' tokenizer (--tokenizer MODEL)")
+    if (path / "tokenizer.json").read_text(encoding="utf-8") != tokenizer_json:
+        raise ConfigError(f"{data} was tokenized with a different tokenizer than the model's; benchmark "
+                          "models against a data folder made with their own tokenizer")
+    return torch.from_numpy(TokenShards(path, "val").all_tokens().astype(np.int64)), f"val split of {path}"
+
+
+def measure(folder: str | Path, config: BenchConfig, progress: bool = True) -> dict:
+    """Every figure of one artifact (see the module docstring)."""
+    from .evaluation import perplexity
+
+    folder = Path(folder)
+    kind = artifact_kind(folder)
+    rt = RUNTIMES[kind](folder, config.threads)
+    tokens, source = eval_token_ids(config.data, rt.tokenizer_json)
+    if config.eval_tokens:
+        tokens = tokens[: config.eval_tokens]
+    window = rt.n_positions
+    ppl = perplexity(rt.logits_fn, tokens, window, config.stride or None, progress=progress)
+    if config.prompt_tokens + config.new_tokens > rt.n_positions:
+        raise ConfigError(f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceeds "
+                          f"{folder}'s {rt.n_positions} positions; lower them")
+    gen = torch.Generator().manual_seed(config.seed)
+    # A prompt of real validation text, so the decode path sees ordinary activations.
+    speed = []
+    for batch in config.batches:
+        starts = torch.randint(0, max(1, tokens.numel() - config.prompt_tokens), (batch,), generator=gen)
+        prompt = torch.stack([tokens[s : s + config.prompt_tokens] for s in starts.tolist()])
+        timing = time_stream(lambda: rt.stream(prompt, config.new_tokens), config.warmup, config.repeats)
+        speed.append(timing.summary(batch, config.prompt_tokens))
+    record = {
+        "folder": str(folder),
+        "runtime": kind,
+        "parameters": count_parameters(folder, rt),
+        "file_bytes": file_bytes(folder),
+        "perplexity": ppl.perplexity,
+        "nll": ppl.nll,
+        "eval": {"data": source, "tokens": ppl.tokens, "max_length": ppl.max_length, "stride": ppl.stride},
+        "speed": speed,
+    }
+    if config.memory:
+        record["memory"] = peak_memory(folder, kind, config.threads, config.prompt_tokens, config.new_tokens)
+    return record
+
+
+def check_models(folders: list[str | Path]) -> list[str]:
+    """Each folder's runtime kind; every bad folder is reported before any measurement."""
+    kinds, problems = [], []
+    for f in folders:
+        try:
+            kinds.append(artifact_kind(f))
+        except ArtifactError as e:
+            problems.append(str(e))
+    if problems:
+        raise ArtifactError("; ".join(problems))
+    return kinds
+
+
+def run_bench(folders: list[str | Path], config: BenchConfig, out: str | Path, names: list[str] | None = None,
+              baseline: str | None = None, log: Callable[[str], None] = print, progress: bool = True,
+              command: str | None = None) -> dict:
+    """Measure every folder, write report.json / report.md / plots to `out`; returns the report dict."""
+    from .bench_report import build_report, write_report
+    from .machine import machine_info
+
+    check_models(folders)
+    if names is None:
+        names = [Path(f).name for f in folders]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be distinct, got {names}")
+    eval_token_ids(config.data, (Path(folders[0]) / "tokenizer.json").read_text(encoding="utf-8"))
+    measurements = {}
+    for i, (name, folder) in enumerate(zip(names, folders), 1):
+        log(f"[bench {i}/{len(folders)}] {name} ({folder})")
+        t = time.perf_counter()
+        measurements[name] = measure(folder, config, progress=progress)
+        m = measurements[name]
+        log(f"  perplexity {m['perplexity']:.3f}, decode {m['speed'][0]['decode_tok_s']:.0f} tok/s (batch "
+            f"{m['speed'][0]['batch']}), {m['file_bytes'] / 1e6:.1f} MB  [{time.perf_counter() - t:.0f}s]")
+    machine = machine_info()
+    machine["torch_threads"] = config.threads
+    report = build_report(dict(zip(names, map(str, folders))), measurements, config.to_dict(), machine,
+                          baseline=baseline, command=command)
+    write_report(report, out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers, commands: dict) -> None:
+    """Add the `bench` verb."""
+    from .cli import add_config_args
+
+    p = subparsers.add_parser(
+        "bench", help="measure artifacts (PyTorch or ONNX) and write a comparison report",
+        description="Measure every model folder the same way: perplexity through the artifact's own "
+        "runtime, parameters, file size, time to first token, decode and prefill tokens/s (medians and "
+        "p90 over repeats at fixed threads), peak memory in a separate process. Writes report.md, "
+        "report.json and PNG plots to --out, with the first model (or --baseline) as the baseline row.",
+    )
+    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="artifact folders to measure")
+    p.add_argument("--names", nargs="+", help="row names (default: the folder names)")
+    p.add_argument("--baseline", help="name of the baseline row (default: the first model)")
+    p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_args(p, BenchConfig, BENCH_HELP)
+    commands["bench"] = cmd_bench
+
+
+def cmd_bench(args) -> None:
+    import dataclasses
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name) is not None}
+    if not given.get("data"):
+        raise ConfigError("--data is required: a prepared data folder made with the models' tokenizer")
+    config = BenchConfig(**given)
+    if args.names and len(args.names) != len(args.models):
+        raise ConfigError(f"--names gives {len(args.names)} names for {len(args.models)} models")
+    report = run_bench(args.models, config, args.out, names=args.names, baseline=args.baseline,
+                       log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
+                       command="compactgpt " + " ".join(sys.argv[1:]))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(Path(args.out) / "report.md")

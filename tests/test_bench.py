@@ -1,0 +1,195 @@
+"""compactgpt bench: the timing harness, the Pareto front, the report from manifests alone,
+and clear errors on bad model folders."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from compactgpt import bench
+from compactgpt.artifacts import begin_write, finish_write, save_model
+from compactgpt.bench import BenchConfig, StreamTiming, artifact_kind, check_models, measure, time_stream
+from compactgpt.bench_report import build_report, pareto_front, render_markdown, write_report
+from compactgpt.cli import main
+from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.evaluation import model_logits_fn, perplexity
+from compactgpt.tokenizer import Tokenizer
+
+from conftest import random_gpt
+
+
+def sleeping_stream(first_s: float, step_s: float, n: int):
+    """A stub model: the first token after first_s (prefill), each later one after step_s."""
+    def make():
+        time.sleep(first_s)
+        yield 0
+        for _ in range(n - 1):
+            time.sleep(step_s)
+            yield 0
+    return make
+
+
+def test_timing_harness_reports_a_known_sleep():
+    timing = time_stream(sleeping_stream(0.04, 0.02, 6), warmup=1, repeats=3)
+    assert len(timing.ttft_s) == 3 and len(timing.step_s) == 15  # warm-up run not counted
+    s = timing.summary(batch=4, prompt_tokens=16)
+    assert s["step_ms_median"] == pytest.approx(20.0, rel=0.10)
+    assert s["ttft_ms_median"] == pytest.approx(40.0, rel=0.10)
+    assert s["decode_tok_s"] == pytest.approx(4 / 0.02, rel=0.10)
+    assert s["step_ms_p90"] >= s["step_ms_median"]
+
+
+def test_timing_with_a_fake_clock_is_exact():
+    ticks = iter([0.0, 1.0, 1.5, 2.0, 10.0, 13.0, 13.25, 13.75])  # two runs of 3 tokens
+    timing = time_stream(lambda: iter(range(3)), warmup=1, repeats=1, clock=lambda: next(ticks))
+    assert timing.ttft_s == [3.0] and timing.step_s == [0.25, 0.5]
+    s = timing.summary(batch=2, prompt_tokens=6)
+    assert s["decode_tok_s"] == pytest.approx(2 / 0.375)
+    assert s["prefill_tok_s"] == pytest.approx(12 / 3.0)
+
+
+def test_timing_needs_two_tokens():
+    with pytest.raises(ConfigError, match="decode steps"):
+        time_stream(lambda: iter([0]), warmup=0, repeats=2)
+
+
+def test_pareto_front_on_fixed_points():
+    # (speed, perplexity): faster is better, lower perplexity is better.
+    points = [(100, 20.0), (200, 21.0), (150, 25.0), (400, 30.0), (400, 31.0), (50, 19.0), (200, 21.0)]
+    front = pareto_front(points)
+    # (150, 25) is beaten by (200, 21); (400, 31) by (400, 30); the two equal (200, 21) both stay.
+    assert front == [5, 0, 1, 6, 3]
+    assert pareto_front([(1.0, 1.0)]) == [0]
+
+
+def test_bench_config_validates():
+    with pytest.raises(ConfigError, match="batch_sizes"):
+        BenchConfig(data="x", batch_sizes="1,a")
+    with pytest.raises(ConfigError, match="new_tokens"):
+        BenchConfig(data="x", new_tokens=1)
+    assert BenchConfig(data="x", batch_sizes="1, 4").batches == [1, 4]
+
+
+# ---------------------------------------------------------------------------------------
+# The report from manifests alone
+
+
+def _speed(tok_s: float, batch: int = 1) -> dict:
+    return {"batch": batch, "decode_tok_s": tok_s, "step_ms_median": 1e3 / tok_s, "step_ms_p90": 1.1e3 / tok_s,
+            "ttft_ms_median": 5.0, "ttft_ms_p90": 6.0, "prefill_tok_s": 1000.0, "runs": 3, "steps": 30}
+
+
+def _measurement(ppl: float, tok_s: float, size: int) -> dict:
+    return {"runtime": "pytorch", "parameters": 1000, "file_bytes": size, "perplexity": ppl, "nll": 1.0,
+            "eval": {"data": "val split", "tokens": 100, "max_length": 64, "stride": 32},
+            "speed": [_speed(tok_s), _speed(tok_s * 4, 8)],
+            "memory": {"peak_rss_mib": 300.0, "runtime_baseline_rss_mib": 290.0, "model_rss_mib": 10.0}}
+
+
+def test_report_renders_from_manifests_alone(tmp_path, byte_tokenizer):
+    teacher = tmp_path / "teacher"
+    save_model(teacher, random_gpt(0), byte_tokenizer, stage="pretrain", settings={"n_layer": 2, "n_embd": 32})
+    student = tmp_path / "student"
+    save_model(student, random_gpt(1, n_layer=1), byte_tokenizer, stage="distill", settings={"max_steps": 7},
+               parent=teacher)
+    slow = tmp_path / "slow"
+    save_model(slow, random_gpt(2, n_layer=1), byte_tokenizer, stage="distill", settings={"max_steps": 1},
+               parent=teacher)
+    folders = {"teacher": str(teacher), "student": str(student), "bad-student": str(slow)}
+    meas = {"teacher": _measurement(20.0, 100.0, 4000), "student": _measurement(21.0, 300.0, 1000),
+            "bad-student": _measurement(30.0, 500.0, 1000)}
+    report = build_report(folders, meas, {"prompt_tokens": 8, "new_tokens": 8, "batch_sizes": "1,8", "warmup": 1,
+                                          "repeats": 3, "threads": 2},
+                          {"cpu": "test cpu", "cores": 2, "memory_gib": 1.0, "versions": {"torch": "x"}},
+                          command="compactgpt bench ...")
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["student"]["x_faster"] == pytest.approx(3.0)
+    assert rows["student"]["x_smaller"] == pytest.approx(4.0)
+    assert rows["student"]["perplexity_delta"] == pytest.approx(0.05)
+    assert rows["student"]["stages"] == ["distill", "pretrain"]  # lineage read from the manifests
+    assert "distilled (7 steps) of teacher (2x32)" == rows["student"]["what"]
+    # The faster student is 50% worse than the teacher: the headline is the one within 10%.
+    assert report["headline"]["name"] == "student"
+    assert all(rows[n]["pareto"] for n in rows)
+    out = write_report(report, tmp_path / "report")
+    md = (out / "report.md").read_text()
+    assert "3.00x faster and 4.00x smaller than the teacher at +5.0% perplexity" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "**teacher** (baseline)" in table[1]  # baseline row first after the header
+    assert json.loads((out / "report.json").read_text())["baseline"] == "teacher"
+    for png in ("pareto.png", "size.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert render_markdown(json.loads((out / "report.json").read_text())) == md
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring real artifacts
+
+
+def test_measure_a_pytorch_artifact(tmp_path, data_dir, tokenizer):
+    folder = tmp_path / "m"
+    model = random_gpt(3, vocab_size=tokenizer.vocab_size)
+    save_model(folder, model, tokenizer, stage="pretrain", settings={})
+    cfg = BenchConfig(data=str(data_dir), eval_tokens=300, prompt_tokens=8, new_tokens=4, batch_sizes="1,2",
+                      warmup=0, repeats=2, threads=1, memory=True)
+    record = measure(folder, cfg, progress=False)
+    from compactgpt.data import TokenShards
+
+    tokens = torch.from_numpy(TokenShards(data_dir, "val").all_tokens().astype("int64"))[:300]
+    want = perplexity(model_logits_fn(model), tokens, model.config.n_positions)
+    assert record["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+    assert record["runtime"] == "pytorch"
+    assert record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert [s["batch"] for s in record["speed"]] == [1, 2]
+    assert record["file_bytes"] == (folder / "model.safetensors").stat().st_size
+    assert record["memory"]["peak_rss_mib"] >= record["memory"]["runtime_baseline_rss_mib"] > 0
+
+
+def test_folder_without_manifest_is_refused(tmp_path, byte_tokenizer):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        artifact_kind(folder)
+
+
+def test_onnx_folder_without_tokenizer_is_refused_before_any_work(tmp_path, byte_tokenizer, data_dir, monkeypatch):
+    good = tmp_path / "good"
+    save_model(good, random_gpt(0), byte_tokenizer, stage="pretrain", settings={})
+    onnx = begin_write(tmp_path / "onnx")
+    (onnx / "model.onnx").write_bytes(b"not really")
+    finish_write(onnx, "export", {}, files=["model.onnx"])
+    with pytest.raises(ArtifactError, match="without tokenizer.json"):
+        artifact_kind(onnx)
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before checking every folder"))
+    with pytest.raises(ArtifactError, match="without tokenizer.json"):
+        bench.run_bench([good, onnx], BenchConfig(data=str(data_dir)), tmp_path / "out")
+    with pytest.raises(ArtifactError):
+        check_models([tmp_path / "missing"])
+
+
+def test_cli_reports_bad_models_as_errors(tmp_path, data_dir, capsys):
+    (tmp_path / "plain").mkdir()
+    code = main(["bench", "--models", str(tmp_path / "plain"), "--data", str(data_dir), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_onnx_and_pytorch_measured_the_same_way(tmp_path, data_dir, tokenizer):
+    from export import ExportConfig, export_onnx
+
+    src = tmp_path / "m"
+    save_model(src, random_gpt(4, vocab_size=tokenizer.vocab_size), tokenizer, stage="pretrain", settings={})
+    export_onnx(ExportConfig(model=str(src), out=str(tmp_path / "onnx")), log=lambda m: None)
+    assert artifact_kind(tmp_path / "onnx") == "onnx"
+    cfg = BenchConfig(data=str(data_dir), eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1",
+                      warmup=0, repeats=1, threads=1, memory=False)
+    pt = measure(src, cfg, progress=False)
+    ort = measure(tmp_path / "onnx", cfg, progress=False)
+    assert ort["runtime"] == "onnx"
+    assert ort["perplexity"] == pytest.approx(pt["perplexity"], rel=1e-4)
+    assert ort["parameters"] == pt["parameters"]  # found through the export's parent
