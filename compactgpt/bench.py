@@ -32,7 +32,8 @@ import torch
 from .errors import ArtifactError, ConfigError
 
 BENCH_HELP = {
-    "data": "prepared data folder (its val split is scored) or text to score",
+    "data": "prepared data folder whose val split is scored (made with the models' tokenizer, e.g. the "
+            "teacher's data folder)",
     "eval_tokens": "tokens scored for perplexity (0: the whole split)",
     "stride": "sliding-window stride (0: half the model's context)",
     "prompt_tokens": "prompt length for the speed runs",
@@ -42,7 +43,7 @@ BENCH_HELP = {
     "repeats": "timed runs; medians and p90 are over their step times",
     "threads": "CPU threads for every runtime (fixed so that figures compare)",
     "memory": "measure peak resident memory in a separate process per artifact",
-    "seed": "seed of the random prompt",
+    "seed": "seed that picks the prompt windows from the validation text",
 }
 
 
@@ -420,7 +421,9 @@ def register(subparsers, commands: dict) -> None:
     p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_args(p, BenchConfig, BENCH_HELP)
+    defaults = BenchConfig(data="-")
+    helps = {k: v if k == "data" else f"{v} (default {getattr(defaults, k)})" for k, v in BENCH_HELP.items()}
+    add_config_args(p, BenchConfig, helps)
     commands["bench"] = cmd_bench
 
 

@@ -422,8 +422,37 @@ def run_pipeline(config: dict, out: str | Path, log: Callable[[str], None] = pri
                                               "seconds": round(seconds, 2), "settings": s.settings})
         outcome[s.name] = f"{'resumed' if resume else 'ran'} {seconds:.1f}s"
         log(f"{head}: done in {seconds:.1f}s")
-    log(f"pipeline finished in {time.perf_counter() - total_t:.1f}s; report: {Path(out) / 'report' / 'report.md'}")
+    total = time.perf_counter() - total_t
+    write_run_summary(stages, outcome, out, total)
+    log(f"pipeline finished in {total:.1f}s; report: {Path(out) / 'report' / 'report.md'}")
     return stages, outcome
+
+
+def write_run_summary(stages: list[Stage], outcome: dict[str, str], out: str | Path, total_s: float) -> None:
+    """OUT/pipeline-run.json and .md: what this run did per stage, and how long each stage
+    took when it was last built (from the stage records)."""
+    from .io import atomic_write_json, atomic_write_text
+    from .machine import describe, machine_info
+
+    rows = []
+    for s in stages:
+        rec = _record(s.folder) or {}
+        rows.append({"stage": s.name, "kind": s.kind, "folder": str(s.folder), "this_run": outcome.get(s.name),
+                     "build_seconds": rec.get("seconds"), "fingerprint": s.fingerprint[:12]})
+    built = sum(r["build_seconds"] or 0 for r in rows)
+    machine = machine_info()
+    summary = {"command": " ".join(["compactgpt"] + sys.argv[1:]), "this_run_seconds": round(total_s, 2),
+               "build_seconds_total": round(built, 1), "machine": machine, "stages": rows}
+    atomic_write_json(Path(out) / "pipeline-run.json", summary)
+    lines = ["# Pipeline run", "", f"Command: `{summary['command']}`", "",
+             f"Machine: {describe(machine)}", "",
+             f"This run: {total_s:.1f} s. Building every stage took {built / 60:.1f} min in all "
+             "(each stage's time when it was last built).", "",
+             "| stage | kind | this run | build time s |", "|---|---|---|---|"]
+    for r in rows:
+        b = "–" if r["build_seconds"] is None else f"{r['build_seconds']:.1f}"
+        lines.append(f"| {r['stage']} | {r['kind']} | {r['this_run']} | {b} |")
+    atomic_write_text(Path(out) / "pipeline-run.md", "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------

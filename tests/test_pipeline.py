@@ -44,6 +44,9 @@ def test_pipeline_skips_reruns_one_branch_and_restarts(tmp_path, corpus_dir):
 
     _, second = run_pipeline(cfg, out, log=quiet, progress=False)
     assert set(second.values()) == {"skipped"}
+    summary = json.loads((out / "pipeline-run.json").read_text())
+    assert {r["this_run"] for r in summary["stages"]} == {"skipped"}
+    assert all(r["build_seconds"] is not None for r in summary["stages"])  # times of the first run
 
     changed = copy.deepcopy(cfg)
     changed["quantize"][1]["group_size"] = 16
