@@ -138,7 +138,7 @@ def prepare(source: Path, work: Path, threads: int, log) -> dict[str, dict]:
 
 
 def run_model(label: str, source: Path, work: Path, threads: int, prompt_len: int, new_tokens: int,
-              bandwidth: float, log) -> dict:
+              bandwidth: float, log, ppl_tokens: int = 0) -> dict:
     torch.set_num_threads(threads)
     backends = prepare(source, work, threads, log)
     config = load_model(source).model.config
@@ -157,8 +157,40 @@ def run_model(label: str, source: Path, work: Path, threads: int, prompt_len: in
         }
         log(f"{label} | {name}: {rows[name]['decode_tok_s']:.1f} tok/s, TTFT {rows[name]['ttft_ms']:.1f} ms, "
             f"{100 * rows[name]['share_of_floor']:.0f}% of floor")
-    return {"model": label, "source": str(source), "params": sum(p.numel() for p in load_model(source).model.parameters()),
-            "results": rows}
+    record = {"model": label, "source": str(source), "params": sum(p.numel() for p in load_model(source).model.parameters()),
+              "results": rows}
+    if ppl_tokens:
+        record["perplexity"] = perplexities(source, backends, work, ppl_tokens, log)
+    return record
+
+
+def perplexities(source: Path, backends: dict, work: Path, n_tokens: int, log) -> dict | None:
+    """Validation perplexity through every backend (PyTorch quantized models too), when the
+    model records its data; None for random weights."""
+    from compactgpt.cli import eval_tokens
+    from compactgpt.errors import ConfigError
+    from compactgpt.evaluation import model_logits_fn, perplexity
+    from export import OnnxDecoder
+    from quantize import load_quantized
+
+    loaded = load_model(source)
+    try:
+        tokens, data = eval_tokens(loaded, None)
+    except ConfigError:
+        return None
+    tokens = tokens[:n_tokens]
+    n_pos = loaded.model.config.n_positions
+    out = {"data": data, "tokens": int(tokens.numel()), "max_length": n_pos, "stride": n_pos // 2, "ppl": {}}
+    fns = {"PyTorch fp32 eager": model_logits_fn(loaded.model)}
+    for label in ("int8", "int4"):
+        fns[f"PyTorch {label} (RTN, dequantized weights)"] = model_logits_fn(load_quantized(work / f"rtn-{label}").model)
+    for name, b in backends.items():
+        if "folder" in b:
+            fns[name] = OnnxDecoder(b["folder"], threads=torch.get_num_threads()).logits_fn()
+    for name, fn in fns.items():
+        out["ppl"][name] = perplexity(fn, tokens, n_pos, n_pos // 2).perplexity
+        log(f"perplexity {name}: {out['ppl'][name]:.4f}")
+    return out
 
 
 def to_markdown(records: list[dict], machine: dict, args, command: str, bandwidth: float) -> str:
@@ -187,6 +219,14 @@ def to_markdown(records: list[dict], machine: dict, args, command: str, bandwidt
                          f"{r['floor_tok_s']:.0f} | {100 * r['share_of_floor']:.0f}% | {file_mb} | "
                          f"{'yes' if r['same_tokens_as_pytorch'] else 'no'} |")
         lines.append("")
+        ppl = rec.get("perplexity")
+        if ppl:
+            ref = ppl["ppl"]["PyTorch fp32 eager"]
+            lines += [f"Perplexity on {ppl['tokens']:,} tokens of the {ppl['data']} (windows of {ppl['max_length']}, "
+                      f"stride {ppl['stride']}):", "",
+                      "| model | perplexity | relative to PyTorch fp32 |", "| --- | --- | --- |"]
+            lines += [f"| {k} | {v:.4f} | {(v - ref) / ref:+.2e} |" for k, v in ppl["ppl"].items()]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -198,6 +238,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--ppl-tokens", type=int, default=32768,
+                        help="validation tokens for the perplexity comparison (models that record their data; 0: off)")
     parser.add_argument("--work", default="runs/export_speed", help="folder for the exports (reused when present)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for export_speed.{json,md}")
     args = parser.parse_args()
@@ -215,7 +257,7 @@ def main() -> None:
     bandwidth = read_bandwidth(args.threads)
     machine = machine_info()
     records = [run_model(label, src, work / label.replace(" ", "_"), args.threads, args.prompt_len,
-                         args.new_tokens, bandwidth, log) for label, src in sources]
+                         args.new_tokens, bandwidth, log, args.ppl_tokens) for label, src in sources]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "export_speed.json").write_text(json.dumps({"command": command, "machine": machine,
