@@ -116,7 +116,11 @@ def parse_student_shape(spec: str) -> dict:
                 f"GPTConfig field ({', '.join(sorted(known))})"
             )
         value = value.strip()
-        out[key] = value if key == "activation_function" else (float(value) if key in ("dropout", "layer_norm_epsilon") else int(value))
+        try:
+            out[key] = value if key == "activation_function" else (
+                float(value) if key in ("dropout", "layer_norm_epsilon") else int(value))
+        except ValueError:
+            raise ConfigError(f"--student {spec!r}: {key}={value!r} is not a number") from None
     if not out:
         raise ConfigError(f"--student {spec!r} names no student: pass a folder or key=value settings")
     return out

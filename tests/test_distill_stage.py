@@ -128,6 +128,8 @@ def test_bad_settings_are_clear_errors(teacher_dir, tmp_path, capsys):
     base = ["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "z")]
     assert main(base + ["--student", "n_layers=2"]) == 2
     assert "n_layers=2" in capsys.readouterr().err
+    assert main(base + ["--student", "n_layer=two"]) == 2
+    assert "is not a number" in capsys.readouterr().err
     assert main(base + ["--student", "n_embd=24,n_head=5"]) == 2
     assert "not divisible" in capsys.readouterr().err
     assert main(base + ["--student", "n_layer=1", "--kd-weight", "0"]) == 2
