@@ -41,7 +41,7 @@ RUNS = {
                       lr=3e-4, warmup_steps=20, eval_interval=100, eval_samples=3, sample_tokens=48)),
     "instruct-lora": ("instruction/instruction-data.json",
                       dict(task="instruct", template="alpaca", val_fraction=0.1, max_steps=300, batch_size=16,
-                           lr=2e-3, warmup_steps=20, eval_interval=100, eval_samples=3, sample_tokens=48,
+                           lr=5e-3, warmup_steps=20, eval_interval=100, eval_samples=3, sample_tokens=48,
                            lora_rank=8, lora_alpha=16.0)),
     "lm": ("wikitext-2-raw/wiki.test.hf-joined.txt",
            dict(task="lm", val_fraction=0.1, max_length=256, max_steps=100, batch_size=8, lr=3e-4,
