@@ -275,31 +275,41 @@ def count_parameters(folder: Path, runtime: Runtime) -> int | None:
 
 
 _PROBE = r"""
-import json, resource, sys
+import importlib, json, sys
 from pathlib import Path
-from compactgpt.bench import RUNTIMES
-import torch, onnxruntime, export, quantize.modules  # both runtimes loaded before the baseline
 folder, kind, threads, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import torch
+from compactgpt.bench import RUNTIMES
+# Only the runtime this artifact needs, so the baseline is what a deployment of it loads.
+for module in {"onnx": ["onnxruntime", "export"], "pytorch-quantized": ["quantize.modules", "quantize.artifact"]}.get(kind, []):
+    importlib.import_module(module)
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+base = status("VmRSS")
 rt = RUNTIMES[kind](Path(folder), threads)
 ids = torch.randint(0, 100, (1, prompt))
 for _ in rt.stream(ids, new):
     pass
-print(json.dumps({"baseline_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"baseline_kib": base, "end_kib": status("VmRSS"), "peak_kib": status("VmHWM")}))
 """
 
 
 def peak_memory(folder: Path, kind: str, threads: int, prompt: int, new: int) -> dict:
-    """Peak resident memory (MiB) of a fresh process that opens the artifact and generates
-    once; `runtime_baseline` is the same process before the model is opened (PyTorch and
-    ONNX Runtime imported), so peak - baseline is what the model itself costs."""
+    """Resident memory (MiB) of a fresh process that opens the artifact and generates once
+    (Linux /proc): its peak (VmHWM), the process before the model is opened (interpreter and
+    this artifact's runtime imported), and the model's own share (resident growth from
+    opening it to the end of the generation)."""
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), kind, str(threads), str(prompt), str(new)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         raise ArtifactError(f"the memory probe failed on {folder}: {proc.stderr.strip()[-500:]}")
     d = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"peak_rss_mib": d["peak_kib"] / 1024, "runtime_baseline_rss_mib": d["baseline_kib"] / 1024,
-            "model_rss_mib": (d["peak_kib"] - d["baseline_kib"]) / 1024}
+            "model_rss_mib": (d["end_kib"] - d["baseline_kib"]) / 1024}
 
 
 # ---------------------------------------------------------------------------------------

@@ -190,10 +190,10 @@ def render_markdown(report: dict) -> str:
             f"- Speed: prompt of {s['prompt_tokens']} validation tokens, {s['new_tokens']} new tokens (greedy), batch sizes "
             f"{s['batch_sizes']}; {s['warmup']} warm-up run(s), {s['repeats']} timed runs; medians and p90 over decode "
             f"steps; {s['threads']} threads for every runtime.",
-            "- Peak RSS: a separate process per artifact that opens it and generates once; it includes the "
-            "interpreter and both runtimes' libraries, and (model) is the rise over that process before the "
-            "model was opened ("
-            + (f"libraries alone: ~{rows[0]['memory']['runtime_baseline_rss_mib']:.0f} MiB)." if rows[0].get("memory")
+            "- Peak RSS: a separate process per artifact opens it and generates once; peak includes the "
+            "interpreter and the artifact's runtime libraries, (model) is the resident growth from opening "
+            "the model to the end of the generation ("
+            + (f"the process before opening the baseline: {rows[0]['memory']['runtime_baseline_rss_mib']:.0f} MiB)." if rows[0].get("memory")
                else "not measured in this run)."),
             "- File size: model.safetensors / model.onnx (+ .data); manifests, logs and checkpoints excluded.",
             "", "## Machine", "",
