@@ -42,7 +42,7 @@ def register(subparsers, commands: dict) -> None:
     p.add_argument("--layout", choices=["gptq", "bnb"], help="storage layout (default: gptq for integer "
                    "methods, bnb for bitsandbytes methods)")
     p.add_argument("--eval", action="store_true", help="measure the quantized model's perplexity on the "
-                   "model's validation split and record it in the manifest")
+                   "validation split of the data the model was trained on and record it in the manifest")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, (tp, takers) in _method_fields().items():
@@ -105,7 +105,16 @@ def cmd_quantize(args) -> None:
         from compactgpt.cli import eval_tokens
         from compactgpt.evaluation import model_logits_fn, perplexity
 
-        tokens, source = eval_tokens(loaded, None)
+        data = default_calibration_source(loaded.manifest)
+        if data is not None:  # the validation split of the data folder the model descends from
+            import numpy as np
+
+            from compactgpt.data import TokenShards
+
+            tokens = torch.from_numpy(TokenShards(data, "val").all_tokens().astype(np.int64))
+            source = f"val split of {data}"
+        else:
+            tokens, source = eval_tokens(loaded, None)
         result = perplexity(model_logits_fn(loaded.model), tokens, loaded.model.config.n_positions,
                             progress=not args.no_progress)
         metrics.update(val_perplexity=result.perplexity, val_tokens=result.tokens, val_data=source)
