@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from compactgpt.cli import add_config_args
@@ -77,7 +76,6 @@ def register(subparsers, commands: dict) -> None:
         "genai_config.json. Every export is compared with PyTorch at several shapes before the folder "
         "is marked complete; the differences go into its manifest. A quantized artifact exports its own "
         "int8/int4 weights as MatMulNBits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_args(p, ExportConfig, EXPORT_HELP)
     commands["export"] = cmd_export

@@ -10,7 +10,6 @@ onnxruntime-gpu sees a GPU and falls back to the CPU with a message when it does
 from __future__ import annotations
 
 import glob
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -189,14 +188,14 @@ class OnnxDecoder:
         logits, past = self.forward(input_ids.numpy(), mask.numpy(), positions.numpy())
         next_pos = positions[:, -1:] + 1
         mask_np = mask.numpy().astype(np.int64)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = sample_next(torch.from_numpy(logits[:, -1, :]), temperature, top_k, top_p, generator)
             if len(stops):
                 token = torch.where(done, stops[0], token)
                 done |= torch.isin(token, stops)
             yield token
-            if bool(done.all()):
-                break
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break  # no forward pass whose logits nobody reads
             mask_np = np.concatenate([mask_np, np.ones((B, 1), np.int64)], axis=1)
             logits, past = self.forward(token[:, None].numpy(), mask_np, next_pos.numpy(), past)
             next_pos = next_pos + 1
@@ -209,6 +208,3 @@ class OnnxDecoder:
             return input_ids
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
-
-def threads_default() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
