@@ -15,6 +15,7 @@ the artifacts' manifests and these measurements alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -225,6 +226,10 @@ def artifact_kind(folder: str | Path) -> str:
         return "onnx"
     if not (folder / "tokenizer.json").is_file():
         raise ArtifactError(f"{folder} has no tokenizer.json; rerun the stage that wrote it")
+    from .finetune_classify import is_classifier
+
+    if is_classifier(folder):
+        return "classifier"
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
     return "pytorch-quantized" if "quantization_config" in cfg else "pytorch"
 
@@ -330,12 +335,47 @@ def eval_token_ids(data: str, tokenizer_json: str) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(TokenShards(path, "val").all_tokens().astype(np.int64)), f"val split of {path}"
 
 
+def measure_classifier(folder: Path, config: BenchConfig) -> dict:
+    """A classifier artifact: accuracy and macro F1 on the held-out split its finetuning
+    stage used (rebuilt from its manifest), and per-example latency at batch 1."""
+    from .finetune import FinetuneConfig, classify_split
+    from .finetune_classify import encode_texts, evaluate_examples, load_classifier, predict
+
+    torch.set_num_threads(config.threads)
+    loaded = load_classifier(folder)
+    settings = loaded.manifest.settings if loaded.manifest else {}
+    if settings.get("task") != "classify" or not settings.get("data"):
+        raise ConfigError(f"{folder} records no labelled data to hold out from; benchmark classifiers written "
+                          "by `compactgpt finetune --task classify`")
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    _, examples, _ = classify_split(FinetuneConfig(**{k: v for k, v in settings.items() if k in known}))
+    max_length = settings.get("max_length") or loaded.model.config.n_positions
+    r = evaluate_examples(loaded.model, loaded.tokenizer, examples, loaded.labels, max_length)
+    seqs = encode_texts(loaded.tokenizer, [e.text for e in examples[: max(8, config.repeats)]], max_length)
+    for seq in seqs[: config.warmup]:
+        predict(loaded.model, [seq], loaded.tokenizer.eot_id, batch_size=1)
+    latency = []
+    for seq in seqs:
+        t = time.perf_counter()
+        predict(loaded.model, [seq], loaded.tokenizer.eot_id, batch_size=1)
+        latency.append(time.perf_counter() - t)
+    params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
+    record = {"folder": str(folder), "runtime": "pytorch-classifier", "parameters": params,
+              "file_bytes": file_bytes(folder), "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+              "examples": r["examples"], "eval": {"data": f"held-out split of {settings['data']}"},
+              "latency_ms_median": statistics.median(latency) * 1e3,
+              "latency_ms_p90": percentile(latency, 90) * 1e3, "latency_examples": len(latency)}
+    return record
+
+
 def measure(folder: str | Path, config: BenchConfig, progress: bool = True) -> dict:
     """Every figure of one artifact (see the module docstring)."""
     from .evaluation import perplexity
 
     folder = Path(folder)
     kind = artifact_kind(folder)
+    if kind == "classifier":
+        return measure_classifier(folder, config)
     rt = RUNTIMES[kind](folder, config.threads)
     tokens, source = eval_token_ids(config.data, rt.tokenizer_json)
     if config.eval_tokens:
@@ -388,18 +428,25 @@ def run_bench(folders: list[str | Path], config: BenchConfig, out: str | Path, n
     from .bench_report import build_report, write_report
     from .machine import machine_info
 
-    check_models(folders)
+    kinds = check_models(folders)
+    if "classifier" in kinds and all(k == "classifier" for k in kinds):
+        raise ConfigError("every model is a classifier; bench needs at least one language model as the baseline")
     if names is None:
         names = [Path(f).name for f in folders]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be distinct, got {names}")
-    eval_token_ids(config.data, (Path(folders[0]) / "tokenizer.json").read_text(encoding="utf-8"))
+    first_lm = next(f for f, k in zip(folders, kinds) if k != "classifier")
+    eval_token_ids(config.data, (Path(first_lm) / "tokenizer.json").read_text(encoding="utf-8"))
     measurements = {}
     for i, (name, folder) in enumerate(zip(names, folders), 1):
         log(f"[bench {i}/{len(folders)}] {name} ({folder})")
         t = time.perf_counter()
         measurements[name] = measure(folder, config, progress=progress)
         m = measurements[name]
+        if "accuracy" in m:
+            log(f"  accuracy {m['accuracy']:.4f}, {m['latency_ms_median']:.1f} ms per example  "
+                f"[{time.perf_counter() - t:.0f}s]")
+            continue
         log(f"  perplexity {m['perplexity']:.3f}, decode {m['speed'][0]['decode_tok_s']:.0f} tok/s (batch "
             f"{m['speed'][0]['batch']}), {m['file_bytes'] / 1e6:.1f} MB  [{time.perf_counter() - t:.0f}s]")
     machine = machine_info()

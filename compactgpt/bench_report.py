@@ -93,9 +93,12 @@ def build_report(folders: dict[str, str], measurements: dict[str, dict], setting
                  baseline: str | None = None, command: str | None = None) -> dict:
     """The report dict: one row per artifact (its lineage from the manifests plus its
     measurements), ratios against the baseline, the Pareto front and the headline."""
-    names = list(folders)
+    # Classifiers have no perplexity or decode speed: they get their own table.
+    classifiers = [{"name": n, "folder": folders[n], "what": describe(lineage(folders[n])), **measurements[n]}
+                   for n in folders if "accuracy" in measurements[n]]
+    names = [n for n in folders if "accuracy" not in measurements[n]]
     if not names:
-        raise ConfigError("no models to report on")
+        raise ConfigError("no language models to report on (classifiers alone have no baseline row)")
     baseline = baseline or names[0]
     if baseline not in folders:
         raise ConfigError(f"baseline {baseline!r} is not one of the models {names}")
@@ -128,8 +131,8 @@ def build_report(folders: dict[str, str], measurements: dict[str, dict], setting
         headline = {"name": best["name"], "what": best["what"], "x_faster": best["x_faster"],
                     "x_smaller": best["x_smaller"], "perplexity_delta": best["perplexity_delta"],
                     "tolerance": HEADLINE_PPL_TOLERANCE}
-    return {"baseline": baseline, "headline": headline, "rows": rows, "settings": settings,
-            "machine": machine, "command": command}
+    return {"baseline": baseline, "headline": headline, "rows": rows, "classifiers": classifiers,
+            "settings": settings, "machine": machine, "command": command}
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,6 +186,15 @@ def render_markdown(report: dict) -> str:
             out.append(f"| {r['name']} | {sp['batch']} | {sp['decode_tok_s']:.0f} | {sp['step_ms_median']:.2f} | "
                        f"{sp['step_ms_p90']:.2f} | {sp['ttft_ms_median']:.2f} | {sp['ttft_ms_p90']:.2f} | "
                        f"{sp['prefill_tok_s']:.0f} |")
+    if report.get("classifiers"):
+        out += ["", "## Classifiers", "", "Accuracy on the held-out split each classifier's finetuning used; latency "
+                "of one example at batch 1 (PyTorch).", "",
+                "| model | what | params | file MB | accuracy | macro F1 | examples | latency ms median | p90 | data |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in report["classifiers"]:
+            out.append(f"| {c['name']} | {c['what']} | {_params(c['parameters'])} | {_mb(c['file_bytes'])} | "
+                       f"{c['accuracy']:.4f} | {c['macro_f1']:.4f} | {c['examples']:,} | {c['latency_ms_median']:.2f} | "
+                       f"{c['latency_ms_p90']:.2f} | {c['eval']['data']} |")
     ev = rows[0]["eval"]
     out += ["", "## How it was measured", "",
             f"- Perplexity: {ev['tokens']:,} scored tokens of the {ev['data']}, sliding windows of each model's "

@@ -193,3 +193,25 @@ def test_onnx_and_pytorch_measured_the_same_way(tmp_path, data_dir, tokenizer):
     assert ort["runtime"] == "onnx"
     assert ort["perplexity"] == pytest.approx(pt["perplexity"], rel=1e-4)
     assert ort["parameters"] == pt["parameters"]  # found through the export's parent
+
+
+def test_classifier_gets_accuracy_in_its_own_table(tmp_path, data_dir, tokenizer):
+    from compactgpt.finetune_classify import GPTClassifier, save_classifier
+
+    data = tmp_path / "sms.tsv"
+    data.write_text("".join(f"{'spam' if i % 3 == 0 else 'ham'}\tmessage number {i} here\n" for i in range(40)))
+    clf = GPTClassifier(random_gpt(5, vocab_size=tokenizer.vocab_size), 2)
+    save_classifier(tmp_path / "clf", clf, tokenizer, ["ham", "spam"], stage="finetune",
+                    settings={"task": "classify", "data": str(data), "val_fraction": 0.25})
+    lm = tmp_path / "lm"
+    save_model(lm, random_gpt(6, vocab_size=tokenizer.vocab_size), tokenizer, stage="pretrain", settings={})
+    assert artifact_kind(tmp_path / "clf") == "classifier"
+    cfg = BenchConfig(data=str(data_dir), eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1",
+                      warmup=0, repeats=1, threads=1, memory=False)
+    report = bench.run_bench([lm, tmp_path / "clf"], cfg, tmp_path / "out", log=lambda m: None, progress=False)
+    [c] = report["classifiers"]
+    assert c["examples"] == 10 and 0.0 <= c["accuracy"] <= 1.0 and c["latency_ms_median"] > 0
+    assert [r["name"] for r in report["rows"]] == ["lm"]
+    assert "## Classifiers" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="every model is a classifier"):
+        bench.run_bench([tmp_path / "clf"], cfg, tmp_path / "out2")
