@@ -174,16 +174,26 @@ def eval_tokens(loaded, data: str | None, text_field: str = "text"):
 
     tok = loaded.tokenizer
     if data is None:
-        parent = (loaded.manifest.parent or {}).get("path") if loaded.manifest else None
+        # Walk up the parents (export -> quantized -> student -> teacher) to the training data.
+        from .artifacts import read_manifest
+
+        manifest = loaded.manifest
+        for _ in range(16):
+            parent = (manifest.parent or {}).get("path") if manifest else None
+            if not parent or is_data_folder(parent) or "data" in manifest.settings or not Path(parent).is_dir():
+                break
+            manifest = read_manifest(parent)
         if parent and is_data_folder(parent):
             data = parent
-        elif loaded.manifest and "data" in loaded.manifest.settings:
-            docs, _ = read_documents(loaded.manifest.settings["data"], loaded.manifest.settings.get("text_field", "text"))
-            _, val = split_documents(docs, loaded.manifest.settings.get("val_fraction", 0.05))
+        elif manifest and is_data_folder(manifest.settings.get("data") or "/nonexistent"):
+            data = manifest.settings["data"]
+        elif manifest and "data" in manifest.settings:
+            docs, _ = read_documents(manifest.settings["data"], manifest.settings.get("text_field", "text"))
+            _, val = split_documents(docs, manifest.settings.get("val_fraction", 0.05))
             ids = []
             for d in val:
                 ids.extend(tok.encode(d.text) + [tok.eot_id])
-            return torch.tensor(ids[:-1]), "validation split of " + loaded.manifest.settings["data"]
+            return torch.tensor(ids[:-1]), "validation split of " + manifest.settings["data"]
         else:
             raise ConfigError(
                 f"{loaded.folder} records no training data to hold out from; pass --data with the text to score"
@@ -217,17 +227,32 @@ def cmd_eval(args) -> None:
 
     if eval_finetuned(args):  # a classifier's accuracy; an instruction model's held-out response perplexity
         return
-    loaded = load_model(resolve_model_path(args.model))
+    folder = resolve_model_path(args.model)
+    if (folder / "model.onnx").is_file():  # an ONNX export is scored through ONNX Runtime
+        from types import SimpleNamespace
+
+        from export.runtime import OnnxDecoder
+
+        from .artifacts import read_config, read_manifest
+        from .tokenizer import Tokenizer
+
+        loaded = SimpleNamespace(tokenizer=Tokenizer.from_folder(folder), manifest=read_manifest(folder), folder=folder)
+        n_positions = read_config(folder).n_positions
+        logits_fn = OnnxDecoder(folder, threads=args.threads).logits_fn()
+    else:
+        loaded = load_model(folder)
+        n_positions = loaded.model.config.n_positions
+        logits_fn = model_logits_fn(loaded.model)
     tokens, source = eval_tokens(loaded, args.data, args.text_field)
-    max_length = args.max_length or loaded.model.config.n_positions
-    if max_length > loaded.model.config.n_positions:
+    max_length = args.max_length or n_positions
+    if max_length > n_positions:
         from .errors import ConfigError
 
         raise ConfigError(
-            f"--max-length {max_length} is longer than the model's {loaded.model.config.n_positions} positions; "
-            f"use --max-length {loaded.model.config.n_positions} or less"
+            f"--max-length {max_length} is longer than the model's {n_positions} positions; "
+            f"use --max-length {n_positions} or less"
         )
-    result = perplexity(model_logits_fn(loaded.model), tokens, max_length, args.stride, progress=not args.json)
+    result = perplexity(logits_fn, tokens, max_length, args.stride, progress=not args.json)
     record = {"model": str(args.model), "data": source, **result.to_dict()}
     if args.json:
         print(json.dumps(record, indent=2))

@@ -75,3 +75,18 @@ def test_errors_are_one_line_with_a_fix(trained, capsys, tmp_path):
     assert code == 2 and "positions" in err
     code, _, err = run(capsys, "eval", "--model", trained / "teacher", "--max-length", "500")
     assert code == 2 and "longer than the model's 64 positions" in err
+
+
+def test_eval_scores_an_onnx_export_like_its_pytorch_model(trained, capsys):
+    onnx_dir = trained / "teacher-onnx"
+    if not (onnx_dir / "manifest.json").exists():
+        assert main(["export", "--model", str(trained / "teacher"), "--out", str(onnx_dir)]) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, "eval", "--model", trained / "teacher", "--json", "--max-length", "32", "--stride", "16")
+    assert code == 0, err
+    torch_result = json.loads(out)
+    code, out, err = run(capsys, "eval", "--model", onnx_dir, "--json", "--max-length", "32", "--stride", "16")
+    assert code == 0, err
+    onnx_result = json.loads(out)
+    assert onnx_result["tokens"] == torch_result["tokens"]  # the held-out split found through the parents
+    assert onnx_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)
