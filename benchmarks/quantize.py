@@ -28,6 +28,7 @@ import torch
 from compactgpt.artifacts import WEIGHTS, load_model
 from compactgpt.cli import eval_tokens
 from compactgpt.data import TokenShards
+from compactgpt.errors import CompactGPTError
 from compactgpt.evaluation import model_logits_fn, perplexity
 from compactgpt.machine import describe, machine_info
 from quantize.api import default_calibration_source, load_calibration, quantize_
@@ -182,6 +183,10 @@ def render(results: dict) -> str:
             lines.append(f"| {r['label']} | {ppls} | {delta} | {r['file_bytes'] / 1e6:.2f} MB | "
                          f"{r['quantize_seconds']:.1f} s |")
         lines.append("")
+        for key, r in entry.get("refused", {}).items():
+            lines.append(f"- {r['label']}: not applicable to this model: {r['error']}")
+        if entry.get("refused"):
+            lines.append("")
         if fp:
             fpp = fp["perplexity"]["val"]["perplexity"]
             lines += ["Aims (validation perplexity):", ""]
@@ -248,7 +253,14 @@ def main(argv: list[str] | None = None) -> None:
             if key in entry["rows"] and not args.force:
                 continue
             print(f"[{model_dir.name}] {key} ...", file=sys.stderr, flush=True)
-            entry["rows"][key] = row = run_row(key, model_dir, Path(args.work), sets, args.calib_samples)
+            try:
+                row = run_row(key, model_dir, Path(args.work), sets, args.calib_samples)
+            except CompactGPTError as e:  # a method this model's shape does not allow: recorded, not fatal
+                print(f"[{model_dir.name}] {key}: {e}", file=sys.stderr, flush=True)
+                entry.setdefault("refused", {})[key] = {"label": ROWS[key][0], "error": str(e), "command": command}
+                continue
+            entry["rows"][key] = row
+            entry.get("refused", {}).pop(key, None)
             row["command"] = command
             print(f"[{model_dir.name}] {key}: ppl {row['perplexity']['val']['perplexity']:.3f}, "
                   f"{row['file_bytes'] / 1e6:.2f} MB, {row['quantize_seconds']:.1f} s", file=sys.stderr, flush=True)

@@ -305,9 +305,14 @@ def _bnb_nf4(model: GPT, config: BnbNF4Config, calib, progress: bool) -> None:
     for i, block in enumerate(_progress(list(model.transformer.h), "bnb-4bit", progress)):
         for layer in BLOCK_LAYERS:
             name = f"transformer.h.{i}.{layer}"
-            # bitsandbytes blocks run over the flattened weight, so any width works.
-            set_module(model, name, bnb_layers.to_4bit_linear(model.get_submodule(name), config.quant_type,
-                                                              config.blocksize, config.double_quant))
+            lin = model.get_submodule(name)
+            if lin.out_features % 32:
+                raise ConfigError(
+                    f"bnb-nf4: bitsandbytes' CPU 4-bit kernel needs output widths divisible by 32, but {name} "
+                    f"has {lin.out_features} outputs; use rtn/gptq/awq (bits 4) for this model"
+                )
+            set_module(model, name, bnb_layers.to_4bit_linear(lin, config.quant_type, config.blocksize,
+                                                              config.double_quant))
 
 
 HANDLERS: dict[type, Callable] = {

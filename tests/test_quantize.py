@@ -331,6 +331,11 @@ def test_quantizing_twice_and_bnb_embeddings_are_refused():
         quantize_(random_gpt(0), BnbInt8Config(include_embeddings=True))
 
 
+def test_bnb_4bit_refuses_widths_its_cpu_kernel_cannot_run():
+    with pytest.raises(ConfigError, match="divisible by 32"):
+        quantize_(random_gpt(0, n_inner=72), BnbNF4Config(blocksize=32))
+
+
 def test_unfinished_or_float_folders_do_not_load(byte_tokenizer, tmp_path):
     model = random_gpt(0)
     save_model(tmp_path / "float", model, byte_tokenizer, stage="test", settings={})
