@@ -262,23 +262,24 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    if (Path(args.model) / "model.onnx").is_file():  # an ONNX export runs on ONNX Runtime
-        return importlib.import_module("export.cli").generate_onnx(args)
     import torch
 
     from .artifacts import load_model, resolve_model_path
+    from .finetune import prompt_for_generation
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(resolve_model_path(args.model))
-    tok = loaded.tokenizer
-    from .finetune import prompt_for_generation
-
+    folder = resolve_model_path(args.model)
+    if (folder / "model.onnx").is_file():  # an ONNX export runs on ONNX Runtime, with the same stream contract
+        model, tok = importlib.import_module("export.cli").onnx_decoder(args)
+    else:
+        loaded = load_model(folder)
+        model, tok = loaded.model, loaded.tokenizer
     # An instruction-tuned model reads the prompt inside the template it was trained with.
-    text = prompt_for_generation(loaded.folder, args.prompt)
+    text = prompt_for_generation(folder, args.prompt)
     ids = tok.encode(text) if text else [tok.eot_id]
     generator = torch.Generator().manual_seed(args.seed)
-    stream = loaded.model.stream(
+    stream = model.stream(
         torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k or None, top_p=args.top_p, generator=generator,
         stop_tokens=() if args.no_stop else (tok.eot_id,),

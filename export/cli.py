@@ -35,37 +35,16 @@ def cmd_export(args) -> None:
     print(out)
 
 
-def generate_onnx(args) -> None:
-    """`compactgpt generate` for an ONNX folder: the same flags, streamed the same way."""
-    import torch
-
+def onnx_decoder(args):
+    """The decoder and tokenizer `compactgpt generate` streams from for an ONNX folder."""
     from .runtime import OnnxDecoder
 
     decoder = OnnxDecoder(args.model, device=getattr(args, "device", None) or "cpu", threads=args.threads)
-    tok = decoder.tokenizer
-    if tok is None:
+    if decoder.tokenizer is None:
         from compactgpt.errors import ArtifactError
 
         raise ArtifactError(f"{args.model} has no tokenizer.json; re-export it with `compactgpt export`")
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
-    generator = torch.Generator().manual_seed(args.seed)
-    stream = decoder.stream(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k or None, top_p=args.top_p, generator=generator,
-                            stop_tokens=() if args.no_stop else (tok.eot_id,))
-    sys.stdout.write(args.prompt)
-    new: list[int] = []
-    shown = ""
-    for token in stream:
-        t = int(token[0])
-        if t == tok.eot_id and not args.no_stop:
-            break
-        new.append(t)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    return decoder, decoder.tokenizer
 
 
 def register(subparsers, commands: dict) -> None:
