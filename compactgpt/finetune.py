@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from .evaluation import mean_loss, model_logits_fn, perplexity
 from .finetune_data import (TEMPLATE_FILE, check_known_labels, label_set, random_split, read_instructions,
                             read_labelled, resolve_template, safe_label, stratified_split, BucketBatches)
 from .lora import LORA_TARGETS, apply_lora, count_parameters, merge_lora
-from .training import (CHECKPOINT, LoopConfig, WindowBatches, cleanup_distributed, lm_loss, run_loop,
+from .training import (claim_output, LoopConfig, WindowBatches, cleanup_distributed, lm_loss, run_loop,
                        setup_runtime)
 
 STAGE = "finetune"
@@ -345,13 +344,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
     out = Path(config.out)
     if Path(config.model).resolve() == out.resolve():
         raise ConfigError("--out must differ from --model: the parent is never overwritten")
-    ckpt = out / CHECKPOINT
-    if (ckpt / "trainer.pt").is_file() and not resume:
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a training checkpoint; pass --resume to continue it, "
-                              "or --overwrite to start over")
-        shutil.rmtree(ckpt)
-        (out / "log.jsonl").unlink(missing_ok=True)
+    claim_output(out, resume, overwrite)
     model_path = resolve_model_path(config.model)
     rt = setup_runtime(config)
     parent = load_model(model_path)

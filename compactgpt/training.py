@@ -547,6 +547,21 @@ def cleanup_distributed() -> None:
 # The pretraining stage
 
 
+def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make sure a training stage may write into out: a checkpoint already there is continued
+    (resume), discarded with its log (overwrite), or else the stage is refused, so no run
+    silently replaces earlier work."""
+    ckpt = out / CHECKPOINT
+    if (ckpt / "trainer.pt").is_file() and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"{out} already holds a training checkpoint; pass --resume to continue it, "
+                "or --overwrite to start over (the checkpoint is then replaced)"
+            )
+        shutil.rmtree(ckpt)
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+
 def prepare_or_reuse_data(config: TrainConfig, rt: Runtime, log) -> Path:
     """A prepared data folder for config.data: used as is, or prepared under out/data
     (and reused while its settings and source files are unchanged)."""
@@ -573,15 +588,7 @@ def pretrain(config: TrainConfig, log: Callable[[str], None] = print, progress: 
     """
     config.validate()
     out = Path(config.out)
-    ckpt = out / CHECKPOINT
-    if (ckpt / "trainer.pt").is_file() and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"{out} already holds a training checkpoint; pass --resume to continue it, "
-                "or --overwrite to start over (the checkpoint is then replaced)"
-            )
-        shutil.rmtree(ckpt)
-        (out / "log.jsonl").unlink(missing_ok=True)
+    claim_output(out, resume, overwrite)
     rt = setup_runtime(config)
     try:
         out.mkdir(parents=True, exist_ok=True)

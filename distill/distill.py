@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,7 @@ from compactgpt.data import DataConfig, TokenShards, is_data_folder, prepare_dat
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import mean_loss
 from compactgpt.model import GPT, GPTConfig
-from compactgpt.training import (CHECKPOINT, LoopConfig, WindowBatches, cleanup_distributed, flops_per_token,
+from compactgpt.training import (claim_output, LoopConfig, WindowBatches, cleanup_distributed, flops_per_token,
                                  run_loop, setup_runtime)
 
 from .losses import DIVERGENCES, distillation_loss
@@ -230,13 +229,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print, progress:
     """
     config.validate()
     out = Path(config.out)
-    ckpt = out / CHECKPOINT
-    if (ckpt / "trainer.pt").is_file() and not resume:
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a training checkpoint; pass --resume to continue it, "
-                              "or --overwrite to start over")
-        shutil.rmtree(ckpt)
-        (out / "log.jsonl").unlink(missing_ok=True)
+    claim_output(out, resume, overwrite)
     rt = setup_runtime(config)
     try:
         teacher_dir = resolve_model_path(config.teacher)
