@@ -89,10 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/log.jsonl)")
 
-    p = sub.add_parser("eval", help="perplexity of a model (sliding window)",
-                       description="Perplexity by the fixed-length sliding-window method. Without --data, "
-                       "the model's own held-out validation split is used.")
-    p.add_argument("--model", required=True, help="model folder")
+    p = sub.add_parser("eval", help="perplexity of a model (sliding window); KL divergence from a reference",
+                       description="Perplexity by the fixed-length sliding-window method, for a float, "
+                       "quantized or ONNX model folder. Without --data, the model's own held-out validation "
+                       "split is used. With --reference (the model it was compressed from), also the KL "
+                       "divergence of its next-token distributions from the reference's and how often both "
+                       "rank the same token first: a finer measure of what compression cost than a "
+                       "perplexity difference, which can be smaller than its own noise.")
+    p.add_argument("--model", required=True, help="model folder (float, quantized or ONNX)")
+    p.add_argument("--reference", help="model folder to compare with (same tokenizer), e.g. the fp32 teacher")
     p.add_argument("--data", help="text file, folder, glob, JSONL file or prepared data folder (its val split)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--max-length", type=int, help="window length (default: the model's n_positions)")
@@ -215,11 +220,39 @@ def eval_tokens(loaded, data: str | None, text_field: str = "text"):
     return torch.tensor(ids), data
 
 
+def open_for_scoring(model: str, threads: int | None):
+    """(artifact, logits_fn, n_positions) for a language-model folder of any kind: float
+    (CompactGPT or transformers' GPT-2), quantized (run by its PyTorch layers) or an ONNX
+    export (run by ONNX Runtime). The artifact has .tokenizer, .manifest and .folder."""
+    from .artifacts import load_model, read_config, resolve_model_path
+    from .evaluation import model_logits_fn
+
+    folder = resolve_model_path(model)
+    if (folder / "model.onnx").is_file():
+        from types import SimpleNamespace
+
+        from export.runtime import OnnxDecoder
+
+        from .artifacts import read_manifest
+        from .tokenizer import Tokenizer
+
+        loaded = SimpleNamespace(tokenizer=Tokenizer.from_folder(folder), manifest=read_manifest(folder), folder=folder)
+        return loaded, OnnxDecoder(folder, threads=threads).logits_fn(), read_config(folder).n_positions
+    config_file = folder / "config.json"
+    if config_file.is_file() and "quantization_config" in json.loads(config_file.read_text(encoding="utf-8")):
+        from quantize import load_quantized
+
+        loaded = load_quantized(folder)
+    else:
+        loaded = load_model(folder)
+    return loaded, model_logits_fn(loaded.model), loaded.model.config.n_positions
+
+
 def cmd_eval(args) -> None:
     import torch
 
-    from .artifacts import load_model, resolve_model_path
-    from .evaluation import model_logits_fn, perplexity
+    from .errors import ConfigError
+    from .evaluation import compare, perplexity
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,38 +260,39 @@ def cmd_eval(args) -> None:
 
     if eval_finetuned(args):  # a classifier's accuracy; an instruction model's held-out response perplexity
         return
-    folder = resolve_model_path(args.model)
-    if (folder / "model.onnx").is_file():  # an ONNX export is scored through ONNX Runtime
-        from types import SimpleNamespace
-
-        from export.runtime import OnnxDecoder
-
-        from .artifacts import read_config, read_manifest
-        from .tokenizer import Tokenizer
-
-        loaded = SimpleNamespace(tokenizer=Tokenizer.from_folder(folder), manifest=read_manifest(folder), folder=folder)
-        n_positions = read_config(folder).n_positions
-        logits_fn = OnnxDecoder(folder, threads=args.threads).logits_fn()
-    else:
-        loaded = load_model(folder)
-        n_positions = loaded.model.config.n_positions
-        logits_fn = model_logits_fn(loaded.model)
+    loaded, logits_fn, n_positions = open_for_scoring(args.model, args.threads)
     tokens, source = eval_tokens(loaded, args.data, args.text_field)
     max_length = args.max_length or n_positions
+    reference = None
+    if args.reference:
+        reference, reference_fn, ref_positions = open_for_scoring(args.reference, args.threads)
+        if reference.tokenizer.to_json() != loaded.tokenizer.to_json():
+            raise ConfigError(
+                f"{args.reference} has a different tokenizer than {args.model}: their next-token "
+                "distributions cannot be compared; give the model it was compressed from as --reference"
+            )
+        n_positions = min(n_positions, ref_positions)
     if max_length > n_positions:
-        from .errors import ConfigError
-
         raise ConfigError(
-            f"--max-length {max_length} is longer than the model's {n_positions} positions; "
-            f"use --max-length {n_positions} or less"
+            f"--max-length {max_length} is longer than {"the model's" if reference is None else "the two models'"} "
+            f"{n_positions} positions; use --max-length {n_positions} or less"
         )
-    result = perplexity(logits_fn, tokens, max_length, args.stride, progress=not args.json)
-    record = {"model": str(args.model), "data": source, **result.to_dict()}
-    if args.json:
-        print(json.dumps(record, indent=2))
+    progress = not args.json
+    if reference is None:
+        result = perplexity(logits_fn, tokens, max_length, args.stride, progress=progress)
+        record = {"model": str(args.model), "data": source, **result.to_dict()}
+        summary = (f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f}) over {result.tokens:,} tokens "
+                   f"of {source}; windows of {result.max_length}, stride {result.stride}")
     else:
-        print(f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f}) over {result.tokens:,} tokens "
-              f"of {source}; windows of {result.max_length}, stride {result.stride}")
+        result = compare(logits_fn, reference_fn, tokens, max_length, args.stride, progress=progress)
+        record = {"model": str(args.model), "reference": str(args.reference), "data": source, **result.to_dict()}
+        delta = 100 * (result.perplexity / result.reference_perplexity - 1)
+        summary = (f"perplexity {result.perplexity:.4f} vs reference {result.reference_perplexity:.4f} "
+                   f"({delta:+.2f}%)\nKL(reference || model) per token: mean {result.kl_mean:.5f} nats, "
+                   f"median {result.kl_median:.5f}, p99 {result.kl_p99:.5f}; same top-1 token "
+                   f"{100 * result.top1_agreement:.2f}%\nover {result.tokens:,} tokens of {source}; windows of "
+                   f"{result.max_length}, stride {result.stride}")
+    print(json.dumps(record, indent=2) if args.json else summary)
 
 
 def cmd_generate(args) -> None:

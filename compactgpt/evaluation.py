@@ -4,7 +4,10 @@ Windows of `max_length` tokens start every `stride` tokens; each window scores o
 tokens that no earlier window scored (the last `end - prev_end` of it), with the rest as
 context. The first token of the text is never scored (nothing predicts it). The window loop
 takes any `logits_fn(input_ids) -> logits`, so PyTorch and ONNX Runtime models are measured
-by the same code.
+by the same code. `compare` walks the same windows with two models and measures how far one's
+next-token distributions are from the other's (KL divergence, top-1 agreement): the figure
+that shows what quantization or distillation changed, where perplexity differences are
+smaller than their noise.
 """
 
 from __future__ import annotations
@@ -50,6 +53,26 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
     return out
 
 
+def scored_windows(tokens: torch.Tensor, max_length: int, stride: int, progress: bool, desc: str):
+    """Walk the sliding windows: yield (ids, positions) per window, where `ids` (1, T) is the
+    window and `positions` the slice of its logits that predicts a token no earlier window
+    scored; `ids[0, positions.start + 1 : positions.stop + 1]` are those tokens."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    if tokens.numel() < 2:
+        raise ValueError(f"{desc} needs at least 2 tokens, got {tokens.numel()}; give more text")
+    windows = sliding_windows(tokens.numel(), max_length, stride)
+    iterator = windows
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(windows, desc=desc, unit="window", leave=False)
+    for begin, end, n_target in iterator:
+        ids = tokens[begin:end][None]
+        # Position t predicts token t+1: score targets in the last n_target positions.
+        n_target = min(n_target, end - begin - 1)
+        yield ids, slice(end - begin - n_target - 1, end - begin - 1)
+
+
 @torch.no_grad()
 def perplexity(
     logits_fn: LogitsFn,
@@ -59,29 +82,78 @@ def perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of a 1-D token sequence. stride defaults to max_length // 2."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
-    if tokens.numel() < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {tokens.numel()}; give more text")
     stride = stride or max(1, max_length // 2)
-    windows = sliding_windows(tokens.numel(), max_length, stride)
     nll_sum = 0.0
     n_scored = 0
-    iterator = windows
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(windows, desc="perplexity", unit="window", leave=False)
-    for begin, end, n_target in iterator:
-        ids = tokens[begin:end][None]
+    n_windows = 0
+    for ids, pos in scored_windows(tokens, max_length, stride, progress, "perplexity"):
         logits = logits_fn(ids)[0].float()  # (T, V)
-        # Position t predicts token t+1: score targets in the last n_target positions.
-        n_target = min(n_target, end - begin - 1)
-        pred = logits[-n_target - 1 : -1]
-        target = ids[0, -n_target:]
-        nll_sum += F.cross_entropy(pred, target, reduction="sum").double().item()
-        n_scored += n_target
+        target = ids[0, pos.start + 1 : pos.stop + 1]
+        nll_sum += F.cross_entropy(logits[pos], target, reduction="sum").double().item()
+        n_scored += target.numel()
+        n_windows += 1
     nll = nll_sum / n_scored
-    return PerplexityResult(math.exp(nll), nll, n_scored, len(windows), max_length, stride)
+    return PerplexityResult(math.exp(nll), nll, n_scored, n_windows, max_length, stride)
+
+
+@dataclass
+class ComparisonResult:
+    """How far a model's next-token distributions are from a reference model's on the same
+    text: the measure of what compression cost that perplexity alone hides (a model can lose
+    perplexity on some tokens and gain it on others and still score the same)."""
+
+    perplexity: float
+    reference_perplexity: float
+    kl_mean: float  # mean KL(reference || model) per scored token, nats
+    kl_median: float
+    kl_p99: float
+    top1_agreement: float  # share of tokens where both models rank the same token first
+    tokens: int
+    max_length: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p) per row of (N, V) logits, in nats."""
+    ref = F.log_softmax(reference_logits.float(), dim=-1)
+    return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=-1))).sum(dim=-1).clamp(min=0)
+
+
+@torch.no_grad()
+def compare(
+    logits_fn: LogitsFn,
+    reference_fn: LogitsFn,
+    tokens: torch.Tensor,
+    max_length: int,
+    stride: int | None = None,
+    progress: bool = False,
+) -> ComparisonResult:
+    """Perplexity of both models and the KL divergence of the model's predictions from the
+    reference's, over the same sliding windows (`perplexity`'s scored positions)."""
+    stride = stride or max(1, max_length // 2)
+    nll = [0.0, 0.0]
+    kls: list[torch.Tensor] = []
+    agree = 0
+    for ids, pos in scored_windows(tokens, max_length, stride, progress, "compare"):
+        logits = logits_fn(ids)[0].float()[pos]
+        ref = reference_fn(ids)[0].float()[pos]
+        if logits.shape != ref.shape:
+            raise ValueError(f"the models disagree on the vocabulary: logits {tuple(logits.shape)} vs "
+                             f"reference {tuple(ref.shape)}; compare models that share a tokenizer")
+        target = ids[0, pos.start + 1 : pos.stop + 1]
+        nll[0] += F.cross_entropy(logits, target, reduction="sum").double().item()
+        nll[1] += F.cross_entropy(ref, target, reduction="sum").double().item()
+        kls.append(token_kl(ref, logits))
+        agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+    kl = torch.cat(kls).double()
+    n = kl.numel()
+    return ComparisonResult(
+        math.exp(nll[0] / n), math.exp(nll[1] / n), kl.mean().item(), kl.median().item(),
+        torch.quantile(kl, 0.99).item() if n <= 16_000_000 else float("nan"), agree / n, n, max_length, stride,
+    )
 
 
 def model_logits_fn(model: torch.nn.Module, device: str | torch.device = "cpu") -> LogitsFn:

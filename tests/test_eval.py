@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from compactgpt.artifacts import save_model
-from compactgpt.evaluation import model_logits_fn, perplexity, sliding_windows
+from compactgpt.evaluation import compare, model_logits_fn, perplexity, sliding_windows
 
 from conftest import random_gpt
 
@@ -70,3 +70,70 @@ def test_bad_window_settings():
         sliding_windows(100, 16, 17)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(lambda x: x, torch.tensor([1]), 16)
+
+
+def test_compare_with_itself_is_zero_and_matches_perplexity():
+    model = random_gpt(5)
+    ids = torch.randint(0, 320, (150,))
+    fn = model_logits_fn(model)
+    r = compare(fn, fn, ids, 32, 12)
+    ppl = perplexity(fn, ids, 32, 12)
+    assert r.kl_mean == 0 and r.kl_p99 == 0 and r.top1_agreement == 1.0
+    assert r.tokens == ppl.tokens
+    assert math.isclose(r.perplexity, ppl.perplexity, rel_tol=1e-12)
+    assert math.isclose(r.reference_perplexity, ppl.perplexity, rel_tol=1e-12)
+
+
+def test_compare_kl_equals_a_hand_computation():
+    torch.manual_seed(0)
+    vocab = 7
+    table_p, table_q = torch.randn(vocab, vocab), torch.randn(vocab, vocab)
+    # Each model's logits at a position depend only on that position's token.
+    model_p = lambda ids: table_p[ids]
+    model_q = lambda ids: table_q[ids]
+    ids = torch.randint(0, vocab, (40,))
+    r = compare(model_q, model_p, ids, 40, 40)  # one window: positions 0..38 predict tokens 1..39
+    p = torch.softmax(table_p[ids[:-1]], -1)
+    q = torch.softmax(table_q[ids[:-1]], -1)
+    expected = (p * (p.log() - q.log())).sum(-1)
+    assert r.tokens == 39
+    assert math.isclose(r.kl_mean, expected.mean().item(), rel_tol=1e-5)
+    assert math.isclose(r.kl_median, expected.double().median().item(), rel_tol=1e-5)
+    assert r.top1_agreement == int((p.argmax(-1) == q.argmax(-1)).sum()) / 39
+
+
+def test_eval_scores_quantized_folders_against_a_reference(tmp_path, byte_tokenizer, capsys):
+    import json
+
+    from compactgpt.cli import main
+    from quantize import RTNConfig, quantize_, save_quantized
+
+    model = random_gpt(3)
+    save_model(tmp_path / "fp", model, byte_tokenizer, stage="test", settings={})
+    quantize_(model, RTNConfig(bits=4, group_size=16, symmetric=False))
+    save_quantized(tmp_path / "q", model, byte_tokenizer, RTNConfig(bits=4, group_size=16, symmetric=False),
+                   parent=tmp_path / "fp")
+    text = tmp_path / "text.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    args = ["eval", "--model", str(tmp_path / "q"), "--data", str(text), "--max-length", "32", "--json"]
+    assert main(args) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main(args + ["--reference", str(tmp_path / "fp")]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert math.isclose(both["perplexity"], alone["perplexity"], rel_tol=1e-9)
+    assert both["kl_mean"] > 0 and 0 < both["top1_agreement"] <= 1
+    assert main(["eval", "--model", str(tmp_path / "fp"), "--data", str(text), "--max-length", "32", "--json"]) == 0
+    assert math.isclose(both["reference_perplexity"], json.loads(capsys.readouterr().out)["perplexity"], rel_tol=1e-9)
+
+
+def test_eval_refuses_a_reference_with_another_tokenizer(tmp_path, byte_tokenizer, tokenizer, capsys):
+    from compactgpt.cli import main
+
+    save_model(tmp_path / "a", random_gpt(1), byte_tokenizer, stage="test", settings={})
+    other = random_gpt(2, vocab_size=tokenizer.vocab_size)
+    save_model(tmp_path / "b", other, tokenizer, stage="test", settings={})
+    text = tmp_path / "text.txt"
+    text.write_text("x = 1\n" * 50)
+    rc = main(["eval", "--model", str(tmp_path / "a"), "--reference", str(tmp_path / "b"), "--data", str(text),
+               "--json"])
+    assert rc == 2 and "different tokenizer" in capsys.readouterr().err
