@@ -273,9 +273,9 @@ def cmd_eval(args) -> None:
             )
         n_positions = min(n_positions, ref_positions)
     if max_length > n_positions:
+        holder = "the model's" if reference is None else "the two models'"
         raise ConfigError(
-            f"--max-length {max_length} is longer than {"the model's" if reference is None else "the two models'"} "
-            f"{n_positions} positions; use --max-length {n_positions} or less"
+            f"--max-length {max_length} is longer than {holder} {n_positions} positions; use --max-length {n_positions} or less"
         )
     progress = not args.json
     if reference is None:
