@@ -304,6 +304,13 @@ def cmd_generate(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = resolve_model_path(args.model)
+    from .finetune_classify import is_classifier
+
+    if is_classifier(folder):
+        from .errors import ConfigError
+
+        raise ConfigError(f"{folder} is a classifier (it predicts labels, not text); run "
+                          f"`compactgpt classify --model {folder} --text ...` instead")
     if (folder / "model.onnx").is_file():  # an ONNX export runs on ONNX Runtime, with the same stream contract
         model, tok = importlib.import_module("export.cli").onnx_decoder(args)
     else:

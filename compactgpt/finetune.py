@@ -522,11 +522,18 @@ def eval_finetuned(args) -> bool:
     from .finetune_classify import is_classifier
 
     folder = resolve_model_path(args.model)
+    reference = getattr(args, "reference", None)
+    for f in [folder] + ([resolve_model_path(reference)] if reference else []):
+        if reference and is_classifier(f):
+            raise ConfigError(
+                f"{f} is a classifier: --reference compares language models' next-token distributions; "
+                "evaluate a classifier alone (accuracy), or compare two language models"
+            )
     if is_classifier(folder):
         cmd_eval_classifier(args)
         return True
     manifest = read_manifest(folder)
-    if args.data is None and manifest is not None and manifest.stage == STAGE and manifest.settings.get("task") == "instruct":
+    if reference is None and args.data is None and manifest is not None and manifest.stage == STAGE and manifest.settings.get("task") == "instruct":
         cmd_eval_instruct(args, folder, manifest)
         return True
     return False

@@ -326,6 +326,11 @@ def test_classify_learns_and_eval_reports_accuracy(tmp_path, parent, capsys, lor
     assert main(["classify", "--model", str(out), "--text", "99 hello world", "--text", "99 def return x"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [l.split("\t")[0] for l in lines] == ["pos", "neg"]
+    # A classifier predicts labels, not text: generate and eval --reference say so and point to classify.
+    assert main(["generate", "--model", str(out), "--prompt", "x"]) == 2
+    assert "is a classifier" in capsys.readouterr().err
+    assert main(["eval", "--model", str(parent), "--reference", str(out)]) == 2
+    assert "is a classifier" in capsys.readouterr().err
 
 
 def test_lm_task_reports_domain_perplexity_before_and_after(tmp_path, parent, corpus_dir):
