@@ -6,7 +6,10 @@ quantizes a fresh copy of the model, writes its artifact, and the artifact is *l
 and scored: the figure is the artifact's, not the in-memory model's. Perplexity is the
 sliding-window method of `compactgpt eval` on the model's own validation text (and on
 WikiText-2 / TinyShakespeare when the model was trained on them); calibrated methods read
-the model's training split.
+the model's training split. Each quantized row also has the KL divergence of its next-token
+distributions from the fp32 model's and their top-1 agreement (`compactgpt eval --reference`):
+on small models the perplexity gaps of 4-bit methods are a few hundredths of a point, the
+size of the change a 1% shift of the rounding grid makes, while KL measures the damage itself.
 
 Rows are cached in the JSON file, so a long table is filled in several shorter runs:
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -29,7 +33,7 @@ from compactgpt.artifacts import WEIGHTS, load_model
 from compactgpt.cli import eval_tokens
 from compactgpt.data import TokenShards
 from compactgpt.errors import CompactGPTError
-from compactgpt.evaluation import model_logits_fn, perplexity
+from compactgpt.evaluation import compare, model_logits_fn, perplexity
 from compactgpt.machine import describe, machine_info
 from quantize.api import default_calibration_source, load_calibration, quantize_
 from quantize.artifact import load_quantized, save_quantized
@@ -107,19 +111,55 @@ def eval_sets(loaded, shared: Path, max_tokens: int) -> dict[str, tuple[torch.Te
     return sets
 
 
-def score(model, sets, n_positions: int) -> dict:
+def score(model, sets, n_positions: int, reference=None) -> dict:
+    """Perplexity per eval set; with the fp32 `reference`, also the KL divergence of the
+    model's next-token distributions from the reference's and their top-1 agreement."""
     out = {}
     for name, (tokens, _) in sets.items():
-        r = perplexity(model_logits_fn(model), tokens, n_positions)
-        out[name] = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens}
+        if reference is None:
+            r = perplexity(model_logits_fn(model), tokens, n_positions)
+            out[name] = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens}
+        else:
+            c = compare(model_logits_fn(model), model_logits_fn(reference), tokens, n_positions)
+            out[name] = {"perplexity": c.perplexity, "nll": math.log(c.perplexity), "tokens": c.tokens,
+                         "kl_mean": c.kl_mean, "kl_median": c.kl_median, "kl_p99": c.kl_p99,
+                         "top1_agreement": c.top1_agreement}
     return out
+
+
+@torch.no_grad()
+def channel_spread(model_dir: Path, calib_samples: int = 32) -> dict[str, float]:
+    """AWQ's premise, measured: per projection type, the largest over the median of the
+    per-input-channel mean |x| (averaged over blocks) on calibration windows. Large values
+    (tens to hundreds in LLMs with outlier features) give AWQ's scales something to protect;
+    values near 1 leave it little to gain over round-to-nearest."""
+    from quantize.api import BLOCK_LAYERS, embed, run_block
+
+    loaded = load_model(model_dir)
+    model = loaded.model.eval()
+    source = default_calibration_source(loaded.manifest)
+    calib = load_calibration(source, loaded.tokenizer, calib_samples, model.config.n_positions)
+    xs = embed(model, calib.ids)
+    spread: dict[str, list[float]] = {layer: [] for layer in BLOCK_LAYERS}
+    for block in model.transformer.h:
+        stats: dict[str, torch.Tensor] = {}
+
+        def record(x, layer):
+            m = x.reshape(-1, x.shape[-1]).abs().sum(0)
+            stats[layer] = m if layer not in stats else stats[layer] + m
+
+        xs = run_block(block, xs, hooks={block.get_submodule(layer): (lambda x, l=layer: record(x, l))
+                                         for layer in BLOCK_LAYERS})
+        for layer, m in stats.items():
+            spread[layer].append((m.max() / m.median()).item())
+    return {layer: sum(v) / len(v) for layer, v in spread.items()}
 
 
 def run_row(key: str, model_dir: Path, work: Path, sets, calib_samples: int) -> dict:
     label, method, settings = ROWS[key]
     loaded = load_model(model_dir)
     n_pos = loaded.model.config.n_positions
-    if method is None:
+    if method is None:  # the reference itself: KL 0, agreement 1 by definition
         t0 = time.perf_counter()
         ppl = score(loaded.model, sets, n_pos)
         return {"label": label, "method": "fp32", "settings": {}, "quantize_seconds": 0.0,
@@ -139,7 +179,7 @@ def run_row(key: str, model_dir: Path, work: Path, sets, calib_samples: int) -> 
                    metrics={"quantize_seconds": report.seconds}, extra={"calibration": report.calibration})
     q = load_quantized(out)
     t0 = time.perf_counter()
-    ppl = score(q.model, sets, n_pos)
+    ppl = score(q.model, sets, n_pos, reference=load_model(model_dir).model.eval())
     return {"label": label, "method": method, "settings": config.to_dict(), "quantize_seconds": report.seconds,
             "calibration": report.calibration, "file_bytes": (out / WEIGHTS).stat().st_size, "perplexity": ppl,
             "eval_seconds": time.perf_counter() - t0, "artifact": str(out)}
@@ -151,11 +191,20 @@ def gap_closed(method_ppl: float, rtn_ppl: float, fp_ppl: float) -> float | None
     return None if gap <= 0 else (rtn_ppl - method_ppl) / gap
 
 
+def kl_gap_closed(method: dict, rtn: dict) -> float | None:
+    """The same share in KL divergence from fp32 (whose own KL is 0)."""
+    if "kl_mean" not in method or "kl_mean" not in rtn or rtn["kl_mean"] <= 0:
+        return None
+    return 1 - method["kl_mean"] / rtn["kl_mean"]
+
+
 def render(results: dict) -> str:
     lines = ["# Post-training quantization: perplexity, size, time", ""]
     lines += [f"Machine: {describe(results['machine'])}", ""]
     lines += ["Produced by (rows are cached; each run fills the rows it names):", ""]
-    lines += [f"    {c}" for c in results["commands"]]
+    used = [r.get("command") for e in results["models"].values()
+            for r in list(e["rows"].values()) + list(e.get("refused", {}).values())]
+    lines += [f"    {c}" for c in results["commands"] if c in used]  # those that made the rows shown
     lines += [""]
     for model, entry in results["models"].items():
         rows = entry["rows"]
@@ -169,8 +218,9 @@ def render(results: dict) -> str:
             lines.append(f"- calibration: {calib['samples']} windows of {calib['seq_len']} tokens from {calib['source']}")
         lines.append("")
         fp = rows.get("fp32")
-        head = "| method | " + " | ".join(f"ppl {s}" for s in sets) + " | Δ vs fp32 | weights file | quantize time |"
-        lines += [head, "|" + " --- |" * (len(sets) + 4)]
+        head = ("| method | " + " | ".join(f"ppl {s}" for s in sets)
+                + " | Δ vs fp32 | KL vs fp32 (val, 1e-3 nats) | same top-1 | weights file | quantize time |")
+        lines += [head, "|" + " --- |" * (len(sets) + 6)]
         for key in ROWS:
             if key not in rows:
                 continue
@@ -180,7 +230,10 @@ def render(results: dict) -> str:
             if fp:
                 d = r["perplexity"]["val"]["perplexity"] / fp["perplexity"]["val"]["perplexity"] - 1
                 delta = f"{100 * d:+.2f}%"
-            lines.append(f"| {r['label']} | {ppls} | {delta} | {r['file_bytes'] / 1e6:.2f} MB | "
+            v = r["perplexity"]["val"]
+            kl = "0" if key == "fp32" else (f"{1e3 * v['kl_mean']:.3f}" if "kl_mean" in v else "—")
+            top1 = "100%" if key == "fp32" else (f"{100 * v['top1_agreement']:.2f}%" if "kl_mean" in v else "—")
+            lines.append(f"| {r['label']} | {ppls} | {delta} | {kl} | {top1} | {r['file_bytes'] / 1e6:.2f} MB | "
                          f"{r['quantize_seconds']:.1f} s |")
         lines.append("")
         for key, r in entry.get("refused", {}).items():
@@ -197,18 +250,30 @@ def render(results: dict) -> str:
             for m, b in GAP_PAIRS:
                 if m in rows and b in rows:
                     c = gap_closed(rows[m]["perplexity"]["val"]["perplexity"], rows[b]["perplexity"]["val"]["perplexity"], fpp)
-                    txt = "n/a (RTN has no gap)" if c is None else f"{100 * c:.0f}% of RTN's gap closed"
+                    txt = "n/a (RTN has no gap)" if c is None else f"{100 * c:.0f}% of RTN's perplexity gap closed"
                     ok = c is not None and c >= 0.5
-                    lines.append(f"- {rows[m]['label']} vs {rows[b]['label']}: {txt} (aim >= 50%: {'met' if ok else 'NOT met'})")
+                    k = kl_gap_closed(rows[m]["perplexity"]["val"], rows[b]["perplexity"]["val"])
+                    verdict = f"perplexity {'met' if ok else 'NOT met'}"
+                    if k is not None:
+                        txt += f"; {100 * k:.0f}% of its KL"
+                        verdict += f", KL {'met' if k >= 0.5 else 'NOT met'}"
+                    lines.append(f"- {rows[m]['label']} vs {rows[b]['label']}: {txt} (aim >= 50%: {verdict})")
             four = {k: r for k, r in rows.items() if r["settings"].get("bits") == 4 or r["method"] == "bnb-nf4"}
             if four:
                 k = min(four, key=lambda k: four[k]["perplexity"]["val"]["perplexity"])
                 d = 100 * (four[k]["perplexity"]["val"]["perplexity"] / fpp - 1)
                 lines.append(f"- best 4-bit: {four[k]['label']} at {d:+.2f}% (aim <= +5%: {'met' if d <= 5 else 'NOT met'})")
             lines.append("")
+        if entry.get("channel_spread"):
+            cs = entry["channel_spread"]
+            lines += ["Input channel spread (AWQ's premise: max / median of per-channel mean |x|, averaged over "
+                      "blocks): " + ", ".join(f"{layer} {v:.1f}" for layer, v in cs.items()), ""]
     lines += ["File sizes are `model.safetensors` of each artifact: projections packed (int4: two values "
               "per byte), the embedding in float32 unless a row says it is quantized. Quantize time is "
-              "wall time of `quantize_` (calibration included), excluding loading and saving.", ""]
+              "wall time of `quantize_` (calibration included), excluding loading and saving. KL is "
+              "KL(fp32 || quantized) per scored validation token, mean over the same windows as the "
+              "perplexity; 'same top-1' is the share of those tokens where both models rank the same token "
+              "first.", ""]
     return "\n".join(lines)
 
 
@@ -249,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         entry["n_positions"] = loaded.model.config.n_positions
         entry["parameters"] = loaded.model.num_parameters()
         del loaded
+        entry["channel_spread"] = channel_spread(model_dir)
         for key in keys:
             if key in entry["rows"] and not args.force:
                 continue

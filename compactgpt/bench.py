@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -368,9 +369,12 @@ def measure_classifier(folder: Path, config: BenchConfig) -> dict:
     return record
 
 
-def measure(folder: str | Path, config: BenchConfig, progress: bool = True) -> dict:
-    """Every figure of one artifact (see the module docstring)."""
-    from .evaluation import perplexity
+def measure(folder: str | Path, config: BenchConfig, progress: bool = True, reference: str | Path | None = None) -> dict:
+    """Every figure of one artifact (see the module docstring). With `reference` (the baseline
+    model), perplexity is measured in the same pass as the KL divergence of the artifact's
+    next-token distributions from the reference's; models with another tokenizer or a shorter
+    context than the artifact's window get no KL."""
+    from .evaluation import compare, perplexity
 
     folder = Path(folder)
     kind = artifact_kind(folder)
@@ -381,7 +385,26 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True) -> d
     if config.eval_tokens:
         tokens = tokens[: config.eval_tokens]
     window = rt.n_positions
-    ppl = perplexity(rt.logits_fn, tokens, window, config.stride or None, progress=progress)
+    ref = None
+    if reference is not None and Path(reference).resolve() != folder.resolve():
+        ref_kind = artifact_kind(reference)
+        if ref_kind != "classifier":
+            ref = RUNTIMES[ref_kind](Path(reference), config.threads)
+            if ref.tokenizer_json != rt.tokenizer_json or ref.n_positions < window:
+                ref = None
+    divergence = None
+    if ref is not None:
+        c = compare(rt.logits_fn, ref.logits_fn, tokens, window, config.stride or None, progress=progress)
+        ppl = SimpleNamespace(perplexity=c.perplexity, nll=math.log(c.perplexity), tokens=c.tokens,
+                              max_length=c.max_length, stride=c.stride)
+        divergence = {"reference": str(reference), "kl_mean": c.kl_mean, "kl_median": c.kl_median,
+                      "kl_p99": c.kl_p99, "top1_agreement": c.top1_agreement}
+        del ref
+    else:
+        ppl = perplexity(rt.logits_fn, tokens, window, config.stride or None, progress=progress)
+        if reference is not None and Path(reference).resolve() == folder.resolve():
+            divergence = {"reference": str(reference), "kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0,
+                          "top1_agreement": 1.0}
     if config.prompt_tokens + config.new_tokens > rt.n_positions:
         raise ConfigError(f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceeds "
                           f"{folder}'s {rt.n_positions} positions; lower them")
@@ -403,6 +426,8 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True) -> d
         "eval": {"data": source, "tokens": ppl.tokens, "max_length": ppl.max_length, "stride": ppl.stride},
         "speed": speed,
     }
+    if divergence is not None:
+        record["divergence"] = divergence
     if config.memory:
         record["memory"] = peak_memory(folder, kind, config.threads, config.prompt_tokens, config.new_tokens)
     return record
@@ -437,11 +462,14 @@ def run_bench(folders: list[str | Path], config: BenchConfig, out: str | Path, n
         raise ConfigError(f"model names must be distinct, got {names}")
     first_lm = next(f for f, k in zip(folders, kinds) if k != "classifier")
     eval_token_ids(config.data, (Path(first_lm) / "tokenizer.json").read_text(encoding="utf-8"))
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"baseline {baseline!r} is not one of the models {names}")
+    reference = folders[names.index(baseline)] if baseline else first_lm
     measurements = {}
     for i, (name, folder) in enumerate(zip(names, folders), 1):
         log(f"[bench {i}/{len(folders)}] {name} ({folder})")
         t = time.perf_counter()
-        measurements[name] = measure(folder, config, progress=progress)
+        measurements[name] = measure(folder, config, progress=progress, reference=reference)
         m = measurements[name]
         if "accuracy" in m:
             log(f"  accuracy {m['accuracy']:.4f}, {m['latency_ms_median']:.1f} ms per example  "

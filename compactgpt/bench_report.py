@@ -143,6 +143,10 @@ def _mb(n: float | None) -> str:
     return "–" if n is None else f"{n / 1e6:.2f}"
 
 
+def _kl(d: dict | None) -> str:
+    return "–" if d is None else f"{d['kl_mean']:.4f} ({100 * d['top1_agreement']:.1f}% top-1)"
+
+
 def _params(n: int | None) -> str:
     return "–" if not n else f"{n / 1e6:.2f}M"
 
@@ -164,9 +168,9 @@ def render_markdown(report: dict) -> str:
     out += [f"Baseline: `{report['baseline']}`. Decode speed at batch {batches[0]}; x faster = decode tok/s over the "
             "baseline's; x smaller = baseline file bytes over the row's; perplexity measured through each "
             "artifact's own runtime on the same tokens. ◆ = on the Pareto front (perplexity vs decode speed).", ""]
-    out += ["| model | what | runtime | params | file MB | perplexity | Δ ppl | decode tok/s | x faster | x smaller | "
-            "TTFT ms | prefill tok/s | peak RSS MiB (model) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["| model | what | runtime | params | file MB | perplexity | Δ ppl | KL vs baseline | decode tok/s | x faster | "
+            "x smaller | TTFT ms | prefill tok/s | peak RSS MiB (model) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["speed"][0]
         mem = r.get("memory", {}).get("peak_rss_mib")
@@ -175,7 +179,8 @@ def render_markdown(report: dict) -> str:
         name = f"**{r['name']}** (baseline)" if r["name"] == report["baseline"] else r["name"]
         out.append(
             f"| {'◆ ' if r['pareto'] else ''}{name} | {r['what']} | {r['runtime']} | {_params(r['parameters'])} | "
-            f"{_mb(r['file_bytes'])} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {sp['decode_tok_s']:.0f} | "
+            f"{_mb(r['file_bytes'])} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {_kl(r.get('divergence'))} | "
+            f"{sp['decode_tok_s']:.0f} | "
             f"{r['x_faster']:.2f}x | {smaller} | "
             f"{sp['ttft_ms_median']:.1f} | {sp['prefill_tok_s']:.0f} | {mem_s} |")
     out += ["", "## Speed at every batch size", "",
@@ -207,6 +212,9 @@ def render_markdown(report: dict) -> str:
             "the model to the end of the generation ("
             + (f"the process before opening the baseline: {rows[0]['memory']['runtime_baseline_rss_mib']:.0f} MiB)." if rows[0].get("memory")
                else "not measured in this run)."),
+            "- KL vs baseline: mean KL(baseline || model) per scored token in nats, over the same windows as "
+            "the perplexity, and the share of those tokens where both rank the same token first; what a "
+            "compressed model changed, token by token (– where the tokenizers or contexts differ).",
             "- File size: model.safetensors / model.onnx (+ .data); manifests, logs and checkpoints excluded.",
             "", "## Machine", "",
             f"{mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB, "

@@ -276,20 +276,22 @@ def plan(config: dict, out: str | Path, log: Callable[[str], None] = print, prog
     if baseline not in bench_models:
         raise ConfigError(f"bench: baseline {baseline!r} is not among the benchmarked models {bench_models}")
     measured = []
+    reference = models[baseline]  # every row's KL divergence is measured against the baseline
     for target in bench_models:
         src = models[target]
 
         def run_measure(st: Stage, resume: bool, src=src) -> None:
             from .bench import measure
 
-            record = measure(src.folder, bench_cfg, progress=progress)
+            record = measure(src.folder, bench_cfg, progress=progress, reference=reference.folder)
             st.folder.mkdir(parents=True, exist_ok=True)
             from .io import atomic_write_json
 
             atomic_write_json(st.folder / "measurement.json", record)
 
+        parents = [src.name] + ([reference.name] if reference.name != src.name else [])
         measured.append(add(Stage(f"bench/{target}", "measure", out / "bench" / target, bench_cfg.to_dict(),
-                                  [src.name], run_measure)))
+                                  parents, run_measure)))
 
     def run_report(st: Stage, resume: bool) -> None:
         from .bench_report import build_report, write_report

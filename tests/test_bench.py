@@ -193,6 +193,29 @@ def test_onnx_and_pytorch_measured_the_same_way(tmp_path, data_dir, tokenizer):
     assert ort["runtime"] == "onnx"
     assert ort["perplexity"] == pytest.approx(pt["perplexity"], rel=1e-4)
     assert ort["parameters"] == pt["parameters"]  # found through the export's parent
+    # Against the PyTorch model it came from, the export's next-token distributions are the same
+    # (KL ~ 0, same top-1 everywhere), and the perplexity is the one measured alone.
+    both = measure(tmp_path / "onnx", cfg, progress=False, reference=src)
+    assert both["perplexity"] == pytest.approx(ort["perplexity"], rel=1e-9)
+    assert both["divergence"]["kl_mean"] < 1e-6 and both["divergence"]["top1_agreement"] == 1.0
+    assert measure(src, cfg, progress=False, reference=src)["divergence"]["kl_mean"] == 0.0
+
+
+def test_kl_against_the_baseline_grows_with_the_damage(tmp_path, data_dir, tokenizer):
+    from quantize import RTNConfig, quantize_, save_quantized
+
+    src = tmp_path / "m"
+    save_model(src, random_gpt(4, vocab_size=tokenizer.vocab_size), tokenizer, stage="pretrain", settings={})
+    cfg = BenchConfig(data=str(data_dir), eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1",
+                      warmup=0, repeats=1, threads=1, memory=False)
+    kl = {}
+    for bits, group in ((8, 0), (4, 16)):
+        model = random_gpt(4, vocab_size=tokenizer.vocab_size)
+        config = RTNConfig(bits=bits, group_size=group, symmetric=False)
+        quantize_(model, config)
+        save_quantized(tmp_path / f"q{bits}", model, tokenizer, config, parent=src)
+        kl[bits] = measure(tmp_path / f"q{bits}", cfg, progress=False, reference=src)["divergence"]["kl_mean"]
+    assert 0 < kl[8] < kl[4]
 
 
 def test_classifier_gets_accuracy_in_its_own_table(tmp_path, data_dir, tokenizer):
