@@ -16,6 +16,7 @@ the artifacts' manifests and these measurements alone.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -380,10 +381,23 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True, refe
     kind = artifact_kind(folder)
     if kind == "classifier":
         return measure_classifier(folder, config)
+    gc.collect()  # runtimes of earlier measurements must not share the CPU with this one
     rt = RUNTIMES[kind](folder, config.threads)
     tokens, source = eval_token_ids(config.data, rt.tokenizer_json)
     if config.eval_tokens:
         tokens = tokens[: config.eval_tokens]
+    if config.prompt_tokens + config.new_tokens > rt.n_positions:
+        raise ConfigError(f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceeds "
+                          f"{folder}'s {rt.n_positions} positions; lower them")
+    # Speed first: the reference model opened for the KL below would share the CPU with it.
+    # A prompt of real validation text, so the decode path sees ordinary activations.
+    gen = torch.Generator().manual_seed(config.seed)
+    speed = []
+    for batch in config.batches:
+        starts = torch.randint(0, max(1, tokens.numel() - config.prompt_tokens), (batch,), generator=gen)
+        prompt = torch.stack([tokens[s : s + config.prompt_tokens] for s in starts.tolist()])
+        timing = time_stream(lambda: rt.stream(prompt, config.new_tokens), config.warmup, config.repeats)
+        speed.append(timing.summary(batch, config.prompt_tokens))
     window = rt.n_positions
     ref = None
     if reference is not None and Path(reference).resolve() != folder.resolve():
@@ -400,22 +414,12 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True, refe
         divergence = {"reference": str(reference), "kl_mean": c.kl_mean, "kl_median": c.kl_median,
                       "kl_p99": c.kl_p99, "top1_agreement": c.top1_agreement}
         del ref
+        gc.collect()  # close the reference's runtime now (an ONNX Runtime session's threads spin)
     else:
         ppl = perplexity(rt.logits_fn, tokens, window, config.stride or None, progress=progress)
         if reference is not None and Path(reference).resolve() == folder.resolve():
             divergence = {"reference": str(reference), "kl_mean": 0.0, "kl_median": 0.0, "kl_p99": 0.0,
                           "top1_agreement": 1.0}
-    if config.prompt_tokens + config.new_tokens > rt.n_positions:
-        raise ConfigError(f"prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} exceeds "
-                          f"{folder}'s {rt.n_positions} positions; lower them")
-    gen = torch.Generator().manual_seed(config.seed)
-    # A prompt of real validation text, so the decode path sees ordinary activations.
-    speed = []
-    for batch in config.batches:
-        starts = torch.randint(0, max(1, tokens.numel() - config.prompt_tokens), (batch,), generator=gen)
-        prompt = torch.stack([tokens[s : s + config.prompt_tokens] for s in starts.tolist()])
-        timing = time_stream(lambda: rt.stream(prompt, config.new_tokens), config.warmup, config.repeats)
-        speed.append(timing.summary(batch, config.prompt_tokens))
     record = {
         "folder": str(folder),
         "runtime": kind,

@@ -179,7 +179,7 @@ def render_markdown(report: dict) -> str:
         name = f"**{r['name']}** (baseline)" if r["name"] == report["baseline"] else r["name"]
         out.append(
             f"| {'◆ ' if r['pareto'] else ''}{name} | {r['what']} | {r['runtime']} | {_params(r['parameters'])} | "
-            f"{_mb(r['file_bytes'])} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {_kl(r.get('divergence'))} | "
+            f"{_mb(r['file_bytes'])} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {'0 (reference)' if r['name'] == report['baseline'] else _kl(r.get('divergence'))} | "
             f"{sp['decode_tok_s']:.0f} | "
             f"{r['x_faster']:.2f}x | {smaller} | "
             f"{sp['ttft_ms_median']:.1f} | {sp['prefill_tok_s']:.0f} | {mem_s} |")
