@@ -103,7 +103,7 @@ def cmd_quantize(args) -> None:
     metrics = {"quantize_seconds": round(report.seconds, 3)}
     if args.eval:
         from compactgpt.cli import eval_tokens
-        from compactgpt.evaluation import model_logits_fn, perplexity
+        from compactgpt.evaluation import compare, model_logits_fn
 
         data = default_calibration_source(loaded.manifest)
         if data is not None:  # the validation split of the data folder the model descends from
@@ -115,15 +115,24 @@ def cmd_quantize(args) -> None:
             source = f"val split of {data}"
         else:
             tokens, source = eval_tokens(loaded, None)
-        result = perplexity(model_logits_fn(loaded.model), tokens, loaded.model.config.n_positions,
-                            progress=not args.no_progress)
-        metrics.update(val_perplexity=result.perplexity, val_tokens=result.tokens, val_data=source)
+        # Against the float model it came from (read again from its files): perplexity of both,
+        # and the KL divergence that a perplexity difference of a few hundredths hides.
+        reference = load_model(loaded.folder).model.eval()
+        result = compare(model_logits_fn(loaded.model), model_logits_fn(reference), tokens,
+                         loaded.model.config.n_positions, progress=not args.no_progress)
+        del reference
+        metrics.update(val_perplexity=result.perplexity, val_tokens=result.tokens, val_data=source,
+                       float_val_perplexity=result.reference_perplexity, val_kl_mean=result.kl_mean,
+                       val_top1_agreement=result.top1_agreement)
     save_quantized(args.out, loaded.model, loaded.tokenizer, config, layout=layout, parent=loaded.folder,
                    metrics=metrics, extra={"calibration": report.calibration})
     load_quantized(args.out)  # the artifact must load before it is announced
     size = sum(f.stat().st_size for f in __import__("pathlib").Path(args.out).glob("*.safetensors"))
     line = f"wrote {args.out}: {config.method} {config.bits}-bit in {report.seconds:.1f}s, weights {size / 1e6:.2f} MB"
     if args.eval:
-        line += f", validation perplexity {metrics['val_perplexity']:.4f}"
+        delta = 100 * (metrics["val_perplexity"] / metrics["float_val_perplexity"] - 1)
+        line += (f", validation perplexity {metrics['val_perplexity']:.4f} (float {metrics['float_val_perplexity']:.4f}, "
+                 f"{delta:+.2f}%), KL from float {metrics['val_kl_mean']:.5f} nats/token, same top-1 token "
+                 f"{100 * metrics['val_top1_agreement']:.2f}%")
     print(line, file=sys.stderr)
     print(args.out)

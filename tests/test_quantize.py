@@ -367,7 +367,10 @@ def test_cli_quantizes_with_the_training_data_by_default(float_model_dir, tmp_pa
     loaded = load_quantized(out)
     calib = loaded.manifest.extra["calibration"]
     assert calib["samples"] == 4 and calib["seq_len"] == 32 and "train split" in calib["source"]
-    assert loaded.manifest.metrics["val_perplexity"] > 1
+    metrics = loaded.manifest.metrics
+    assert metrics["val_perplexity"] > 1 and metrics["float_val_perplexity"] > 1
+    assert metrics["val_kl_mean"] > 0 and 0 < metrics["val_top1_agreement"] <= 1
+    assert "KL from float" in capsys.readouterr().err
     assert loaded.manifest.parent["path"] == str(float_model_dir.resolve())
 
 
