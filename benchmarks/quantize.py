@@ -104,10 +104,14 @@ def eval_sets(loaded, shared: Path, max_tokens: int) -> dict[str, tuple[torch.Te
     for key, folder in EXTRA_DATA.items():
         path = shared / folder
         if key in data.lower() and path.exists():
-            files = sorted(path.glob("*valid*")) or sorted(path.glob("*test*"))
-            if files:
+            # A model finetuned on part of the file is scored on the split its finetuning held out.
+            t, s = eval_tokens(loaded, None)
+            if folder not in s:
+                files = sorted(path.glob("*valid*")) or sorted(path.glob("*test*"))
+                if not files:
+                    continue
                 t, s = eval_tokens(loaded, str(files[0]))
-                sets[key] = (t[:max_tokens] if max_tokens else t, s)
+            sets[key] = (t[:max_tokens] if max_tokens else t, s)
     return sets
 
 
