@@ -31,11 +31,10 @@ import torch
 
 from compactgpt.artifacts import WEIGHTS, load_model
 from compactgpt.cli import eval_tokens
-from compactgpt.data import TokenShards
 from compactgpt.errors import CompactGPTError
 from compactgpt.evaluation import compare, model_logits_fn, perplexity
 from compactgpt.machine import describe, machine_info
-from quantize.api import default_calibration_source, load_calibration, quantize_
+from quantize.api import default_calibration_source, load_calibration, quantize_, validation_tokens
 from quantize.artifact import load_quantized, save_quantized
 from quantize.config import config_for
 
@@ -93,12 +92,7 @@ def trained_on(folder: Path) -> str:
 
 def eval_sets(loaded, shared: Path, max_tokens: int) -> dict[str, tuple[torch.Tensor, str]]:
     """name -> (tokens, description): the model's validation split, plus public sets it was trained on."""
-    data = default_calibration_source(loaded.manifest)
-    if data is not None:  # the validation split of the data folder the model descends from
-        tokens = torch.from_numpy(TokenShards(data, "val").all_tokens().astype("int64"))
-        source = f"val split of {data}"
-    else:
-        tokens, source = eval_tokens(loaded, None)
+    tokens, source = validation_tokens(loaded)
     sets = {"val": (tokens[:max_tokens] if max_tokens else tokens, source)}
     data = trained_on(loaded.folder)
     for key, folder in EXTRA_DATA.items():

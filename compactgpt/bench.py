@@ -232,6 +232,13 @@ def artifact_kind(folder: str | Path) -> str:
 
     if is_classifier(folder):
         return "classifier"
+    return runtime_kind(folder)
+
+
+def runtime_kind(folder: Path) -> str:
+    """Which runtime runs a language-model folder: onnx, pytorch-quantized or pytorch."""
+    if (folder / "model.onnx").is_file():
+        return "onnx"
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
     return "pytorch-quantized" if "quantization_config" in cfg else "pytorch"
 

@@ -227,8 +227,11 @@ def open_for_scoring(model: str, threads: int | None):
     from .artifacts import load_model, read_config, resolve_model_path
     from .evaluation import model_logits_fn
 
+    from .bench import runtime_kind
+
     folder = resolve_model_path(model)
-    if (folder / "model.onnx").is_file():
+    kind = runtime_kind(folder)
+    if kind == "onnx":
         from types import SimpleNamespace
 
         from export.runtime import OnnxDecoder
@@ -238,8 +241,7 @@ def open_for_scoring(model: str, threads: int | None):
 
         loaded = SimpleNamespace(tokenizer=Tokenizer.from_folder(folder), manifest=read_manifest(folder), folder=folder)
         return loaded, OnnxDecoder(folder, threads=threads).logits_fn(), read_config(folder).n_positions
-    config_file = folder / "config.json"
-    if config_file.is_file() and "quantization_config" in json.loads(config_file.read_text(encoding="utf-8")):
+    if kind == "pytorch-quantized":
         from quantize import load_quantized
 
         loaded = load_quantized(folder)

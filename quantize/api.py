@@ -101,6 +101,18 @@ def default_calibration_source(manifest, max_depth: int = 6) -> str | None:
     return None
 
 
+def validation_tokens(loaded) -> tuple[torch.Tensor, str]:
+    """The text a quantized model is scored on, and its description: the val split of the data
+    folder the model descends from, else what `compactgpt eval` scores by default."""
+    from compactgpt.cli import eval_tokens
+    from compactgpt.data import TokenShards
+
+    data = default_calibration_source(loaded.manifest)
+    if data is None:
+        return eval_tokens(loaded, None)
+    return torch.from_numpy(TokenShards(data, "val").all_tokens().astype(np.int64)), f"val split of {data}"
+
+
 # ---------------------------------------------------------------------------------------
 # Block-wise calibration plumbing
 

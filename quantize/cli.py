@@ -102,19 +102,11 @@ def cmd_quantize(args) -> None:
     report = quantize_(loaded.model, config, calibration, progress=not args.no_progress)
     metrics = {"quantize_seconds": round(report.seconds, 3)}
     if args.eval:
-        from compactgpt.cli import eval_tokens
         from compactgpt.evaluation import compare, model_logits_fn
 
-        data = default_calibration_source(loaded.manifest)
-        if data is not None:  # the validation split of the data folder the model descends from
-            import numpy as np
+        from .api import validation_tokens
 
-            from compactgpt.data import TokenShards
-
-            tokens = torch.from_numpy(TokenShards(data, "val").all_tokens().astype(np.int64))
-            source = f"val split of {data}"
-        else:
-            tokens, source = eval_tokens(loaded, None)
+        tokens, source = validation_tokens(loaded)
         # Against the float model it came from (read again from its files): perplexity of both,
         # and the KL divergence that a perplexity difference of a few hundredths hides.
         reference = load_model(loaded.folder).model.eval()
