@@ -28,9 +28,7 @@ import torch
 
 from compactgpt.artifacts import read_manifest
 from compactgpt.machine import describe, machine_info
-from distill.distill import DistillConfig, distill
-from distill.prune import PruneConfig, prune
-from distill.sparsity import SparsityConfig, sparsify
+from distill import DistillConfig, PruneConfig, SparsifyConfig, distill, prune, sparsify
 
 ARMS = {
     "a": "random init + cross-entropy (from scratch)",
@@ -127,7 +125,7 @@ def run_sparsity(args) -> dict:
     rows = []
     for method, pattern in SPARSITY_RUNS:
         out = work / f"{method}-{pattern.replace(':', 'of')}"
-        sparsify(SparsityConfig(model=args.teacher, out=str(out), data=args.data, method=method, pattern=pattern,
+        sparsify(SparsifyConfig(model=args.teacher, out=str(out), data=args.data, method=method, pattern=pattern,
                                 sparsity=0.5, calib_windows=args.calib_windows), log=log, progress=False)
         m = read_manifest(out).metrics
         rows.append({"method": method, "pattern": pattern, "sparsity": m["sparsity"], "val_perplexity": m["val_perplexity"],

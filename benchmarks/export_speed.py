@@ -167,15 +167,15 @@ def run_model(label: str, source: Path, work: Path, threads: int, prompt_len: in
 def perplexities(source: Path, backends: dict, work: Path, n_tokens: int, log) -> dict | None:
     """Validation perplexity through every backend (PyTorch quantized models too), when the
     model records its data; None for random weights."""
-    from compactgpt.cli import eval_tokens
     from compactgpt.errors import ConfigError
     from compactgpt.evaluation import model_logits_fn, perplexity
+    from compactgpt.lineage import heldout_tokens
     from export import OnnxDecoder
     from quantize import load_quantized
 
     loaded = load_model(source)
     try:
-        tokens, data = eval_tokens(loaded, None)
+        tokens, data = heldout_tokens(loaded.folder, loaded.manifest, loaded.tokenizer)
     except ConfigError:
         return None
     tokens = tokens[:n_tokens]

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from compactgpt.finetune import FinetuneConfig, finetune
-from compactgpt.finetune_classify import format_confusion
+from compactgpt.finetune import FinetuneConfig, finetune, format_confusion
 from compactgpt.machine import describe, machine_info
 
 # name -> (data file under the data root, FinetuneConfig settings)
@@ -81,7 +80,9 @@ def fmt(v, digits=4) -> str:
 
 def render(record: dict) -> str:
     lines = ["# Finetuning the small teacher", ""]
-    lines += [f"Teacher: `{record['teacher']}` ({record.get('teacher_parameters', '?'):,} parameters). "
+    params = record.get("teacher_parameters")
+    params = f"{params:,}" if isinstance(params, int) else "?"  # a teacher's manifest may not count them
+    lines += [f"Teacher: `{record['teacher']}` ({params} parameters). "
               f"Machine: {record['machine_text']}.", ""]
     runs = record["runs"]
     if "instruct" in runs or "instruct-lora" in runs:

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from compactgpt.artifacts import WEIGHTS, load_model
-from compactgpt.cli import eval_tokens
 from compactgpt.errors import CompactGPTError
-from compactgpt.evaluation import compare, model_logits_fn, perplexity
+from compactgpt.evaluation import compare_models, model_logits_fn, perplexity
+from compactgpt.lineage import ancestors, heldout_tokens, training_data_folder
 from compactgpt.machine import describe, machine_info
-from quantize.api import default_calibration_source, load_calibration, quantize_, validation_tokens
-from quantize.artifact import load_quantized, save_quantized
-from quantize.config import config_for
+from quantize import config_for, load_calibration, load_quantized, quantize_folder, validation_tokens
+from quantize.calibrate import BlockHooks, walk_blocks
+from quantize.handlers import BLOCK_LAYERS
 
 # key: (label, method, settings)
 ROWS: dict[str, tuple[str, str | None, dict]] = {
@@ -74,19 +74,13 @@ EXTRA_DATA = {"wikitext": "wikitext-2-raw", "shakespeare": "tinyshakespeare"}
 
 def trained_on(folder: Path) -> str:
     """The training data spec of a model, followed through its manifests."""
-    from compactgpt.artifacts import read_manifest
-
-    m = read_manifest(folder)
-    seen = 0
-    while m is not None and seen < 6:
+    for _, m in ancestors(folder):
+        if m is None:
+            break
         if "source" in m.settings:
             return str(m.settings["source"])
         if "data" in m.settings:
             return str(m.settings["data"])
-        if not m.parent or not Path(m.parent["path"]).exists():
-            break
-        m = read_manifest(m.parent["path"])
-        seen += 1
     return ""
 
 
@@ -99,12 +93,12 @@ def eval_sets(loaded, shared: Path, max_tokens: int) -> dict[str, tuple[torch.Te
         path = shared / folder
         if key in data.lower() and path.exists():
             # A model finetuned on part of the file is scored on the split its finetuning held out.
-            t, s = eval_tokens(loaded, None)
+            t, s = heldout_tokens(loaded.folder, loaded.manifest, loaded.tokenizer)
             if folder not in s:
                 files = sorted(path.glob("*valid*")) or sorted(path.glob("*test*"))
                 if not files:
                     continue
-                t, s = eval_tokens(loaded, str(files[0]))
+                t, s = heldout_tokens(loaded.folder, loaded.manifest, loaded.tokenizer, str(files[0]))
             sets[key] = (t[:max_tokens] if max_tokens else t, s)
     return sets
 
@@ -118,11 +112,29 @@ def score(model, sets, n_positions: int, reference=None) -> dict:
             r = perplexity(model_logits_fn(model), tokens, n_positions)
             out[name] = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens}
         else:
-            c = compare(model_logits_fn(model), model_logits_fn(reference), tokens, n_positions)
+            c = compare_models(model_logits_fn(model), model_logits_fn(reference), tokens, n_positions)
             out[name] = {"perplexity": c.perplexity, "nll": math.log(c.perplexity), "tokens": c.tokens,
                          "kl_mean": c.kl_mean, "kl_median": c.kl_median, "kl_p99": c.kl_p99,
                          "top1_agreement": c.top1_agreement}
     return out
+
+
+class _ChannelSpread(BlockHooks):
+    """Per block, max / median of each projection's per-input-channel sum of |x| (the float
+    model: the next block reads the float outputs)."""
+
+    def __init__(self):
+        self.stats: dict[str, torch.Tensor] = {}
+        self.spread: dict[str, list[float]] = {layer: [] for layer in BLOCK_LAYERS}
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        m = x.reshape(-1, x.shape[-1]).abs().sum(0)
+        self.stats[layer] = m if layer not in self.stats else self.stats[layer] + m
+
+    def quantize(self, index: int, block, layers: tuple[str, ...]) -> None:
+        for layer, m in self.stats.items():
+            self.spread[layer].append((m.max() / m.median()).item())
+        self.stats = {}
 
 
 @torch.no_grad()
@@ -131,55 +143,36 @@ def channel_spread(model_dir: Path, calib_samples: int = 32) -> dict[str, float]
     per-input-channel mean |x| (averaged over blocks) on calibration windows. Large values
     (tens to hundreds in LLMs with outlier features) give AWQ's scales something to protect;
     values near 1 leave it little to gain over round-to-nearest."""
-    from quantize.api import BLOCK_LAYERS, embed, run_block
-
     loaded = load_model(model_dir)
     model = loaded.model.eval()
-    source = default_calibration_source(loaded.manifest)
-    calib = load_calibration(source, loaded.tokenizer, calib_samples, model.config.n_positions)
-    xs = embed(model, calib.ids)
-    spread: dict[str, list[float]] = {layer: [] for layer in BLOCK_LAYERS}
-    for block in model.transformer.h:
-        stats: dict[str, torch.Tensor] = {}
-
-        def record(x, layer):
-            m = x.reshape(-1, x.shape[-1]).abs().sum(0)
-            stats[layer] = m if layer not in stats else stats[layer] + m
-
-        xs = run_block(block, xs, hooks={block.get_submodule(layer): (lambda x, l=layer: record(x, l))
-                                         for layer in BLOCK_LAYERS})
-        for layer, m in stats.items():
-            spread[layer].append((m.max() / m.median()).item())
-    return {layer: sum(v) / len(v) for layer, v in spread.items()}
+    calib = load_calibration(training_data_folder(model_dir), loaded.tokenizer, calib_samples,
+                             model.config.n_positions)
+    hooks = _ChannelSpread()
+    walk_blocks(model, calib, hooks)
+    return {layer: sum(v) / len(v) for layer, v in hooks.spread.items()}
 
 
 def run_row(key: str, model_dir: Path, work: Path, sets, calib_samples: int) -> dict:
+    """Quantize the model as the row says, load the artifact back and score it."""
     label, method, settings = ROWS[key]
-    loaded = load_model(model_dir)
-    n_pos = loaded.model.config.n_positions
     if method is None:  # the reference itself: KL 0, agreement 1 by definition
+        loaded = load_model(model_dir)
         t0 = time.perf_counter()
-        ppl = score(loaded.model, sets, n_pos)
+        ppl = score(loaded.model, sets, loaded.model.config.n_positions)
         return {"label": label, "method": "fp32", "settings": {}, "quantize_seconds": 0.0,
                 "file_bytes": (model_dir / WEIGHTS).stat().st_size, "perplexity": ppl,
                 "eval_seconds": time.perf_counter() - t0}
     config = config_for(method, **settings)
-    calib = None
-    if config.calibrated:
-        if "calib_samples" not in settings:
-            config = config_for(method, **settings, calib_samples=calib_samples)
-        source = default_calibration_source(loaded.manifest)
-        calib = load_calibration(source, loaded.tokenizer, config.calib_samples, config.calib_seq_len or n_pos,
-                                 config.seed)
-    report = quantize_(loaded.model, config, calib, progress=True)
+    if config.calibrated and "calib_samples" not in settings:
+        config = config.replace(calib_samples=calib_samples)
     out = work / model_dir.name / key
-    save_quantized(out, loaded.model, loaded.tokenizer, config, parent=model_dir,
-                   metrics={"quantize_seconds": report.seconds}, extra={"calibration": report.calibration})
+    quantize_folder(model_dir, out, config, progress=True, log=lambda line: print(line, file=sys.stderr))
     q = load_quantized(out)
     t0 = time.perf_counter()
-    ppl = score(q.model, sets, n_pos, reference=load_model(model_dir).model.eval())
-    return {"label": label, "method": method, "settings": config.to_dict(), "quantize_seconds": report.seconds,
-            "calibration": report.calibration, "file_bytes": (out / WEIGHTS).stat().st_size, "perplexity": ppl,
+    ppl = score(q.model, sets, q.model.config.n_positions, reference=load_model(model_dir).model.eval())
+    return {"label": label, "method": method, "settings": config.to_dict(),
+            "quantize_seconds": q.manifest.metrics["quantize_seconds"], "calibration": q.manifest.extra["calibration"],
+            "file_bytes": (out / WEIGHTS).stat().st_size, "perplexity": ppl,
             "eval_seconds": time.perf_counter() - t0, "artifact": str(out)}
 
 

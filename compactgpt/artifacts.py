@@ -418,3 +418,60 @@ def resolve_model_path(spec: str | Path, cache_dir: str | None = None) -> Path:
             "pass a local GPT-2 folder (config.json + model.safetensors + tokenizer)"
         ) from e
     return Path(local)
+
+
+# ---------------------------------------------------------------------------------------
+# What kind of folder a path is, read from its own files
+
+CLASSIFIER_ARCH = "GPT2ForSequenceClassification"  # transformers' class for a GPT-2 with a label head
+
+# The kinds folder_kind returns, and what each one is.
+FOLDER_KINDS = {
+    "data": "a tokenizer and token shards (compactgpt tokenize)",
+    "onnx": "an ONNX export with its tokenizer, run by ONNX Runtime",
+    "quantized": "a model with quantized weights, run by its PyTorch layers",
+    "classifier": "a GPT-2 with a classification head",
+    "model": "a float GPT-2 language model",
+}
+
+
+def _config_json(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); the folder is damaged") from e
+
+
+def folder_kind(folder: str | Path) -> str:
+    """What a folder holds (a key of FOLDER_KINDS), from its own files: an ONNX graph, a
+    quantization_config or a classifier architecture in config.json, a data manifest.
+    Raises ArtifactError for a missing or unfinished folder, or one that holds none of them."""
+    folder = Path(folder)
+    check_complete(folder)
+    if (folder / "model.onnx").is_file():
+        return "onnx"
+    config = _config_json(folder)
+    if config:
+        if "quantization_config" in config:
+            return "quantized"
+        if CLASSIFIER_ARCH in (config.get("architectures") or []):
+            return "classifier"
+        return "model"
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.stage == "data":
+        return "data"
+    raise ArtifactError(
+        f"{folder} is not an artifact: it has no config.json, model.onnx or data manifest; pass a folder "
+        "written by a compactgpt verb or by transformers' save_pretrained"
+    )
+
+
+def is_classifier(folder: str | Path) -> bool:
+    """True when folder's config.json declares the sequence-classification layout."""
+    try:
+        return CLASSIFIER_ARCH in (_config_json(Path(folder)).get("architectures") or [])
+    except ArtifactError:
+        return False

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .artifacts import begin_write, finish_write, read_manifest
+from .config import StageConfig, option
 from .errors import DataError
 from .io import atomic_write
 from .tokenizer import Tokenizer, train_bpe
@@ -215,17 +216,14 @@ def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab_size: int) -> f
 
 
 @dataclass
-class DataConfig:
+class DataConfig(StageConfig):
     """Settings of the data stage; saved in the data folder's manifest."""
 
-    source: str = STDLIB  # text file, folder, glob, JSONL file, or @stdlib
-    vocab_size: int = 8192  # BPE vocabulary including <|endoftext|>
-    val_fraction: float = 0.05  # share of documents held out for validation
-    text_field: str = "text"  # JSONL field holding the text
-    shard_tokens: int = 1 << 26  # tokens per shard file
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    source: str = option(STDLIB, "text file, folder, glob, JSONL file or @stdlib (the Python standard library's sources)")
+    vocab_size: int = option(8192, "BPE vocabulary size, <|endoftext|> included")
+    val_fraction: float = option(0.05, "share of documents held out for validation")
+    text_field: str = option("text", "JSONL field holding the text")
+    shard_tokens: int = option(1 << 26, "tokens per shard file", flag=False)
 
 
 def source_fingerprint(spec: str) -> str:
@@ -358,5 +356,19 @@ class TokenShards:
                 out.append((chunk[None, :-1], chunk[None, 1:]))
         return out[:n]
 
+    def validation_batches(self, n: int, block_size: int, group: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """fixed_windows(n, block_size) stacked `group` at a time: the same validation batches
+        at every evaluation of a training stage."""
+        windows = self.fixed_windows(n, block_size)
+        return [(torch.cat([x for x, _ in windows[i:i + group]]), torch.cat([y for _, y in windows[i:i + group]]))
+                for i in range(0, len(windows), group)]
+
     def all_tokens(self) -> np.ndarray:
         return np.concatenate([np.asarray(s) for s in self.shards]) if self.shards else np.zeros(0, np.int64)
+
+
+def random_windows(tokens: torch.Tensor, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """n windows of `length` consecutive tokens at uniformly random starts, (n, length); the
+    same generator state draws the same windows."""
+    starts = torch.randint(0, max(1, len(tokens) - length), (n,), generator=generator)
+    return torch.stack([tokens[s:s + length] for s in starts.tolist()])

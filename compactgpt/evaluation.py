@@ -124,7 +124,7 @@ def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def compare(
+def compare_models(
     logits_fn: LogitsFn,
     reference_fn: LogitsFn,
     tokens: torch.Tensor,

@@ -13,7 +13,6 @@ data-sampler state so that a resumed run continues exactly. A stage plugs in its
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -29,12 +28,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from .artifacts import read_manifest, save_model
-from .data import STDLIB, DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
+from .config import StageConfig, option
+from .data import TokenShards
 from .errors import ConfigError
-from .evaluation import mean_loss, model_logits_fn, perplexity
-from .model import GPT, GPTConfig
-from .tokenizer import Tokenizer
+from .model import GPTConfig
 
 CHECKPOINT = "checkpoint"
 
@@ -43,26 +40,26 @@ CHECKPOINT = "checkpoint"
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(StageConfig):
     """Optimizer, schedule and bookkeeping settings every training stage shares."""
 
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-step, per process
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # floor of the cosine decay
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # applied to matrices and embeddings, not to biases or LayerNorm
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    eval_interval: int = 200  # steps between validations (and at the end)
-    checkpoint_interval: int = 200  # steps between checkpoints (and at the end)
-    log_interval: int = 10
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
-    compile: bool = False  # torch.compile the model (CUDA mainly; works on CPU with gcc)
+    max_steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(16, "sequences per micro-step per process")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "final learning rate (floor of the cosine decay)")
+    warmup_steps: int = option(100, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices and embeddings, not biases or LayerNorm)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)")
+    eval_interval: int = option(200, "steps between validations (and at the end)")
+    checkpoint_interval: int = option(200, "steps between checkpoints (and at the end)")
+    log_interval: int = option(10, "steps between log lines")
+    seed: int = option(1337, "random seed (weights and batches)")
+    device: str = option("auto", "auto (CUDA when a GPU is visible, else CPU), cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16")
+    compile: bool = option(False, "torch.compile the model")
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "log_interval"):
@@ -75,87 +72,6 @@ class LoopConfig:
             )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-
-
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "n_inner", "n_positions", "dropout")
-
-
-@dataclass
-class TrainConfig(LoopConfig):
-    """Settings of the pretraining stage; one CLI flag per field; saved in the artifact."""
-
-    data: str = STDLIB  # text file, folder, glob, JSONL, prepared data folder, or @stdlib
-    out: str = "runs/teacher"
-    preset: str = "small"
-    vocab_size: int = 8192  # tokenizer size when the data is prepared here
-    val_fraction: float = 0.05
-    text_field: str = "text"
-    block_size: int = 256  # tokens per training window (<= n_positions)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    n_inner: int | None = None
-    n_positions: int = 256
-    dropout: float = 0.0
-    eval_batches: int = 40  # validation windows per evaluation
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        # Round the embedding up to a multiple of 64 rows: faster matmuls, same tokens.
-        padded = -(-vocab_size // 64) * 64
-        return GPTConfig(
-            vocab_size=padded,
-            n_positions=self.n_positions,
-            n_embd=self.n_embd,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_inner=self.n_inner,
-            dropout=self.dropout,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.block_size > self.n_positions:
-            raise ConfigError(
-                f"block_size={self.block_size} is longer than n_positions={self.n_positions}: the "
-                "model has no position embedding past n_positions; lower --block-size"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Presets fill every field they name; explicit settings override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds on a CPU: for tests and smoke runs.
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128, block_size=64, vocab_size=512,
-                 batch_size=8, max_steps=50, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=25,
-                 checkpoint_interval=25, log_interval=5, eval_batches=8),
-    # The CPU default: about 15 minutes on 2 cores, writes recognisable Python.
-    "small": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, block_size=256, vocab_size=8192,
-                  batch_size=16, max_steps=700, lr=2e-3, min_lr=2e-4, warmup_steps=50,
-                  eval_interval=100, checkpoint_interval=100, log_interval=10, eval_batches=40),
-    # GPT-2 124M's shape, for a GPU: bf16, flash attention, fused AdamW.
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, block_size=1024,
-                      vocab_size=50257, batch_size=32, grad_accum=4, max_steps=5000, lr=6e-4,
-                      min_lr=6e-5, warmup_steps=200, eval_interval=500, checkpoint_interval=500,
-                      log_interval=10, eval_batches=20, weight_decay=0.1),
-}
-
-
-def config_from_preset(preset: str = "small", **overrides) -> TrainConfig:
-    """A TrainConfig: the preset's values, then every override that is not None."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown training settings {unknown}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
-    config = TrainConfig(**values)
-    config.validate()
-    return config
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,7 +131,7 @@ def gpu_peak_flops(device: torch.device) -> float | None:
 
 
 @dataclass
-class Runtime:
+class TrainRuntime:
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
     rank: int = 0
@@ -231,7 +147,7 @@ class Runtime:
         return self.world_size > 1
 
 
-def setup_runtime(config: LoopConfig) -> Runtime:
+def setup_runtime(config: LoopConfig) -> TrainRuntime:
     """Pick device and precision; join the torchrun process group when launched by it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -265,7 +181,7 @@ def setup_runtime(config: LoopConfig) -> Runtime:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    return Runtime(device, autocast, rank, world, local_rank)
+    return TrainRuntime(device, autocast, rank, world, local_rank)
 
 
 class BatchSource(Protocol):
@@ -368,6 +284,122 @@ class LoopResult:
     metrics: dict
 
 
+@dataclass
+class _Trainer:
+    """What one run of the loop holds: the model as trained (compiled / DDP-wrapped), the
+    optimizer, the batch sampler's generator and the state a checkpoint saves."""
+
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    state: LoopState
+    rt: TrainRuntime
+    ckpt_dir: Path
+    fingerprint: dict
+    settings: dict
+
+    def checkpoint(self) -> None:
+        if self.rt.is_main:
+            save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.generator, self.state,
+                            self.fingerprint, self.settings)
+        if self.rt.distributed:
+            torch.distributed.barrier()
+
+
+def _start(model: nn.Module, config: LoopConfig, out: Path, rt: TrainRuntime, fingerprint: dict,
+           resume: bool, log: Callable[[str], None]) -> _Trainer:
+    """Move the model to its device, build the optimizer and sampler, and restore a checkpoint
+    when resuming (refused when it was made with other settings)."""
+    ckpt_dir = out / CHECKPOINT
+    fingerprint = {**fingerprint, "loop": {k: v for k, v in asdict(config).items()
+                                           if k in ("batch_size", "grad_accum", "seed", "lr", "weight_decay")}}
+    fingerprint = json.loads(json.dumps(fingerprint))  # plain JSON values, compared as loaded
+    torch.manual_seed(config.seed + rt.rank)
+    model.to(rt.device)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
+        **({"fused": True} if rt.device.type == "cuda" else {}),
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    state = LoopState()
+    if resume and not (ckpt_dir / "trainer.pt").is_file():
+        if rt.is_main:
+            log(f"no checkpoint in {ckpt_dir} yet: starting fresh")
+        resume = False
+    if resume:
+        check_resume(ckpt_dir, fingerprint)
+        state = load_checkpoint(ckpt_dir, model, optimizer, generator)
+        if rt.is_main:
+            log(f"resumed {ckpt_dir} at step {state.step} ({state.tokens:,} tokens)")
+        if state.step >= config.max_steps and rt.is_main:
+            log(f"the checkpoint is already at step {state.step} >= max_steps={config.max_steps}")
+    train_model: nn.Module = torch.compile(model) if config.compile else model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return _Trainer(model, train_model, optimizer, generator, state, rt, ckpt_dir, fingerprint, asdict(config))
+
+
+def _optimizer_step(t: _Trainer, config: LoopConfig, batches: BatchSource, loss_fn: LossFn) -> tuple[float, int, float | None, float]:
+    """One optimizer step over grad_accum micro-steps: (mean loss, tokens, gradient norm, lr)."""
+    rt = t.rt
+    lr = lr_at(t.state.step, config)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss, step_tokens = 0.0, 0
+    for micro in range(config.grad_accum):
+        # Every rank draws the same world-sized stream and keeps its own share, so the
+        # sampler state is identical on all ranks and one checkpoint restores them all.
+        for r in range(rt.world_size):
+            batch = batches.next_batch(t.generator)
+            if r == rt.rank:
+                mine = batch
+        batch = tuple(x.to(rt.device, non_blocking=True) for x in mine)
+        last = micro == config.grad_accum - 1
+        sync = contextlib.nullcontext() if (last or not rt.distributed) else t.train_model.no_sync()
+        with sync, rt.autocast():
+            loss, n_tokens = loss_fn(t.train_model, batch)
+        (loss / config.grad_accum).backward()
+        step_loss += loss.item() / config.grad_accum
+        step_tokens += n_tokens * rt.world_size
+    grad_norm = None
+    if config.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), config.grad_clip))
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return step_loss, step_tokens, grad_norm, lr
+
+
+class _RunLog:
+    """The JSONL metrics log (main process only) and the progress bar."""
+
+    def __init__(self, path: Path, rt: TrainRuntime, progress: bool, total: int, initial: int, desc: str):
+        self.file = open(path, "a", encoding="utf-8") if rt.is_main else None
+        self.bar = None
+        if progress and rt.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def postfix(self, values: dict) -> None:
+        if self.bar is not None and values:
+            self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
 def run_loop(
     model: nn.Module,
     config: LoopConfig,
@@ -376,7 +408,7 @@ def run_loop(
     loss_fn: LossFn = lm_loss,
     evaluate: Callable[[nn.Module], dict] | None = None,
     *,
-    runtime: Runtime | None = None,
+    runtime: TrainRuntime | None = None,
     fingerprint: dict | None = None,
     resume: bool = False,
     flops_per_token: float | None = None,
@@ -395,144 +427,54 @@ def run_loop(
     config.validate()
     out = Path(out)
     rt = runtime or setup_runtime(config)
-    ckpt_dir = out / CHECKPOINT
-    fingerprint = {**(fingerprint or {}), "loop": {k: v for k, v in asdict(config).items()
-                                                   if k in ("batch_size", "grad_accum", "seed", "lr", "weight_decay")}}
-    fingerprint = json.loads(json.dumps(fingerprint))  # plain JSON values, compared as loaded
-
-    torch.manual_seed(config.seed + rt.rank)
-    model.to(rt.device)
-    model.train()
-    use_fused = rt.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-        **({"fused": True} if use_fused else {}),
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    state = LoopState()
-    if resume and not (ckpt_dir / "trainer.pt").is_file():
-        if rt.is_main:
-            log(f"no checkpoint in {ckpt_dir} yet: starting fresh")
-        resume = False
-    if resume:
-        check_resume(ckpt_dir, fingerprint)
-        state = load_checkpoint(ckpt_dir, model, optimizer, generator)
-        if rt.is_main:
-            log(f"resumed {ckpt_dir} at step {state.step} ({state.tokens:,} tokens)")
-        if state.step >= config.max_steps and rt.is_main:
-            log(f"the checkpoint is already at step {state.step} >= max_steps={config.max_steps}")
-
-    train_model: nn.Module = model
-    if config.compile:
-        train_model = torch.compile(model)
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-    log_path = out / "log.jsonl"
-    log_file = open(log_path, "a", encoding="utf-8") if rt.is_main else None
-    bar = None
-    if progress and rt.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.max_steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+    t = _start(model, config, out, rt, fingerprint or {}, resume, log)
+    state = t.state
+    run_log = _RunLog(out / "log.jsonl", rt, progress, config.max_steps, state.step, desc)
     peak = gpu_peak_flops(rt.device)
-    metrics: dict = {}
-
-    def write_log(record: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def run_eval() -> dict:
-        if evaluate is None:
-            return {}
-        result = evaluate(model)
-        record = {"step": state.step, "tokens": state.tokens, **result}
-        state.history.append(record)
-        write_log({"event": "eval", **record})
-        return result
-
-    def checkpoint() -> None:
-        if rt.is_main:
-            save_checkpoint(ckpt_dir, model, optimizer, generator, state, fingerprint, asdict(config))
-        if rt.distributed:
-            torch.distributed.barrier()
-
     try:
         window_tokens, window_start = 0, time.perf_counter()
         while state.step < config.max_steps:
             t0 = time.perf_counter()
-            lr = lr_at(state.step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(config.grad_accum):
-                # Every rank draws the same world-sized stream and keeps its own share, so the
-                # sampler state is identical on all ranks and one checkpoint restores them all.
-                for r in range(rt.world_size):
-                    batch = batches.next_batch(generator)
-                    if r == rt.rank:
-                        mine = batch
-                batch = tuple(t.to(rt.device, non_blocking=True) for t in mine)
-                last = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if (last or not rt.distributed) else train_model.no_sync()
-                with sync, rt.autocast():
-                    loss, n_tokens = loss_fn(train_model, batch)
-                (loss / config.grad_accum).backward()
-                step_loss += loss.item() / config.grad_accum
-                step_tokens += n_tokens * rt.world_size
-            grad_norm = None
-            if config.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss, step_tokens, grad_norm, lr = _optimizer_step(t, config, batches, loss_fn)
             state.step += 1
             state.tokens += step_tokens
-            dt = time.perf_counter() - t0
-            state.elapsed += dt
+            state.elapsed += time.perf_counter() - t0
             window_tokens += step_tokens
             if on_step is not None:
                 on_step(state.step)
-            if state.step % config.log_interval == 0 or state.step == config.max_steps:
-                now = time.perf_counter()
-                tok_s = window_tokens / max(now - window_start, 1e-9)
+            at_end = state.step == config.max_steps
+            if state.step % config.log_interval == 0 or at_end:
+                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 record = {"event": "train", "step": state.step, "loss": step_loss, "lr": lr,
                           "tokens": state.tokens, "tokens_per_s": tok_s, "grad_norm": grad_norm}
                 if flops_per_token is not None:
                     record["tflops"] = tok_s * flops_per_token / 1e12
                     if peak:
                         record["mfu"] = tok_s * flops_per_token / (peak * rt.world_size)
-                write_log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                run_log.write(record)
+                run_log.postfix({"loss": f"{step_loss:.3f}", "tok_s": f"{tok_s:,.0f}"})
                 window_tokens, window_start = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-            at_end = state.step == config.max_steps
-            if state.step % config.eval_interval == 0 or at_end:
-                result = run_eval() if rt.is_main else {}
-                if bar is not None and result:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in result.items() if isinstance(v, float)})
+            if run_log.bar is not None:
+                run_log.bar.update(1)
+            if (state.step % config.eval_interval == 0 or at_end) and rt.is_main and evaluate is not None:
+                result = evaluate(model)
+                record = {"step": state.step, "tokens": state.tokens, **result}
+                state.history.append(record)
+                run_log.write({"event": "eval", **record})
+                run_log.postfix({k: f"{v:.3f}" for k, v in result.items() if isinstance(v, float)})
                 window_start = time.perf_counter()  # keep validation out of tokens/s
             if state.step % config.checkpoint_interval == 0 or at_end:
-                checkpoint()
+                t.checkpoint()
     except KeyboardInterrupt:
         if rt.is_main:
-            checkpoint()
-            log(f"\ninterrupted at step {state.step}; checkpoint saved in {ckpt_dir}: rerun with --resume to continue")
+            t.checkpoint()
+            log(f"\ninterrupted at step {state.step}; checkpoint saved in {t.ckpt_dir}: rerun with --resume to continue")
         raise
     finally:
-        if bar is not None:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
+        run_log.close()
 
-    metrics["steps"] = state.step
-    metrics["train_tokens"] = state.tokens
-    metrics["train_seconds"] = round(state.elapsed, 2)
-    metrics["tokens_per_s"] = state.tokens / max(state.elapsed, 1e-9)
+    metrics = {"steps": state.step, "train_tokens": state.tokens, "train_seconds": round(state.elapsed, 2),
+               "tokens_per_s": state.tokens / max(state.elapsed, 1e-9)}
     if state.history:
         metrics.update({k: v for k, v in state.history[-1].items() if k not in ("step", "tokens")})
     return LoopResult(model, state, metrics)
@@ -544,7 +486,7 @@ def cleanup_distributed() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The pretraining stage
+# The frame of every training stage
 
 
 def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -562,83 +504,27 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
         (out / "log.jsonl").unlink(missing_ok=True)
 
 
-def prepare_or_reuse_data(config: TrainConfig, rt: Runtime, log) -> Path:
-    """A prepared data folder for config.data: used as is, or prepared under out/data
-    (and reused while its settings and source files are unchanged)."""
-    if is_data_folder(config.data):
-        return Path(config.data)
-    data_cfg = DataConfig(source=config.data, vocab_size=config.vocab_size,
-                          val_fraction=config.val_fraction, text_field=config.text_field)
-    folder = Path(config.out) / "data"
-    if rt.is_main and not prepared_matches(folder, data_cfg):
-        log(f"preparing data from {config.data} (tokenizer of {config.vocab_size} tokens)...")
-        prepare_data(data_cfg, folder, log=log)
-    if rt.distributed:
-        torch.distributed.barrier()
-    return folder
+@contextlib.contextmanager
+def training_stage(config: LoopConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                   inputs: dict[str, str | Path | None] | None = None) -> Iterator[TrainRuntime]:
+    """The frame every training stage runs in: check the settings, refuse an output folder that
+    is one of the stage's inputs (the parent is never overwritten), claim the output (see
+    claim_output), set up the device and process group, and always leave the process group.
 
-
-def pretrain(config: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
-             on_step: Callable[[int], None] | None = None, overwrite: bool = False,
-             resume: bool = False) -> Path:
-    """Train a GPT from scratch on config.data and write a model artifact to config.out.
-
-    Returns the artifact folder. Raises ConfigError when out holds a checkpoint and neither
-    resume nor overwrite is given (no run silently replaces earlier work).
+        with training_stage(config, config.out, resume=resume, overwrite=overwrite,
+                            inputs={"--teacher": config.teacher}) as rt:
+            ...
     """
     config.validate()
-    out = Path(config.out)
+    out = Path(out)
+    for flag, folder in (inputs or {}).items():
+        if folder and Path(folder).exists() and Path(folder).resolve() == out.resolve():
+            raise ConfigError(f"--out must differ from {flag}: the stage never writes over its input ({out})")
     claim_output(out, resume, overwrite)
     rt = setup_runtime(config)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        data_dir = prepare_or_reuse_data(config, rt, log)
-        tokenizer = Tokenizer.from_folder(data_dir)
-        train = TokenShards(data_dir, "train")
-        val = TokenShards(data_dir, "val")
-        train.check_window(config.block_size)
-        model_config = config.model_config(tokenizer.vocab_size)
-        torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-        model = GPT(model_config)
-        val_windows = val.fixed_windows(config.eval_batches, config.block_size)
-        val_batches = [
-            (torch.cat([x for x, _ in val_windows[i : i + 8]]), torch.cat([y for _, y in val_windows[i : i + 8]]))
-            for i in range(0, len(val_windows), 8)
-        ]
-
-        def evaluate(m: nn.Module) -> dict:
-            loss = mean_loss(m, val_batches, rt.device, rt.autocast())
-            return {"val_loss": loss, "val_ppl": math.exp(loss)}
-
-        fingerprint = {"model": model_config.to_dict(), "data": str(data_dir.resolve()), "block_size": config.block_size}
-        if rt.is_main:
-            log(f"model: {model.num_parameters():,} parameters ({model.num_parameters(True):,} non-embedding), "
-                f"{model_config.n_layer} layers x {model_config.n_embd} wide; data: {train.n_tokens:,} train / "
-                f"{val.n_tokens:,} val tokens; device {rt.device}")
-        result = run_loop(
-            model, config, out, WindowBatches(train, config.batch_size, config.block_size), lm_loss, evaluate,
-            runtime=rt, fingerprint=fingerprint, resume=resume,
-            flops_per_token=flops_per_token(model_config, config.block_size), log=log,
-            progress=progress, on_step=on_step, desc="pretrain",
-        )
-        if rt.is_main:
-            metrics = dict(result.metrics)
-            model.eval()
-            ppl = perplexity(model_logits_fn(model, rt.device), torch.from_numpy(val.all_tokens().astype("int64")),
-                             max_length=model_config.n_positions, stride=model_config.n_positions // 2)
-            metrics["val_perplexity"] = ppl.perplexity
-            metrics["val_tokens_scored"] = ppl.tokens
-            data_manifest = read_manifest(data_dir)
-            if data_manifest is not None:
-                metrics["unigram_val_perplexity"] = data_manifest.metrics.get("unigram_val_perplexity")
-            metrics["parameters"] = model.num_parameters()
-            metrics["non_embedding_parameters"] = model.num_parameters(non_embedding=True)
-            save_model(out, model.cpu(), tokenizer, stage="pretrain", settings=config.to_dict(),
-                       parent=data_dir, metrics=metrics)
-            log(f"wrote {out}: val perplexity {ppl.perplexity:.2f} over {ppl.tokens:,} tokens "
-                f"(unigram level {metrics.get('unigram_val_perplexity') or float('nan'):.2f})")
+        yield rt
         if rt.distributed:
             torch.distributed.barrier()
-        return out
     finally:
         cleanup_distributed()

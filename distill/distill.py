@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -26,12 +26,14 @@ import torch
 import torch.nn as nn
 
 from compactgpt.artifacts import LoadedModel, load_model, parent_record, resolve_model_path, save_model
+from compactgpt.config import field_help, option
 from compactgpt.data import DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import mean_loss
 from compactgpt.model import GPT, GPTConfig
-from compactgpt.training import (claim_output, LoopConfig, WindowBatches, cleanup_distributed, flops_per_token,
-                                 run_loop, setup_runtime)
+from compactgpt.tokenizer import Tokenizer
+from compactgpt.training import (LoopConfig, LoopResult, TrainRuntime, WindowBatches, flops_per_token, run_loop,
+                                 training_stage)
 
 from .losses import DIVERGENCES, distillation_loss
 from .prune import eval_perplexity, parameter_summary
@@ -39,31 +41,44 @@ from .sparsity import MaskKeeper, masks_from_zeros, sparsity_report
 from .tokens import check_same_tokenizer, eval_slice, training_data_of
 
 
+def _loop_option(default, name: str):
+    """A LoopConfig field with the distillation default and the loop's own help text."""
+    return option(default, field_help(LoopConfig, name))
+
+
 @dataclass
 class DistillConfig(LoopConfig):
     """Settings of the distillation stage; one CLI flag per field; saved in the artifact."""
 
-    teacher: str = ""  # teacher model folder
-    student: str = ""  # student folder, or a shape: JSON file or "n_layer=2,n_embd=128,..." (random init)
-    data: str | None = None  # prepared data folder or text; default: the teacher's training data
-    out: str = "runs/student"
-    text_field: str = "text"
-    val_fraction: float = 0.05
-    block_size: int = 256  # tokens per training window
-    kd_weight: float = 1.0  # weight of the divergence to the teacher's softened logits
-    ce_weight: float = 0.0  # weight of cross-entropy on the data's next tokens
-    temperature: float = 1.0  # softens both distributions; the divergence is scaled by T^2
-    divergence: str = "forward_kl"  # forward_kl (mean-seeking) or reverse_kl (mode-seeking)
-    hidden_weight: float = 0.0  # weight of the hidden-state loss (0: off)
-    eval_batches: int = 40  # validation windows per evaluation during training
-    eval_tokens: int = 0  # validation tokens for the final perplexities; 0: the whole split
+    teacher: str = option("", "teacher model folder (frozen; runs next to the student on the same batches)")
+    student: str = option("", "student: a model folder (e.g. from compactgpt prune or sparsify), or a shape "
+                          "initialised at random: a JSON file or key=value overrides of the teacher's config, e.g. "
+                          "n_layer=2,n_inner=512")
+    data: str | None = option(None, "training data: a prepared data folder with the teacher's tokenizer, or text "
+                              "tokenized here with it; default: the teacher's training data")
+    out: str = option("runs/student", "student folder to write (checkpoints go in OUT/checkpoint)")
+    text_field: str = option("text", "JSONL field that holds the text")
+    val_fraction: float = option(0.05, "held-out share of documents when --data is text")
+    block_size: int = option(256, "tokens per training window (<= both models' n_positions)")
+    kd_weight: float = option(1.0, "weight of the divergence between softened teacher and student logits "
+                              "(default 1)")
+    ce_weight: float = option(0.0, "weight of cross-entropy on the data (default 0); --kd-weight 0 --ce-weight 1 "
+                              "trains from scratch without running the teacher")
+    temperature: float = option(1.0, "softmax temperature of both models in the divergence (scaled by T^2; "
+                                "default 1)")
+    divergence: str = option("forward_kl", "forward_kl (KL(teacher||student), mean-seeking; default) or "
+                             "reverse_kl (mode-seeking)")
+    hidden_weight: float = option(0.0, "weight of the hidden-state loss (normalised MSE after a learned "
+                                  "projection to the teacher's width; default 0 = off)")
+    eval_batches: int = option(40, "validation windows per evaluation during training")
+    eval_tokens: int = option(0, "validation tokens for the final perplexities (0: the whole split)")
     # Shorter, gentler schedule than pretraining: a pruned student starts close to the teacher.
-    max_steps: int = 300
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 20
-    eval_interval: int = 100
-    checkpoint_interval: int = 100
+    max_steps: int = _loop_option(300, "max_steps")
+    lr: float = _loop_option(1e-3, "lr")
+    min_lr: float = _loop_option(1e-4, "min_lr")
+    warmup_steps: int = _loop_option(20, "warmup_steps")
+    eval_interval: int = _loop_option(100, "eval_interval")
+    checkpoint_interval: int = _loop_option(100, "checkpoint_interval")
 
     def validate(self) -> None:
         super().validate()
@@ -88,8 +103,9 @@ class DistillConfig(LoopConfig):
     def uses_teacher(self) -> bool:
         return self.kd_weight > 0 or self.hidden_weight > 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def loss_settings(self) -> dict:
+        """The settings that define the training loss."""
+        return {k: getattr(self, k) for k in ("kd_weight", "ce_weight", "temperature", "divergence", "hidden_weight")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,12 +211,10 @@ class DistillModule(nn.Module):
 def resolve_data(config: DistillConfig, teacher: LoadedModel, out: Path, is_main: bool, distributed: bool, log) -> Path:
     """A data folder tokenized with the teacher's tokenizer: the given one (checked), or text
     prepared under OUT/data (reused while unchanged)."""
-    data = config.data or training_data_of(teacher)
+    data = config.data or training_data_of(teacher.folder)
     if data is None:
         raise ConfigError(f"{teacher.folder} records no training data; pass --data with text or a prepared data folder")
     if is_data_folder(data):
-        from compactgpt.tokenizer import Tokenizer
-
         check_same_tokenizer(Tokenizer.from_folder(data), teacher.tokenizer, f"the data folder {data}",
                              f"the teacher {teacher.folder}")
         return Path(data)
@@ -219,89 +233,149 @@ def resolve_data(config: DistillConfig, teacher: LoadedModel, out: Path, is_main
 # The stage
 
 
+@dataclass
+class Models:
+    """The two models of a run and what the student's manifest says about it."""
+
+    teacher: LoadedModel
+    teacher_dir: Path
+    student: GPT
+    student_dir: Path | None  # None for a student initialised at random
+    plan: dict | None  # the pruning plan a pruned student was sliced by
+    sparse: dict | None  # the sparsity record of a sparse student: its zeros are held
+
+
+def load_models(config: DistillConfig) -> Models:
+    """The teacher and the student of config, checked to fit config.block_size."""
+    teacher_dir = resolve_model_path(config.teacher)
+    teacher = load_model(teacher_dir)
+    student, student_dir, s_loaded = build_student(config.student, teacher, config.seed)
+    for name, m in (("teacher", teacher.model), ("student", student)):
+        if config.block_size > m.config.n_positions:
+            raise ConfigError(f"--block-size {config.block_size} exceeds the {name}'s {m.config.n_positions} "
+                              f"positions; pass --block-size {m.config.n_positions} or less")
+    extra = s_loaded.manifest.extra if (s_loaded and s_loaded.manifest) else {}
+    return Models(teacher, teacher_dir, student, student_dir, extra.get("pruning_plan"), extra.get("sparsity"))
+
+
+def objective(config: DistillConfig, teacher: GPT, pairs: list[tuple[int, int]], vocab: int | None,
+              val_batches: list, rt: TrainRuntime) -> tuple[Callable, Callable]:
+    """run_loop's loss_fn (the distillation loss of a batch) and evaluate (validation loss of
+    the student, with the loss parts averaged since the last evaluation).
+
+    vocab: compare distributions over the first `vocab` logits only (None: all)."""
+    with_hidden = bool(pairs)
+    running: dict[str, list[float]] = {}
+
+    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        s_logits, s_states = model(x, with_hidden)
+        t_logits, t_states = None, None
+        if config.uses_teacher:
+            with torch.no_grad():  # frozen teacher, eval mode: no graph, no dropout
+                t_out = teacher(x, output_hidden_states=with_hidden)
+            t_logits, t_hidden = t_out if with_hidden else (t_out, None)
+            if with_hidden:
+                t_states = [t_hidden[t] for _, t in pairs]
+        if vocab is not None:
+            s_logits = s_logits[..., :vocab]
+            t_logits = t_logits[..., :vocab] if t_logits is not None else None
+        loss, parts = distillation_loss(
+            s_logits, t_logits, y, kd_weight=config.kd_weight, ce_weight=config.ce_weight,
+            temperature=config.temperature, divergence=config.divergence,
+            hidden_pairs=list(zip(s_states, t_states)) if with_hidden else [], hidden_weight=config.hidden_weight)
+        for k, v in parts.items():
+            running.setdefault(k, []).append(v)
+        return loss, y.numel()
+
+    def evaluate(m: nn.Module) -> dict:
+        loss = mean_loss(m.student, val_batches, rt.device, rt.autocast())
+        parts = {f"train_{k}": sum(v) / len(v) for k, v in running.items() if v}
+        running.clear()
+        return {"val_loss": loss, "val_ppl": math.exp(loss), **parts}
+
+    return loss_fn, evaluate
+
+
+def describe_run(config: DistillConfig, models: Models, with_hidden: bool, device) -> str:
+    """One line on the student's size and the loss it is trained with."""
+    student = models.student
+    summary = parameter_summary(student, models.teacher.model)
+    return (f"student: {summary['parameters']:,} parameters ({summary['non_embedding_ratio']:.1%} of the teacher's "
+            f"non-embedding), {student.config.n_layer} layers x {student.config.n_embd} wide; "
+            f"loss {config.kd_weight} x {config.divergence} (T={config.temperature}) + {config.ce_weight} x CE"
+            + (f" + {config.hidden_weight} x hidden" if with_hidden else "")
+            + (" (teacher not run)" if not config.uses_teacher else "") + f"; device {device}")
+
+
+def save_student(config: DistillConfig, out: Path, models: Models, result: LoopResult, val: TokenShards,
+                 pairs: list[tuple[int, int]], data_dir: Path, device, log: Callable[[str], None]) -> None:
+    """Score the trained student and the teacher on the validation split and write the student
+    with a manifest naming the teacher, the pruning plan, the losses and the tokens spent."""
+    student, teacher, plan = models.student, models.teacher.model, models.plan
+    student.eval()
+    vtokens = eval_slice(val.all_tokens(), config.eval_tokens)
+    s_ppl = eval_perplexity(student, vtokens, device)
+    t_ppl = eval_perplexity(teacher, vtokens, device)
+    t_manifest = models.teacher.manifest
+    t_tokens = t_manifest.metrics.get("train_tokens") if t_manifest else None
+    tokens = result.state.tokens
+    metrics = {**result.metrics, **parameter_summary(student, teacher), "val_perplexity": s_ppl,
+               "teacher_val_perplexity": t_ppl, "perplexity_delta": s_ppl / t_ppl - 1.0,
+               "val_tokens_scored": int(vtokens.numel()) - 1, "teacher_train_tokens": t_tokens,
+               "token_fraction_of_teacher": tokens / t_tokens if t_tokens else None}
+    if models.sparse:
+        metrics.update({k: v for k, v in sparsity_report(student).items() if k != "sparsity_by_kind"})
+    student_dir = models.student_dir
+    extra = {
+        "teacher": parent_record(models.teacher_dir),
+        "student_init": str(student_dir.resolve()) if student_dir else f"random ({config.student}, seed {config.seed})",
+        "pruning_plan": ({k: plan[k] for k in ("layers", "shape")} if plan else None),
+        "sparsity": models.sparse,
+        "losses": {**config.loss_settings(), "hidden_pairs": pairs, "teacher_run": config.uses_teacher},
+        "tokens": tokens,
+        "data": str(Path(data_dir).resolve()),
+    }
+    save_model(out, student.cpu(), models.teacher.tokenizer, stage="distill", settings=config.to_dict(),
+               parent=student_dir or models.teacher_dir, metrics=metrics, extra=extra)
+    log(f"wrote {out}: perplexity {s_ppl:.2f} vs teacher {t_ppl:.2f} ({s_ppl / t_ppl - 1:+.1%}) after "
+        f"{tokens:,} tokens" + (f" ({metrics['token_fraction_of_teacher']:.1%} of the teacher's)" if t_tokens else ""))
+
+
 def distill(config: DistillConfig, log: Callable[[str], None] = print, progress: bool = True,
             overwrite: bool = False, resume: bool = False) -> Path:
     """Train config.student on config.teacher's outputs and write the student to config.out.
 
     Returns the folder. Raises ConfigError on a tokenizer mismatch between teacher, student
-    and data, on a block size longer than either model's context, and when OUT holds a
-    checkpoint and neither resume nor overwrite is given.
+    and data, on a block size longer than either model's context, on an --out that is the
+    teacher or the student, and when OUT holds a checkpoint and neither resume nor overwrite
+    is given.
     """
-    config.validate()
     out = Path(config.out)
-    claim_output(out, resume, overwrite)
-    rt = setup_runtime(config)
-    try:
-        teacher_dir = resolve_model_path(config.teacher)
-        t_loaded = load_model(teacher_dir)
-        teacher = t_loaded.model
-        student, student_dir, s_loaded = build_student(config.student, t_loaded, config.seed)
-        tokenizer = t_loaded.tokenizer
-        for name, m in (("teacher", teacher), ("student", student)):
-            if config.block_size > m.config.n_positions:
-                raise ConfigError(f"--block-size {config.block_size} exceeds the {name}'s {m.config.n_positions} "
-                                  f"positions; pass --block-size {m.config.n_positions} or less")
-        # Padding rows beyond the tokenizer carry no tokens: compare distributions over real tokens
-        # only when the two embeddings are padded differently.
-        vocab = None if student.config.vocab_size == teacher.config.vocab_size else tokenizer.vocab_size
-        s_extra = s_loaded.manifest.extra if (s_loaded and s_loaded.manifest) else {}
-        plan = s_extra.get("pruning_plan")
-        sparse = s_extra.get("sparsity")
-
+    student_folder = config.student if Path(config.student).is_dir() else None
+    with training_stage(config, out, resume=resume, overwrite=overwrite,
+                        inputs={"--teacher": config.teacher, "--student": student_folder}) as rt:
+        models = load_models(config)
+        teacher, student, plan = models.teacher.model, models.student, models.plan
         out.mkdir(parents=True, exist_ok=True)
-        data_dir = resolve_data(config, t_loaded, out, rt.is_main, rt.distributed, log)
+        data_dir = resolve_data(config, models.teacher, out, rt.is_main, rt.distributed, log)
         train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
         train.check_window(config.block_size)
 
         pairs = hidden_layer_map(student, teacher, plan) if config.hidden_weight > 0 else []
         module = DistillModule(student, teacher.config.n_embd, pairs, plan.get("channels") if plan else None)
         teacher.to(rt.device).eval().requires_grad_(False)
-        keeper = MaskKeeper(module, masks_from_zeros(student), prefix="student.") if sparse else None
-        with_hidden = bool(pairs)
-        running: dict[str, list[float]] = {}
-
-        def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-            x, y = batch
-            s_logits, s_states = model(x, with_hidden)
-            t_logits, t_states = None, None
-            if config.uses_teacher:
-                with torch.no_grad():  # frozen teacher, eval mode: no graph, no dropout
-                    t_out = teacher(x, output_hidden_states=with_hidden)
-                t_logits, t_hidden = t_out if with_hidden else (t_out, None)
-                if with_hidden:
-                    t_states = [t_hidden[t] for _, t in pairs]
-            if vocab is not None:
-                s_logits = s_logits[..., :vocab]
-                t_logits = t_logits[..., :vocab] if t_logits is not None else None
-            loss, parts = distillation_loss(
-                s_logits, t_logits, y, kd_weight=config.kd_weight, ce_weight=config.ce_weight,
-                temperature=config.temperature, divergence=config.divergence,
-                hidden_pairs=list(zip(s_states, t_states)) if with_hidden else [], hidden_weight=config.hidden_weight)
-            for k, v in parts.items():
-                running.setdefault(k, []).append(v)
-            return loss, y.numel()
-
-        windows = val.fixed_windows(config.eval_batches, config.block_size)
-        val_batches = [(torch.cat([x for x, _ in windows[i:i + 8]]), torch.cat([y for _, y in windows[i:i + 8]]))
-                       for i in range(0, len(windows), 8)]
-
-        def evaluate(m: nn.Module) -> dict:
-            loss = mean_loss(m.student, val_batches, rt.device, rt.autocast())
-            parts = {f"train_{k}": sum(v) / len(v) for k, v in running.items() if v}
-            running.clear()
-            return {"val_loss": loss, "val_ppl": math.exp(loss), **parts}
-
-        fingerprint = {"student": student.config.to_dict(), "teacher": parent_record(teacher_dir)["sha256"],
+        keeper = MaskKeeper(module, masks_from_zeros(student), prefix="student.") if models.sparse else None
+        # Padding rows beyond the tokenizer carry no tokens: compare distributions over real tokens
+        # only when the two embeddings are padded differently.
+        vocab = None if student.config.vocab_size == teacher.config.vocab_size else models.teacher.tokenizer.vocab_size
+        loss_fn, evaluate = objective(config, teacher, pairs, vocab,
+                                      val.validation_batches(config.eval_batches, config.block_size), rt)
+        fingerprint = {"student": student.config.to_dict(), "teacher": parent_record(models.teacher_dir)["sha256"],
                        "data": str(Path(data_dir).resolve()), "block_size": config.block_size,
-                       "loss": {k: getattr(config, k) for k in ("kd_weight", "ce_weight", "temperature",
-                                                                 "divergence", "hidden_weight")}}
+                       "loss": config.loss_settings()}
         if rt.is_main:
-            summary = parameter_summary(student, teacher)
-            log(f"student: {summary['parameters']:,} parameters ({summary['non_embedding_ratio']:.1%} of the teacher's "
-                f"non-embedding), {student.config.n_layer} layers x {student.config.n_embd} wide; "
-                f"loss {config.kd_weight} x {config.divergence} (T={config.temperature}) + {config.ce_weight} x CE"
-                + (f" + {config.hidden_weight} x hidden" if with_hidden else "")
-                + (" (teacher not run)" if not config.uses_teacher else "") + f"; device {rt.device}")
+            log(describe_run(config, models, bool(pairs), rt.device))
         flops = flops_per_token(student.config, config.block_size)
         if config.uses_teacher:
             flops += flops_per_token(teacher.config, config.block_size) / 3  # forward only
@@ -313,36 +387,5 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print, progress:
             if keeper is not None:
                 keeper.remove()
         if rt.is_main:
-            student.eval()
-            vtokens = eval_slice(val.all_tokens(), config.eval_tokens)
-            s_ppl = eval_perplexity(student, vtokens, rt.device)
-            t_ppl = eval_perplexity(teacher, vtokens, rt.device)
-            t_tokens = (t_loaded.manifest.metrics.get("train_tokens") if t_loaded.manifest else None)
-            metrics = {**result.metrics, **parameter_summary(student, teacher), "val_perplexity": s_ppl,
-                       "teacher_val_perplexity": t_ppl, "perplexity_delta": s_ppl / t_ppl - 1.0,
-                       "val_tokens_scored": int(vtokens.numel()) - 1, "teacher_train_tokens": t_tokens,
-                       "token_fraction_of_teacher": result.state.tokens / t_tokens if t_tokens else None}
-            if sparse:
-                metrics.update({k: v for k, v in sparsity_report(student).items() if k != "sparsity_by_kind"})
-            extra = {
-                "teacher": parent_record(teacher_dir),
-                "student_init": str(student_dir.resolve()) if student_dir else f"random ({config.student}, seed {config.seed})",
-                "pruning_plan": ({k: plan[k] for k in ("layers", "shape")} if plan else None),
-                "sparsity": sparse,
-                "losses": {"kd_weight": config.kd_weight, "divergence": config.divergence,
-                           "temperature": config.temperature, "ce_weight": config.ce_weight,
-                           "hidden_weight": config.hidden_weight, "hidden_pairs": pairs,
-                           "teacher_run": config.uses_teacher},
-                "tokens": result.state.tokens,
-                "data": str(Path(data_dir).resolve()),
-            }
-            save_model(out, student.cpu(), tokenizer, stage="distill", settings=config.to_dict(),
-                       parent=student_dir or teacher_dir, metrics=metrics, extra=extra)
-            log(f"wrote {out}: perplexity {s_ppl:.2f} vs teacher {t_ppl:.2f} ({s_ppl / t_ppl - 1:+.1%}) after "
-                f"{result.state.tokens:,} tokens" + (f" ({metrics['token_fraction_of_teacher']:.1%} of the teacher's)"
-                                                     if t_tokens else ""))
-        if rt.distributed:
-            torch.distributed.barrier()
-        return out
-    finally:
-        cleanup_distributed()
+            save_student(config, out, models, result, val, pairs, data_dir, rt.device, log)
+    return out

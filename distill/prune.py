@@ -22,12 +22,13 @@ from typing import Callable
 import torch
 
 from compactgpt.artifacts import load_model, parent_record, resolve_model_path, save_model
+from compactgpt.config import option
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import model_logits_fn, perplexity
 from compactgpt.model import GPT, GPTConfig
 
 from .importance import DEPTH_METRICS, ActivationStats, collect_stats, top_k_indices
-from .tokens import calibration_batches, eval_slice, split_tokens
+from .tokens import CalibrationConfig, calibration_batches, eval_slice, split_tokens
 
 SHAPE_RULE = (
     "GPT-2 ties attention width to residual width (n_embd = n_head x head_dim) and pruning keeps "
@@ -37,23 +38,18 @@ SHAPE_RULE = (
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(CalibrationConfig):
     """Settings of the structured pruning stage; one CLI flag per field; saved in the artifact."""
 
-    model: str = ""  # the teacher folder
-    out: str = ""  # student folder to write
-    layers: int | None = None  # blocks to keep (None: all)
-    heads: int | None = None  # attention heads per block to keep
-    embd: int | None = None  # embedding (residual) channels to keep
-    mlp: int | None = None  # MLP neurons per block to keep
-    data: str | None = None  # calibration/eval text or data folder; default: the model's training data
-    text_field: str = "text"
-    val_fraction: float = 0.05  # held-out share when --data is raw text
-    calib_windows: int = 64  # calibration windows
-    block_size: int = 0  # tokens per calibration window; 0: the model's n_positions
-    depth_metric: str = "loss"  # how blocks are ranked: loss or cosine
-    eval_tokens: int = 0  # validation tokens for perplexity; 0: the whole split
-    seed: int = 0
+    model: str = option("", "model folder to prune (the teacher)")
+    out: str = option("", "folder to write the pruned student to")
+    layers: int | None = option(None, "transformer blocks to keep (the least important by --depth-metric are "
+                                "removed)")
+    heads: int | None = option(None, "attention heads to keep per block (sets --embd to heads x head width)")
+    embd: int | None = option(None, "embedding channels to keep (a multiple of the head width; sets --heads)")
+    mlp: int | None = option(None, "MLP neurons to keep per block")
+    depth_metric: str = option("loss", "block ranking: loss (loss increase when the block is skipped) or cosine "
+                               "(1 - cos between the block's input and output)")
 
     def validate(self) -> None:
         if not self.model:
@@ -68,9 +64,6 @@ class PruneConfig:
             raise ConfigError(f"--depth-metric {self.depth_metric!r} is unknown; choose one of {sorted(DEPTH_METRICS)}")
         if self.calib_windows <= 0 or self.block_size < 0 or self.eval_tokens < 0:
             raise ConfigError("--calib-windows must be positive; --block-size and --eval-tokens >= 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -21,7 +21,7 @@ off only in sparse-aware runtimes at high sparsity, or as smaller compressed fil
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,12 +29,13 @@ import torch
 import torch.nn as nn
 
 from compactgpt.artifacts import load_model, parent_record, resolve_model_path, save_model
+from compactgpt.config import option
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
 
 from .importance import block_linears, collect_stats
 from .prune import eval_perplexity
-from .tokens import calibration_batches, eval_slice, split_tokens
+from .tokens import CalibrationConfig, calibration_batches, eval_slice, split_tokens
 
 # ---------------------------------------------------------------------------------------
 # Pure scores and masks
@@ -185,21 +186,17 @@ class MaskKeeper:
 
 
 @dataclass
-class SparsityConfig:
+class SparsifyConfig(CalibrationConfig):
     """Settings of the sparsify stage; one CLI flag per field; saved in the artifact."""
 
-    model: str = ""
-    out: str = ""
-    sparsity: float | None = None  # share of weights set to 0; default 0.5, or 1 - N/M for N:M
-    method: str = "wanda"  # wanda or magnitude
-    pattern: str = "unstructured"  # unstructured, or N:M such as 2:4 (its sparsity is 1 - N/M)
-    data: str | None = None
-    text_field: str = "text"
-    val_fraction: float = 0.05
-    calib_windows: int = 64
-    block_size: int = 0
-    eval_tokens: int = 0
-    seed: int = 0
+    model: str = option("", "model folder to sparsify")
+    out: str = option("", "folder to write the sparse model to")
+    sparsity: float | None = option(None, "share of each block projection's weights set to 0 (default 0.5; N:M "
+                                    "patterns fix it at 1 - N/M)")
+    method: str = option("wanda", "weight scores: wanda (|W| x input activation norm, compared per output row) "
+                         "or magnitude (|W|, compared over the whole matrix)")
+    pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 (keep N of every M consecutive "
+                          "weights; 2:4 runs on sparse tensor cores of NVIDIA Ampere and later)")
 
     def validate(self) -> None:
         if not self.model or not self.out:
@@ -225,10 +222,10 @@ class SparsityConfig:
         return 1 - nm[0] / nm[1] if nm else 0.5
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sparsity": self.target()}
+        return {**super().to_dict(), "sparsity": self.target()}
 
 
-def sparsify(config: SparsityConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+def sparsify(config: SparsifyConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Zero config.sparsity of every block projection of config.model and write the result.
 
     The manifest records the method, the pattern, the sparsity reached and the perplexity

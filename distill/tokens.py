@@ -1,4 +1,6 @@
-"""Token ids for calibration and evaluation, and the check that two models share a tokenizer."""
+"""Where calibration and evaluation tokens come from: the settings every calibrated stage
+(prune, sparsify) shares, the token ids themselves, and the check that two models share a
+tokenizer."""
 
 from __future__ import annotations
 
@@ -9,47 +11,64 @@ import numpy as np
 import torch
 
 from compactgpt.artifacts import LoadedModel
-from compactgpt.data import TokenShards, encode_documents, is_data_folder, read_documents, split_documents
-from compactgpt.errors import ConfigError
+from compactgpt.config import StageConfig, option
+from compactgpt.data import (TokenShards, encode_documents, is_data_folder, random_windows, read_documents,
+                             split_documents)
+from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.lineage import ancestors, parent_path, require_same_tokenizer
 from compactgpt.tokenizer import Tokenizer
+
+
+@dataclass
+class CalibrationConfig(StageConfig):
+    """The settings of a stage that calibrates on a model's activations and scores the result
+    by perplexity: which model, where to write, and which tokens to calibrate and evaluate on."""
+
+    model: str = option("", "model folder")
+    out: str = option("", "folder to write the result to")
+    data: str | None = option(None, "calibration and evaluation data: a prepared data folder or text (file, "
+                              "folder, glob, JSONL, @stdlib); default: the data the model was trained on, as "
+                              "its manifest records")
+    text_field: str = option("text", "JSONL field that holds the text")
+    val_fraction: float = option(0.05, "held-out share of documents when --data is text (perplexity is "
+                                 "measured on it)")
+    calib_windows: int = option(64, "calibration windows (random windows of the training split)")
+    block_size: int = option(0, "tokens per calibration window (0: the model's n_positions)")
+    eval_tokens: int = option(0, "validation tokens for perplexity before/after (0: the whole split)")
+    seed: int = option(0, "seed of the calibration windows")
 
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_name: str, b_name: str) -> None:
     """Raise ConfigError unless both tokenizers are the same (same vocabulary and merges):
     distillation compares distributions over token ids, which only means something when the
     ids mean the same strings."""
-    if a.to_json() != b.to_json():
-        raise ConfigError(
-            f"{a_name} and {b_name} use different tokenizers ({a.vocab_size:,} vs {b.vocab_size:,} tokens "
-            "or different merges): their token ids do not mean the same text. Build the student from "
-            "this teacher (compactgpt prune, or a student config), or tokenize the data with the "
-            "teacher's tokenizer (compactgpt tokenize --tokenizer TEACHER)"
-        )
+    require_same_tokenizer(
+        a, b,
+        f"{a_name} and {b_name} use different tokenizers ({a.vocab_size:,} vs {b.vocab_size:,} tokens "
+        "or different merges): their token ids do not mean the same text. Build the student from "
+        "this teacher (compactgpt prune, or a student config), or tokenize the data with the "
+        "teacher's tokenizer (compactgpt tokenize --tokenizer TEACHER)",
+    )
 
 
-def training_data_of(loaded: LoadedModel) -> str | None:
-    """The data a model was trained on, as its manifest records it: the parent data folder,
-    else the `data` setting; None when the manifest says nothing."""
-    m = loaded.manifest
-    if m is None:
-        return None
-    parent = (m.parent or {}).get("path")
-    if parent and Path(parent).exists() and is_data_folder(parent):
-        return parent
-    data = m.settings.get("data")
-    if isinstance(data, str) and data:
-        return data
-    teacher = m.extra.get("teacher", {}).get("path") if isinstance(m.extra.get("teacher"), dict) else None
-    return teacher and _data_of_folder(teacher)
-
-
-def _data_of_folder(folder: str) -> str | None:
-    from compactgpt.artifacts import load_model
-
+def training_data_of(folder: str | Path) -> str | None:
+    """The data a model was trained on, as its family's manifests record it: walking from the
+    model up its parents, the first parent that is a data folder or the first `data` setting;
+    None when the chain says nothing (or an ancestor cannot be read: the data must then be
+    given explicitly)."""
     try:
-        return training_data_of(load_model(folder, verify=False))
-    except Exception:  # an unreachable ancestor only means the data must be given explicitly
+        for path, manifest in ancestors(folder):
+            if manifest is None:
+                return None
+            parent = parent_path(path, manifest)
+            if parent is not None and parent.exists() and is_data_folder(parent):
+                return str(parent)
+            data = manifest.settings.get("data")
+            if isinstance(data, str) and data:
+                return data
+    except ArtifactError:
         return None
+    return None
 
 
 @dataclass
@@ -63,7 +82,7 @@ def split_tokens(data: str | None, loaded: LoadedModel, text_field: str = "text"
                  val_fraction: float = 0.05) -> SplitTokens:
     """Train and validation token ids of `data` (a prepared data folder, or text tokenized
     here with the model's tokenizer); without data, the model's own training data."""
-    data = data or training_data_of(loaded)
+    data = data or training_data_of(loaded.folder)
     if data is None:
         raise ConfigError(
             f"{loaded.folder} records no training data; pass --data with text (or a prepared data "
@@ -88,10 +107,9 @@ def calibration_batches(tokens: np.ndarray, n_windows: int, block_size: int, bat
             f"calibration needs at least {block_size + 1} tokens, the data has {len(tokens)}; "
             "give more text or a smaller --block-size"
         )
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - block_size, (n_windows,), generator=g).tolist()
-    rows = torch.stack([torch.from_numpy(np.asarray(tokens[s:s + block_size], dtype=np.int64)) for s in starts])
-    return list(rows.split(batch_size))
+    rows = random_windows(torch.from_numpy(np.asarray(tokens)), n_windows, block_size,
+                          torch.Generator().manual_seed(seed))
+    return list(rows.long().split(batch_size))
 
 
 def eval_slice(tokens: np.ndarray, limit: int) -> torch.Tensor:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-from compactgpt.errors import CompactGPTError, ConfigError
+from compactgpt.config import StageConfig, option
+from compactgpt.errors import ConfigError
 
-from .spec import DEFAULT_OPSET, MIN_OPSET
+from .errors import ExportError, ParityError
+from .spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+__all__ = ["DTYPES", "EXTERNAL_DATA", "EXTERNAL_DATA_AUTO_BYTES", "ExportConfig", "ExportError", "ParityError"]
 
 DTYPES = ("fp32", "fp16")
 EXTERNAL_DATA = ("auto", "always", "never")
@@ -14,33 +18,33 @@ EXTERNAL_DATA = ("auto", "always", "never")
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30
 
 
-class ExportError(CompactGPTError):
-    """An export that cannot be built as asked (an operator the opset lacks, a layout
-    MatMulNBits cannot hold, ...)."""
-
-
-class ParityError(CompactGPTError):
-    """ONNX Runtime's outputs differ from PyTorch's beyond tolerance: the export is wrong."""
-
-
 @dataclass
-class ExportConfig:
+class ExportConfig(StageConfig):
     """Settings of one export. Fields map one-to-one to `compactgpt export` flags."""
 
-    model: str = ""  # artifact folder to export (float or quantized)
-    out: str = ""  # folder to write
-    dtype: str = "fp32"  # fp16 halves the weights; meant for the CUDA provider
-    optimize: bool = True  # fused ONNX Runtime contrib ops; False: standard ONNX ops only
-    opset: int = DEFAULT_OPSET
-    accuracy_level: int = 4  # MatMulNBits: 0 float activations, 4 int8 activations (fastest on CPU)
-    ort_int8: bool = False  # baseline: ONNX Runtime's dynamic int8 quantization of the float export
-    external_data: str = "auto"  # weights in model.onnx.data: auto (large models), always, never
-    ort_format: bool = False  # also write model.ort for ONNX Runtime mobile / minimal builds
-    atol: float = 1e-4  # float exports: largest allowed |ONNX - PyTorch| of logits and KV
-    quant_rtol: float = 0.05  # quantized exports: largest allowed max|diff| / max|logits|
-    threads: int | None = None  # ONNX Runtime intra-op threads during validation
+    model: str = option("", "artifact folder to export: a float model, or a quantized one (its int8/int4 "
+                        "weights are exported as they are)")
+    out: str = option("", "folder to write (model.onnx, config.json, tokenizer, genai_config.json, manifest.json)")
+    dtype: str = option("fp32", "fp32 (default) or fp16 (half the size; meant for the CUDA provider)")
+    optimize: bool = option(True, "fused ONNX Runtime ops (SkipLayerNormalization, FastGelu, MultiHeadAttention; "
+                            "default). --no-optimize writes standard ONNX ops only, for other runtimes")
+    opset: int = option(DEFAULT_OPSET, "ONNX opset (default 17, the oldest with LayerNormalization)")
+    # 4 is the default because int8 activations make single-token decode several times faster on CPU.
+    accuracy_level: int = option(4, "MatMulNBits compute type for quantized weights: 0 float activations, 4 int8 "
+                                 "activations (default; several times faster for single-token decode on CPU)")
+    ort_int8: bool = option(False, "baseline: quantize the float export with ONNX Runtime's dynamic int8 "
+                            "(MatMulInteger)")
+    external_data: str = option("auto", "weights in model.onnx.data: auto (over 1 GiB; default), always, never")
+    ort_format: bool = option(False, "also write model.ort (ONNX Runtime mobile / minimal builds) and its "
+                              "operator list")
+    atol: float = option(1e-4, "float exports: largest allowed |ONNX - PyTorch| of logits and KV (default 1e-4)")
+    # Quantized kernels round activations differently from PyTorch: a relative bound, not atol.
+    quant_rtol: float = option(0.05, "quantized exports: largest allowed max|diff| / max|logits| against the "
+                               "PyTorch quantized model (default 0.05)")
+    threads: int | None = option(None, "ONNX Runtime threads during validation")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad setting and the fix."""
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
         if self.opset < MIN_OPSET:
@@ -48,8 +52,10 @@ class ExportConfig:
                 f"opset {self.opset} is too old for this decoder: LayerNormalization needs opset "
                 f"{MIN_OPSET}; use --opset {MIN_OPSET} or newer"
             )
-        if self.opset > 21:
-            raise ConfigError(f"opset {self.opset} is newer than this exporter knows (<= 21); use --opset 17")
+        if self.opset > MAX_OPSET:
+            raise ConfigError(
+                f"opset {self.opset} is newer than this exporter knows (<= {MAX_OPSET}); use --opset {DEFAULT_OPSET}"
+            )
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}")
         if self.external_data not in EXTERNAL_DATA:
@@ -58,14 +64,3 @@ class ExportConfig:
             raise ConfigError("atol and quant_rtol must be positive")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExportConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"ExportConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)

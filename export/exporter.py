@@ -4,26 +4,27 @@ The output folder holds model.onnx (+ model.onnx.data for large models), the sou
 config.json and tokenizer (so Optimum's ORTModelForCausalLM and onnxruntime-genai load it),
 genai_config.json and a manifest whose metrics carry the parity report. It is written
 atomically: a failed validation leaves it marked incomplete, so nothing loads it.
+
+onnx and onnxruntime are imported inside the functions that use them: `import export` must
+stay cheap for verbs that never export.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 
-from compactgpt.artifacts import begin_write, finish_write, read_manifest
+from compactgpt.artifacts import begin_write, finish_write, folder_kind, load_model
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.io import atomic_write_json
 
-from .config import EXTERNAL_DATA_AUTO_BYTES, ExportConfig, ExportError
+from .config import EXTERNAL_DATA_AUTO_BYTES, ExportConfig
+from .errors import ExportError
 from .genai import convert_to_ort, genai_config
-from .graph import BuildOptions, build_decoder, collect_projections, exact_arithmetic
 from .spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE, DecoderSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -32,54 +33,45 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FP16_RTOL = 0.02
 
 
-def is_quantized_folder(folder: Path) -> bool:
-    """A quantize/ artifact: config.json has a quantization_config, or the manifest says so."""
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            if "quantization_config" in json.loads(cfg.read_text(encoding="utf-8")):
-                return True
-        except json.JSONDecodeError:
-            return False
-    manifest = read_manifest(folder) if folder.is_dir() else None
-    return manifest is not None and manifest.stage == "quantize"
-
-
 def load_source(folder: Path):
-    """(model, tokenizer, quantized?) of an artifact folder; typed errors for anything else."""
-    if not folder.is_dir():
-        raise ArtifactError(f"{folder} does not exist or is not a folder; pass a model artifact folder")
-    if (folder / MODEL_FILE).is_file() and not (folder / "model.safetensors").is_file():
+    """(model, tokenizer, quantized?) of an artifact folder; typed errors for anything else.
+
+    Raises ArtifactError for a missing, unfinished or non-model folder and for an ONNX export,
+    ExportError for quantized weights that have no ONNX kernel."""
+    kind = folder_kind(folder)
+    if kind == "onnx":
         raise ArtifactError(
             f"{folder} is already an ONNX export; pass the model artifact it was exported from"
         )
-    if is_quantized_folder(folder):
-        try:
-            from quantize import load_quantized
-        except ImportError as e:
-            raise ExportError(f"{folder} is a quantized artifact but the quantize package is unavailable ({e})") from e
-        q = load_quantized(folder)
-        if getattr(q, "layout", "gptq") != "gptq":
-            raise ExportError(
-                f"{folder} holds bitsandbytes weights (layout {q.layout!r}), which have no ONNX kernel; "
-                "quantize with rtn, gptq, awq or smoothquant to export integer weights, or export the "
-                "float parent (optionally with --ort-int8)"
-            )
-        return q.model.eval(), q.tokenizer, True
-    from compactgpt.artifacts import load_model
-
-    loaded = load_model(folder)
-    return loaded.model, loaded.tokenizer, False
+    if kind != "quantized":
+        loaded = load_model(folder)
+        return loaded.model, loaded.tokenizer, False
+    try:
+        from quantize import load_quantized
+    except ImportError as e:
+        raise ExportError(f"{folder} is a quantized artifact but the quantize package is unavailable ({e})") from e
+    q = load_quantized(folder)
+    if getattr(q, "layout", "gptq") != "gptq":
+        raise ExportError(
+            f"{folder} holds bitsandbytes weights (layout {q.layout!r}), which have no ONNX kernel; "
+            "quantize with rtn, gptq, awq or smoothquant to export integer weights, or export the "
+            "float parent (optionally with --ort-int8)"
+        )
+    return q.model.eval(), q.tokenizer, True
 
 
-def weight_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of all initializers: what a decode step reads at most."""
+def weight_bytes(proto) -> int:
+    """Bytes of all initializers of an onnx.ModelProto: what a decode step reads at most."""
+    import onnx
+
     return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
                for t in proto.graph.initializer)
 
 
-def save_proto(proto: onnx.ModelProto, folder: Path, external: str) -> list[str]:
+def save_proto(proto, folder: Path, external: str) -> list[str]:
     """Write model.onnx (and model.onnx.data when external); returns the file names."""
+    import onnx
+
     nbytes = weight_bytes(proto)
     use_external = external == "always" or (external == "auto" and nbytes > EXTERNAL_DATA_AUTO_BYTES)
     for name in (MODEL_FILE, DATA_FILE):
@@ -94,6 +86,7 @@ def save_proto(proto: onnx.ModelProto, folder: Path, external: str) -> list[str]
 
 def ort_dynamic_int8(folder: Path, external: bool) -> None:
     """Replace folder/model.onnx by ONNX Runtime's dynamic int8 quantization of it."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = folder / "float.onnx"
@@ -116,6 +109,7 @@ def ort_dynamic_int8(folder: Path, external: bool) -> None:
 
 
 def make_session(path: Path, threads: int | None):
+    """A CPU ONNX Runtime session of the graph at `path`, quiet, with `threads` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -125,15 +119,57 @@ def make_session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log: Callable[[str], None]):
+    """(onnx.ModelProto, exact?) of `model` as `config` asks; exact: ONNX Runtime computes
+    PyTorch's function up to float rounding (no activation quantization), so the float
+    tolerance applies. Raises ExportError for a graph that is not valid ONNX."""
+    import onnx
+
+    from .graph import BuildOptions, build_decoder, collect_projections, exact_arithmetic
+
+    options = BuildOptions(dtype=config.dtype, fused=config.optimize, opset=config.opset,
+                           accuracy_level=config.accuracy_level,
+                           extra_meta={"producer": "compactgpt", "source": str(source.resolve())})
+    log(f"building the decoder graph ({'fused' if config.optimize else 'standard ops'}, {config.dtype}"
+        f"{', quantized weights' if quantized else ''})")
+    projections = collect_projections(model)
+    exact = exact_arithmetic(projections, config.accuracy_level) and not config.ort_int8
+    proto = build_decoder(model, projections, options)
+    del projections
+    try:
+        # The checker serializes the model: over protobuf's 2 GiB limit it cannot run.
+        onnx.checker.check_model(proto) if weight_bytes(proto) < EXTERNAL_DATA_AUTO_BYTES else None
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the built graph is not valid ONNX at opset {config.opset}: {e}") from e
+    return proto, exact
+
+
+def validate_export(folder: Path, model, spec: DecoderSpec, config: ExportConfig, exact: bool) -> dict:
+    """Run the written graph in ONNX Runtime against `model`; the parity report with its
+    tolerance. Raises the signature errors of export.errors or ParityError."""
+    from .validate import validate
+
+    session = make_session(folder / MODEL_FILE, config.threads)
+    np_dtype = np.float16 if config.dtype == "fp16" else np.float32
+    # Integer kernels that quantize activations round differently from PyTorch's reference:
+    # those exports are held to a relative bound, everything else to the float tolerance.
+    if not exact or config.dtype == "fp16":
+        rtol = config.quant_rtol if not exact else FP16_RTOL
+        report = validate(model, session, spec, rtol=rtol, np_dtype=np_dtype)
+        report["tolerance"] = {"max_logits_rel_diff": rtol}
+    else:
+        report = validate(model, session, spec, atol=config.atol, np_dtype=np_dtype)
+        report["tolerance"] = {"atol": config.atol}
+    return report
+
+
 def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
     """Export config.model to config.out and validate it against PyTorch.
 
     Raises ArtifactError (not an artifact), ConfigError (contradictory settings), ExportError
-    (a layout the graph cannot hold) and ParityError (the export disagrees with PyTorch).
-    Returns the output folder.
+    (a layout the graph cannot hold, or a graph whose names and axes disagree with
+    export.spec) and ParityError (the export disagrees with PyTorch). Returns the output folder.
     """
-    from .validate import validate
-
     src, out = Path(config.model), Path(config.out)
     if not config.model or not config.out:
         raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
@@ -146,19 +182,7 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
             "parent with --ort-int8, or drop the flag to export these integer weights"
         )
     spec = DecoderSpec.from_config(model.config)
-    options = BuildOptions(dtype=config.dtype, fused=config.optimize, opset=config.opset,
-                           accuracy_level=config.accuracy_level,
-                           extra_meta={"producer": "compactgpt", "source": str(src.resolve())})
-    log(f"building the decoder graph ({'fused' if config.optimize else 'standard ops'}, {config.dtype}"
-        f"{', quantized weights' if quantized else ''})")
-    projections = collect_projections(model)
-    exact = exact_arithmetic(projections, config.accuracy_level) and not config.ort_int8
-    proto = build_decoder(model, projections, options)
-    del projections
-    try:
-        onnx.checker.check_model(proto) if weight_bytes(proto) < EXTERNAL_DATA_AUTO_BYTES else None
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"the built graph is not valid ONNX at opset {config.opset}: {e}") from e
+    proto, exact = build_graph(model, config, src, quantized, log)
 
     out = begin_write(out)
     files = save_proto(proto, out, config.external_data)
@@ -168,19 +192,7 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
         log("quantizing with ONNX Runtime's dynamic int8 (MatMulInteger)")
         ort_dynamic_int8(out, external=DATA_FILE in files)
     log("validating against PyTorch")
-    session = make_session(out / MODEL_FILE, config.threads)
-    run = lambda feeds: session.run(None, feeds)
-    np_dtype = np.float16 if config.dtype == "fp16" else np.float32
-    # Integer kernels that quantize activations round differently from PyTorch's reference:
-    # those exports are held to a relative bound, everything else to the float tolerance.
-    if not exact or config.dtype == "fp16":
-        rtol = config.quant_rtol if not exact else FP16_RTOL
-        report = validate(model, run, spec, rtol=rtol, np_dtype=np_dtype)
-        report["tolerance"] = {"max_logits_rel_diff": rtol}
-    else:
-        report = validate(model, run, spec, atol=config.atol, np_dtype=np_dtype)
-        report["tolerance"] = {"atol": config.atol}
-    del session
+    report = validate_export(out, model, spec, config, exact)
 
     shutil.copyfile(src / "config.json", out / "config.json")
     files.append("config.json")

@@ -15,7 +15,7 @@ from pathlib import Path
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPTConfig
 
-from .config import ExportError
+from .errors import ExportError
 from .spec import MODEL_FILE, DecoderSpec
 
 # onnxruntime-genai runs every decoder-only model with one implementation; "gpt2" is not in

@@ -29,9 +29,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compactgpt.model import GPT
 
-from .config import ExportError
+from .errors import ExportError
 from .nbits import NBitsWeight, to_nbits
-from .spec import IR_VERSION, MS_DOMAIN, DecoderSpec
+from .spec import DEFAULT_OPSET, IR_VERSION, MS_DOMAIN, DecoderSpec
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
 _ONNX = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
@@ -105,9 +105,12 @@ class _Graph:
 
 @dataclass
 class BuildOptions:
+    """How build_decoder lays out the graph (ExportConfig's dtype, optimize, opset and
+    accuracy_level), the LayerNorm epsilon and metadata written into the model."""
+
     dtype: str = "fp32"
     fused: bool = True
-    opset: int = 17
+    opset: int = DEFAULT_OPSET
     accuracy_level: int = 4
     eps: float = 1e-5
     extra_meta: dict = field(default_factory=dict)

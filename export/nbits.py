@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ExportError
+from .errors import ExportError
 
 # Block lengths the CPU kernels of MatMulNBits implement.
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -115,6 +115,7 @@ class OnnxDecoder:
 
     # -- one call of the graph ------------------------------------------------------------
     def empty_past(self, batch: int) -> list:
+        """The KV cache of `batch` rows before any token: zero-length past per layer."""
         shape = (batch, self.spec.n_head, 0, self.spec.head_dim)
         return [self._ortvalue(np.zeros(shape, self.dtype)) for _ in self.spec.past_names]
 
@@ -137,7 +138,8 @@ class OnnxDecoder:
                  spec.position_ids: np.ascontiguousarray(position_ids, dtype=np.int64)}
         if not self.io_binding:
             feeds.update(zip(spec.past_names, past))
-            outs = self.session.run(None, feeds)
+            # Asked for by name: the outputs come back in the spec's order, whatever the graph's.
+            outs = self.session.run(spec.output_names, feeds)
             return outs[0].astype(np.float32, copy=False), outs[1:]
         binding = self.session.io_binding()
         for name, array in feeds.items():
@@ -208,3 +210,13 @@ class OnnxDecoder:
             return input_ids
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
+
+def open_decoder(folder: str | Path, threads: int | None = None, device: str = "cpu") -> tuple[OnnxDecoder, Tokenizer]:
+    """(decoder, tokenizer) of an export folder, for streaming generation.
+
+    device: cpu | cuda[:N]; threads: ONNX Runtime intra-op threads (None: its own choice).
+    Raises ArtifactError when the folder is not a complete export or lacks its tokenizer."""
+    decoder = OnnxDecoder(folder, device=device or "cpu", threads=threads)
+    if decoder.tokenizer is None:
+        raise ArtifactError(f"{folder} has no tokenizer.json; re-export it with `compactgpt export`")
+    return decoder, decoder.tokenizer

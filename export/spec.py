@@ -16,6 +16,8 @@ MS_DOMAIN = "com.microsoft"
 # LayerNormalization entered the standard domain in opset 17: the unfused graph needs it.
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
+# The newest opset whose operators this exporter has been checked against.
+MAX_OPSET = 21
 # ONNX Runtime 1.2x reads IR versions up to 10-13; 9 is what opset 17 shipped with and is read
 # by every runtime that knows opset 17.
 IR_VERSION = 9
@@ -46,6 +48,8 @@ class DecoderSpec:
     logits: str = "logits"
 
     def past_key(self, i: int) -> str:
+        """The name of layer i's cached keys fed in (past_value, present_key and
+        present_value likewise)."""
         return f"past_key_values.{i}.key"
 
     def past_value(self, i: int) -> str:
@@ -85,6 +89,7 @@ class DecoderSpec:
         return shapes
 
     def output_shapes(self) -> dict[str, list]:
+        """Output name -> shape with named dynamic axes (ints for fixed sizes)."""
         shapes = {self.logits: [BATCH, SEQUENCE, self.vocab_size]}
         for name in self.present_names:
             shapes[name] = [BATCH, self.n_head, TOTAL, self.head_dim]

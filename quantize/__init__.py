@@ -3,8 +3,12 @@ SmoothQuant W8A8, and bitsandbytes LLM.int8 / NF4 / FP4.
 
     from quantize import quantize_, RTNConfig, load_quantized
     quantize_(model, RTNConfig(bits=4, group_size=128))
+    quantize_folder("runs/teacher", "runs/teacher-gptq4", GPTQConfig(group_size=32))
 
-The quantized-weight format shared with the ONNX exporter lives in `quantize.format`.
+Each method's handler is registered beside its code (`register_handler`); calibrated methods
+share one block walk (`walk_blocks`). The quantized-weight format shared with the ONNX
+exporter lives in `quantize.format`. This package imports no stage after it (export) and no
+part of the application (compactgpt.app).
 """
 
 from __future__ import annotations
@@ -13,14 +17,20 @@ import importlib
 
 from .format import QuantizedWeight, pack_int4, unpack_int4
 
-# Heavier parts load on first use, so `quantize.format` stays importable on its own.
+# Heavier parts load on first use, so `quantize.format` stays importable on its own and
+# importing `quantize` loads neither torch-heavy method code nor bitsandbytes.
 _LAZY = {
-    "quantize_": "api", "CalibrationData": "api", "load_calibration": "api",
+    "quantize_": "api", "QuantizeReport": "api",
+    "CalibrationData": "calibrate", "load_calibration": "calibrate", "walk_blocks": "calibrate",
+    "BlockHooks": "calibrate",
+    "register_handler": "handlers", "handler_for": "handlers",
     "load_quantized": "artifact", "save_quantized": "artifact", "QuantizedArtifact": "artifact",
     "quantized_linears": "modules", "QuantLinear": "modules", "QuantEmbedding": "modules",
     "QuantConfig": "config", "RTNConfig": "config", "GPTQConfig": "config", "AWQConfig": "config",
     "SmoothQuantConfig": "config", "BnbInt8Config": "config", "BnbNF4Config": "config",
-    "METHODS": "config", "config_for": "config",
+    "METHODS": "config", "config_for": "config", "config_from_dict": "config",
+    "quantize_folder": "stage", "evaluate_quantized": "stage", "validation_tokens": "stage",
+    "resolve_calibration": "stage",
 }
 
 __all__ = ["QuantizedWeight", "pack_int4", "unpack_int4", *_LAZY]

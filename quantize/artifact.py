@@ -11,6 +11,9 @@ The "gptq" layout is the GPTQ checkpoint format transformers reads (`quant_metho
 `checkpoint_format: gptq`); CompactGPT's own fields (method, activation bits, the full
 settings) sit beside it under `quantization_config.compactgpt`. A quantized tied embedding /
 LM head is stored once, as `lm_head.*`. Writes are atomic (see compactgpt.artifacts).
+
+The settings (in config.json and the manifest) carry their `config_version`; loading refuses
+settings of a newer version, and settings without one (older artifacts) read as version 1.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def layout_for(config: QuantConfig, layout: str | None = None) -> str:
 
 def quantization_config(config: QuantConfig, layout: str, act_bits: int | None) -> dict:
     """The `quantization_config` entry of config.json."""
-    own = {"method": config.method, "layout": layout, "act_bits": act_bits, "settings": config.to_dict()}
+    own = {"method": config.method, "layout": layout, "act_bits": act_bits, "settings": config.versioned_dict()}
     if layout == "gptq":
         return {
             "quant_method": "gptq",
@@ -143,7 +146,7 @@ def save_quantized(
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     tokenizer.save(folder)
     names = ["config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    return finish_write(folder, STAGE, config.to_dict(), parent=parent, metrics=metrics, files=names,
+    return finish_write(folder, STAGE, config.versioned_dict(), parent=parent, metrics=metrics, files=names,
                         extra={"layout": layout, **(extra or {})})
 
 
@@ -160,7 +163,8 @@ class QuantizedArtifact:
 def load_quantized(folder: str | Path, verify: bool = True) -> QuantizedArtifact:
     """Load a quantized artifact into a GPT whose quantized layers run in PyTorch (CPU).
 
-    Raises ArtifactError for a missing, unfinished, damaged or non-quantized folder.
+    Raises ArtifactError for a missing, unfinished, damaged or non-quantized folder, and
+    ConfigError for settings written by a newer CompactGPT (a newer `config_version`).
     """
     folder = Path(folder)
     check_complete(folder)

@@ -8,14 +8,38 @@ the calibration data), and keeps the one whose quantized *module* output (the at
 the MLP the layer feeds, not just the layer) is closest to the float output.
 `search_clip` then shrinks each group's range where clipping a few large weights lowers the
 output error of that group.
+
+`_awq` at the end, registered for AWQConfig, applies both searches to a GPT over the
+calibration walk; which layers get scales and where they are folded is `AWQ_MAPPINGS`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-from .rtn import fake_quantize, grid_params, group_ranges, rtn_quantize
+from compactgpt.model import CausalSelfAttention
+
+from .calibrate import BlockHooks, walk_blocks
+from .config import AWQConfig
 from .format import QuantizedWeight
+from .handlers import BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, replace_linear
+from .rtn import fake_quantize, grid_params, group_ranges, rtn_quantize
+from .smoothquant import ScaleMapping, fold_mapping
+
+# Calibration windows AWQ's scale search runs through each module, and input rows (a fixed,
+# spread-out subset) its clipping search scores.
+AWQ_SEARCH_WINDOWS = 32
+AWQ_CLIP_ROWS = 1024
+
+# Each scale is judged by the output of the module its layer feeds: the attention for q/k/v
+# (errors in q and k pass through the softmax), the MLP for its first layer. mlp.c_proj reads
+# the GELU's output: no linear op to fold a scale into, so it gets the clipping search alone.
+AWQ_MAPPINGS = (
+    ScaleMapping("ln_1", ("attn.c_attn",), judge="attn"),
+    ScaleMapping("attn.c_attn", ("attn.c_proj",), judge="attn.c_proj"),
+    ScaleMapping("ln_2", ("mlp.c_fc",), judge="mlp"),
+)
 
 
 def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
@@ -127,3 +151,67 @@ def search_clip(
     del wg
     best_ratio[:fixed_rows] = 1.0
     return rtn_quantize(w, bits, group_size, symmetric, clip=best_ratio)
+
+
+# ---------------------------------------------------------------------------------------
+# The handler
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A fixed, evenly spread subset of at most n rows of x (..., C) flattened to (N, C)."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n).long()]
+
+
+def _judge(block: nn.Module, name: str):
+    """The forward of the module named `name` in the block, on its input alone."""
+    module = block.get_submodule(name)
+    if isinstance(module, CausalSelfAttention):
+        return lambda x: module(x, None, None)[0]  # no cache, causal mask
+    return module
+
+
+class _AWQBlocks(BlockHooks):
+    """Per block: every projection's inputs in one float pass; scales searched and folded
+    mapping by mapping; then each projection's clipping search. Folding keeps the float
+    function, so the float outputs feed the next block."""
+
+    def __init__(self, model, config: AWQConfig):
+        self.model, self.config = model, config
+        self.inputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in BLOCK_LAYERS}
+        self.search = dict(bits=config.bits, symmetric=config.symmetric, n_grid=config.n_grid)
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        self.inputs[layer].append(x)
+
+    def quantize(self, index: int, block: nn.Module, layers: tuple[str, ...]) -> None:
+        X = {layer: torch.cat(v)[:AWQ_SEARCH_WINDOWS] for layer, v in self.inputs.items()}  # (n, T, in)
+        self.inputs = {layer: [] for layer in BLOCK_LAYERS}
+        gs = {layer: self.config.group_for(block.get_submodule(layer).in_features, layer_name(index, layer))
+              for layer in BLOCK_LAYERS}
+        for mapping in AWQ_MAPPINGS:
+            (layer,) = mapping.layers
+            s, _ = search_scales_through(X[layer], _judge(block, mapping.judge), [block.get_submodule(layer).weight],
+                                         group_size=gs[layer], duo=self.config.duo_scaling, **self.search)
+            fold_mapping(block, mapping, s)
+            X[layer] = X[layer] / s
+        for layer in BLOCK_LAYERS:
+            lin = block.get_submodule(layer)
+            fixed = 2 * lin.in_features if layer == "attn.c_attn" else 0  # queries and keys
+            qw = search_clip(_rows(X[layer], AWQ_CLIP_ROWS), lin.weight, group_size=gs[layer],
+                             max_shrink=self.config.max_shrink, fixed_rows=fixed, **self.search)
+            replace_linear(self.model, layer_name(index, layer), qw)
+
+
+@register_handler(AWQConfig)
+@torch.no_grad()
+def _awq(model, config: AWQConfig, calibration, progress: bool) -> None:
+    hooks = _AWQBlocks(model, config)
+    xs = walk_blocks(model, calibration, hooks, progress, "awq")
+    if config.include_embeddings:
+        h = _rows(model.transformer.ln_f(xs), AWQ_CLIP_ROWS)
+        w = model.transformer.wte.weight
+        quantize_embeddings(model, search_clip(h, w, group_size=config.group_for(w.shape[1], "lm_head"),
+                                               max_shrink=config.max_shrink, **hooks.search))

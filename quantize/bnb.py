@@ -3,7 +3,9 @@
 bitsandbytes 0.45+ runs both on CPU as well as CUDA. Its layers keep their own storage
 (int8 rows with per-row absmax `SCB`; 4-bit codes with per-block absmax and a code map), so
 they are saved in bitsandbytes' own serialization (the tensors of the layer's state dict,
-which transformers also reads) and rebuilt from it here.
+which transformers also reads) and rebuilt from it here. bitsandbytes itself is imported on
+first use. The handlers at the end, registered for BnbInt8Config and BnbNF4Config, swap a
+GPT's projections for these layers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import warnings
 import torch
 import torch.nn as nn
 
-from compactgpt.errors import ArtifactError
+from compactgpt.errors import ArtifactError, ConfigError
+
+from .config import BnbInt8Config, BnbNF4Config, QuantConfig
+from .handlers import each_projection, register_handler
+from .modules import set_module
 
 
 def _bnb():
@@ -85,3 +91,36 @@ def fourbit_from_tensors(t: dict[str, torch.Tensor], in_f: int, out_f: int, name
     if "bias" in t:
         m.bias = nn.Parameter(t["bias"].clone(), requires_grad=False)
     return m
+
+
+# ---------------------------------------------------------------------------------------
+# Handlers
+
+
+def _no_bnb_embeddings(config: QuantConfig) -> None:
+    if config.include_embeddings:
+        raise ConfigError(
+            f"{config.method}: bitsandbytes layers cannot hold the tied embedding / LM head; drop "
+            "--include-embeddings, or use rtn/gptq/awq to quantize the embeddings"
+        )
+
+
+@register_handler(BnbInt8Config)
+@torch.no_grad()
+def _bnb_int8(model, config: BnbInt8Config, calibration, progress: bool) -> None:
+    _no_bnb_embeddings(config)
+    for name, lin in each_projection(model, "bnb-int8", progress):
+        set_module(model, name, to_int8_linear(lin, config.threshold))
+
+
+@register_handler(BnbNF4Config)
+@torch.no_grad()
+def _bnb_nf4(model, config: BnbNF4Config, calibration, progress: bool) -> None:
+    _no_bnb_embeddings(config)
+    for name, lin in each_projection(model, "bnb-4bit", progress):
+        if lin.out_features % 32:
+            raise ConfigError(
+                f"bnb-nf4: bitsandbytes' CPU 4-bit kernel needs output widths divisible by 32, but {name} "
+                f"has {lin.out_features} outputs; use rtn/gptq/awq (bits 4) for this model"
+            )
+        set_module(model, name, to_4bit_linear(lin, config.quant_type, config.blocksize, config.double_quant))

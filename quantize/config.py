@@ -1,47 +1,28 @@
 """One config dataclass per quantization method, validated on creation, and the registry
 that finds a method's config by its name.
 
-Every config serializes to a flat dict (`to_dict`, saved in the artifact's manifest and
-config.json) and back (`config_from_dict`), and every field is one CLI flag.
+Every config serializes to a flat dict (`to_dict`; `versioned_dict` adds the format version,
+saved in the artifact's manifest and config.json) and back (`config_from_dict`, which refuses
+settings written by a newer version), and every field is one CLI flag whose help text lives
+on the field.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from compactgpt.config import VERSION_KEY, StageConfig, option
 from compactgpt.errors import ConfigError
 
-# name -> config class; filled by @register_method below.
+# name -> config class, in registration order (the order of the CLI's flags); filled by
+# @register_method below.
 METHODS: dict[str, type["QuantConfig"]] = {}
-
-# What the CLI and the manifests say about each field.
-FIELD_HELP = {
-    "bits": "bits per weight",
-    "group_size": "input columns that share one scale (must divide every quantized layer's width; "
-                  "0 = one scale per output channel)",
-    "symmetric": "symmetric codes (zero point fixed at the middle code) instead of an asymmetric "
-                 "zero point per group",
-    "include_embeddings": "also quantize the tied token embedding / LM head (a large share of a small model)",
-    "calib_samples": "calibration windows drawn from the calibration data",
-    "calib_seq_len": "tokens per calibration window (0 = the model's n_positions)",
-    "seed": "seed that picks the calibration windows",
-    "damp_percent": "GPTQ: Hessian dampening, as a share of its mean diagonal",
-    "act_order": "GPTQ: quantize columns in order of decreasing activation energy",
-    "block_columns": "GPTQ: columns updated together in one lazy batch",
-    "n_grid": "AWQ: points on the grid searched for the scale exponent and the clipping ratio",
-    "max_shrink": "AWQ: smallest clipping ratio tried is 1 - max-shrink (0 = no clipping search)",
-    "duo_scaling": "AWQ: scales from activation and weight magnitudes (mean|x|^a / mean|w|^(1-a)) "
-                   "instead of activations alone",
-    "alpha": "SmoothQuant: migration strength (0 = all difficulty on activations, 1 = all on weights)",
-    "threshold": "LLM.int8: activation magnitude above which a feature runs in float (0 = pure int8)",
-    "quant_type": "bitsandbytes 4-bit data type: nf4 or fp4",
-    "blocksize": "bitsandbytes 4-bit: weights per absmax block",
-    "double_quant": "bitsandbytes 4-bit: quantize the absmax statistics too",
-}
 
 
 def register_method(name: str):
+    """Class decorator: register a config class under a method name (`--method NAME`)."""
+
     def wrap(cls):
         cls.method = name
         METHODS[name] = cls
@@ -51,7 +32,7 @@ def register_method(name: str):
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(StageConfig):
     """Settings shared by every method."""
 
     method: ClassVar[str] = ""
@@ -59,12 +40,15 @@ class QuantConfig:
     calibrated: ClassVar[bool] = False  # needs calibration data (prepare -> calibrate -> convert)
     integer_weights: ClassVar[bool] = True  # produces QuantizedWeight (GPTQ layout); False for bitsandbytes
 
-    bits: int = 8
-    group_size: int = 0
-    symmetric: bool = True
-    include_embeddings: bool = False
+    bits: int = option(8, "bits per weight")
+    group_size: int = option(0, "input columns that share one scale (must divide every quantized layer's "
+                                "width; 0 = one scale per output channel)")
+    symmetric: bool = option(True, "symmetric codes (zero point fixed at the middle code) instead of an "
+                                   "asymmetric zero point per group")
+    include_embeddings: bool = option(False, "also quantize the tied token embedding / LM head (a large share "
+                                             "of a small model)")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.bits not in self.supported_bits:
             raise ConfigError(
                 f"{self.method}: bits={self.bits} is not supported; this method quantizes to "
@@ -76,7 +60,7 @@ class QuantConfig:
             raise ConfigError(f"{self.method}: group_size={self.group_size} must be even (int4 packs two per byte)")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
+        return {"method": self.method, **super().to_dict()}
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
@@ -91,16 +75,21 @@ class QuantConfig:
         return self.group_size
 
 
+def _default(name: str, value: Any) -> Any:
+    """A method's own default for a shared field, keeping the field's help text."""
+    return field(default=value, metadata=QuantConfig.__dataclass_fields__[name].metadata)
+
+
 @dataclass
 class CalibratedConfig(QuantConfig):
     calibrated: ClassVar[bool] = True
 
-    calib_samples: int = 128
-    calib_seq_len: int = 0
-    seed: int = 0
+    calib_samples: int = option(128, "calibration windows drawn from the calibration data")
+    calib_seq_len: int = option(0, "tokens per calibration window (0 = the model's n_positions)")
+    seed: int = option(0, "seed that picks the calibration windows")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.calib_samples <= 0:
             raise ConfigError(f"{self.method}: calib_samples must be positive, got {self.calib_samples}")
         if self.calib_seq_len < 0:
@@ -119,14 +108,14 @@ class GPTQConfig(CalibratedConfig):
     """GPTQ: each column's rounding error is compensated on the columns not yet quantized,
     weighted by the inverse Hessian of the layer's calibration inputs."""
 
-    bits: int = 4
-    group_size: int = 128
-    damp_percent: float = 0.01
-    act_order: bool = True
-    block_columns: int = 128
+    bits: int = _default("bits", 4)
+    group_size: int = _default("group_size", 128)
+    damp_percent: float = option(0.01, "GPTQ: Hessian dampening, as a share of its mean diagonal")
+    act_order: bool = option(True, "GPTQ: quantize columns in order of decreasing activation energy")
+    block_columns: int = option(128, "GPTQ: columns updated together in one lazy batch")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"gptq: damp_percent must be in (0, 1), got {self.damp_percent}")
         if self.block_columns <= 0:
@@ -140,15 +129,17 @@ class AWQConfig(CalibratedConfig):
     on calibration data and folded into the preceding LayerNorm or projection; then a search
     for the clipping range of every group."""
 
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = False
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    duo_scaling: bool = True
+    bits: int = _default("bits", 4)
+    group_size: int = _default("group_size", 128)
+    symmetric: bool = _default("symmetric", False)
+    n_grid: int = option(20, "AWQ: points on the grid searched for the scale exponent and the clipping ratio")
+    max_shrink: float = option(0.5, "AWQ: smallest clipping ratio tried is 1 - max-shrink (0 = no clipping "
+                                    "search)")
+    duo_scaling: bool = option(True, "AWQ: scales from activation and weight magnitudes (mean|x|^a / "
+                                     "mean|w|^(1-a)) instead of activations alone")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.n_grid < 1:
             raise ConfigError(f"awq: n_grid must be >= 1, got {self.n_grid}")
         if not 0 <= self.max_shrink < 1:
@@ -162,10 +153,11 @@ class SmoothQuantConfig(CalibratedConfig):
     folded into the LayerNorms; int8 per-channel weights; int8 per-token dynamic activations."""
 
     supported_bits: ClassVar[tuple[int, ...]] = (8,)
-    alpha: float = 0.5
+    alpha: float = option(0.5, "SmoothQuant: migration strength (0 = all difficulty on activations, 1 = all "
+                               "on weights)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"smoothquant: alpha must be in [0, 1], got {self.alpha}")
 
@@ -177,10 +169,11 @@ class BnbInt8Config(QuantConfig):
 
     supported_bits: ClassVar[tuple[int, ...]] = (8,)
     integer_weights: ClassVar[bool] = False
-    threshold: float = 6.0
+    threshold: float = option(6.0, "LLM.int8: activation magnitude above which a feature runs in float "
+                                   "(0 = pure int8)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.group_size:
             raise ConfigError("bnb-int8: LLM.int8 quantizes per output row; group_size must be 0")
         if self.threshold < 0:
@@ -194,13 +187,13 @@ class BnbNF4Config(QuantConfig):
 
     supported_bits: ClassVar[tuple[int, ...]] = (4,)
     integer_weights: ClassVar[bool] = False
-    bits: int = 4
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = False
+    bits: int = _default("bits", 4)
+    quant_type: str = option("nf4", "bitsandbytes 4-bit data type: nf4 or fp4")
+    blocksize: int = option(64, "bitsandbytes 4-bit: weights per absmax block")
+    double_quant: bool = option(False, "bitsandbytes 4-bit: quantize the absmax statistics too")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if self.group_size:
             raise ConfigError("bnb-nf4: bitsandbytes sets its block with --blocksize; group_size must be 0")
         if self.quant_type not in ("nf4", "fp4"):
@@ -209,21 +202,27 @@ class BnbNF4Config(QuantConfig):
             raise ConfigError(f"bnb-nf4: blocksize must be a power of two from 32 to 4096, got {self.blocksize}")
 
 
-def config_for(method: str, **settings) -> QuantConfig:
-    """Build a method's config by name; unknown methods and unknown settings are errors."""
+def _method_class(method: str) -> type[QuantConfig]:
     if method not in METHODS:
         raise ConfigError(f"unknown quantization method {method!r}; choose one of {sorted(METHODS)}")
-    cls = METHODS[method]
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ConfigError(f"{method}: unknown settings {unknown}; this method takes {sorted(known)}")
-    return cls(**settings)
+    return METHODS[method]
+
+
+def config_for(method: str, **settings) -> QuantConfig:
+    """Build a method's config by name; unknown methods and unknown settings are errors."""
+    return _method_class(method).from_dict(settings, where=method)
 
 
 def config_from_dict(d: dict) -> QuantConfig:
-    """Inverse of QuantConfig.to_dict."""
+    """Inverse of QuantConfig.to_dict / versioned_dict. Settings without a `config_version`
+    read as version 1; a version newer than this code's is refused (ConfigError)."""
     d = dict(d)
     if "method" not in d:
         raise ConfigError(f"quantization settings {d} name no method")
-    return config_for(d.pop("method"), **d)
+    method = d.pop("method")
+    return _method_class(method).from_dict(d, where=f"{method} quantization settings")
+
+
+__all__ = ["METHODS", "VERSION_KEY", "QuantConfig", "CalibratedConfig", "RTNConfig", "GPTQConfig", "AWQConfig",
+           "SmoothQuantConfig", "BnbInt8Config", "BnbNF4Config", "register_method", "config_for",
+           "config_from_dict"]

@@ -10,13 +10,19 @@ quantized first, while they still have the most columns left to absorb their err
 groups' scales are then fixed up front from the original weights ("static groups"), so
 groups stay contiguous in column order (no g_idx permutation): the layout every runtime,
 the ONNX exporter included, reads directly.
+
+The handler at the end applies it to a GPT: block by block over the calibration walk
+(`quantize.calibrate.walk_blocks`), one layer at a time.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .calibrate import BlockHooks, walk_blocks
+from .config import GPTQConfig
 from .format import QuantizedWeight
+from .handlers import BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, replace_linear
 from .rtn import grid_params, group_ranges, quantize_codes
 
 
@@ -95,3 +101,55 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     codes = codes[:, inv].clamp(0, maxq)
     return QuantizedWeight(bits, group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------
+# The handler: block by block, one layer at a time
+
+
+class _GPTQBlocks(BlockHooks):
+    """True-sequential GPTQ: each layer is solved on the inputs produced by the block's layers
+    already quantized before it, so it compensates their errors too; the next block reads the
+    quantized block's output."""
+
+    steps = tuple((layer,) for layer in BLOCK_LAYERS)
+    propagate_quantized = True
+
+    def __init__(self, model, config: GPTQConfig):
+        self.model, self.config = model, config
+        self.hessian: torch.Tensor | None = None
+        self.done: dict[str, QuantizedWeight] = {}
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        self.hessian = accumulate_hessian(self.hessian, x)
+
+    def quantize(self, index: int, block, layers: tuple[str, ...]) -> None:
+        (layer,) = layers
+        lin = block.get_submodule(layer)
+        name = layer_name(index, layer)
+        qw = _solve(lin.weight, self.hessian, self.config, self.config.group_for(lin.in_features, name))
+        self.hessian = None
+        # The float layer computes with the quantized weights until the block is done, so
+        # the later layers and the next block see the quantized function.
+        lin.weight.copy_(qw.dequantize())
+        self.done[name] = qw
+
+    def finish(self, index: int, block) -> None:
+        for name, qw in self.done.items():
+            replace_linear(self.model, name, qw)
+        self.done = {}
+
+
+def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, group_size: int) -> QuantizedWeight:
+    return gptq_quantize(w, H, config.bits, group_size, config.symmetric, config.damp_percent, config.act_order,
+                         config.block_columns)
+
+
+@register_handler(GPTQConfig)
+@torch.no_grad()
+def _gptq(model, config: GPTQConfig, calibration, progress: bool) -> None:
+    xs = walk_blocks(model, calibration, _GPTQBlocks(model, config), progress, "gptq")
+    if config.include_embeddings:
+        w = model.transformer.wte.weight
+        H = accumulate_hessian(None, model.transformer.ln_f(xs))
+        quantize_embeddings(model, _solve(w, H, config, config.group_for(w.shape[1], "lm_head")))

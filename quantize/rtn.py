@@ -6,13 +6,17 @@ Symmetric grids fix the zero point at 2**(bits-1) and span [-max|w|, max|w|]; as
 grids span [min(w, 0), max(w, 0)]. Scales are rounded *up* to the nearest float16 value so the
 GPTQ checkpoint layout (float16 scales) stores them exactly and no weight moves more than
 half a step.
+
+`_rtn` at the end, registered for RTNConfig, rounds every projection of a GPT this way.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .config import RTNConfig
 from .format import QuantizedWeight
+from .handlers import each_projection, quantize_embeddings, register_handler, replace_linear
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -70,3 +74,15 @@ def rtn_quantize(
         w.reshape(out_f, groups, group_size), scale[..., None], zero[..., None], bits
     ).reshape(out_f, in_f)
     return QuantizedWeight(bits, group_size, codes.to(torch.uint8), scale, zero.to(torch.uint8))
+
+
+@register_handler(RTNConfig)
+@torch.no_grad()
+def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
+    for name, lin in each_projection(model, "rtn", progress):
+        replace_linear(model, name, rtn_quantize(lin.weight, config.bits, config.group_for(lin.in_features, name),
+                                                 config.symmetric))
+    if config.include_embeddings:
+        w = model.transformer.wte.weight
+        quantize_embeddings(model, rtn_quantize(w, config.bits, config.group_for(w.shape[1], "lm_head"),
+                                                config.symmetric))

@@ -1,0 +1,241 @@
+"""Verbs on the core and the pretraining stage: tokenize, pretrain, eval, generate, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# tokenize
+
+
+def add_tokenize_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Read a corpus, split it by document into train/validation, train a byte-level BPE "
+                     "tokenizer and write token shards to a data folder.")
+    p.add_argument("--data", default="@stdlib", help="text file, folder, glob, JSONL file or @stdlib (default)")
+    p.add_argument("--out", required=True, help="data folder to write")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--tokenizer", help="use the tokenizer of this model or data folder instead of training one")
+
+
+def run_tokenize(args) -> None:
+    from ...artifacts import read_manifest
+    from ...data import DataConfig, prepare_data
+    from ...tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(args.tokenizer) if args.tokenizer else None
+    cfg = DataConfig(source=args.data, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                     text_field=args.text_field)
+    out = prepare_data(cfg, args.out, tokenizer=tokenizer, log=_log)
+    m = read_manifest(out).metrics
+    print(f"wrote {out}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens from "
+          f"{m['documents']:,} documents; vocabulary {m['vocab_size']:,}; unigram val perplexity "
+          f"{m['unigram_val_perplexity']:.1f}")
+
+
+# ---------------------------------------------------------------------------------------
+# pretrain
+
+
+def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from ...config import add_config_args
+    from ...pretrain import PRESETS, TrainConfig
+
+    p.description = ("Pretrain a GPT-2-architecture model. Runs on CUDA (bf16) when a GPU is visible, else on "
+                     f"CPU in float32. Launch with torchrun for several processes. Presets: {', '.join(PRESETS)}; "
+                     "a flag given overrides the preset's value.")
+    add_config_args(p, TrainConfig)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint with its settings (starts fresh when there is none yet)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/log.jsonl)")
+
+
+def run_pretrain(args) -> None:
+    from ...config import given_args
+    from ...pretrain import TrainConfig, config_from_preset
+    from ...training import CHECKPOINT
+
+    given = given_args(args, TrainConfig)
+    out = Path(given.get("out", TrainConfig.out))
+    saved_settings = out / CHECKPOINT / "settings.json"
+    if args.resume and saved_settings.is_file():
+        # Resume from files alone: the checkpoint's settings, with the flags given now on top.
+        base = json.loads(saved_settings.read_text())
+        preset = given.pop("preset", base.pop("preset"))
+        base.pop("preset", None)
+        config = config_from_preset(preset, **{**base, **given})
+    else:
+        preset = given.pop("preset", "small")
+        config = config_from_preset(preset, **given)
+    from ...pretrain import pretrain
+
+    pretrain(config, log=_log, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
+    print(out)
+
+
+# ---------------------------------------------------------------------------------------
+# eval
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Perplexity by the fixed-length sliding-window method, for a float, quantized or ONNX model "
+                     "folder. Without --data, the model's own held-out validation split is used. With --reference "
+                     "(the model it was compressed from), also the KL divergence of its next-token distributions "
+                     "from the reference's and how often both rank the same token first: a finer measure of what "
+                     "compression cost than a perplexity difference, which can be smaller than its own noise.")
+    p.add_argument("--model", required=True, help="model folder (float, quantized or ONNX)")
+    p.add_argument("--reference", help="model folder to compare with (same tokenizer), e.g. the fp32 teacher")
+    p.add_argument("--data", help="text file, folder, glob, JSONL file or prepared data folder (its val split)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--max-length", type=int, help="window length (default: the model's n_positions)")
+    p.add_argument("--stride", type=int, help="step between windows (default: max-length / 2)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_eval(args) -> None:
+    import torch
+
+    from ...errors import ConfigError
+    from ...evaluation import compare_models, perplexity
+    from ...lineage import heldout_tokens, same_tokenizer
+    from ..open import open_for_scoring
+    from .finetune import eval_finetuned
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if eval_finetuned(args):  # a classifier's accuracy; an instruction model's held-out response perplexity
+        return
+    model = open_for_scoring(args.model, args.threads)
+    tokens, source = heldout_tokens(model.folder, model.manifest, model.tokenizer, args.data, args.text_field)
+    n_positions = model.n_positions
+    max_length = args.max_length or n_positions
+    reference = None
+    if args.reference:
+        reference = open_for_scoring(args.reference, args.threads)
+        if not same_tokenizer(reference.tokenizer, model.tokenizer):
+            raise ConfigError(
+                f"{args.reference} has a different tokenizer than {args.model}: their next-token "
+                "distributions cannot be compared; give the model it was compressed from as --reference"
+            )
+        n_positions = min(n_positions, reference.n_positions)
+    if max_length > n_positions:
+        holder = "the model's" if reference is None else "the two models'"
+        raise ConfigError(
+            f"--max-length {max_length} is longer than {holder} {n_positions} positions; use --max-length {n_positions} or less"
+        )
+    progress = not args.json
+    if reference is None:
+        result = perplexity(model.logits_fn, tokens, max_length, args.stride, progress=progress)
+        record = {"model": str(args.model), "data": source, **result.to_dict()}
+        summary = (f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f}) over {result.tokens:,} tokens "
+                   f"of {source}; windows of {result.max_length}, stride {result.stride}")
+    else:
+        result = compare_models(model.logits_fn, reference.logits_fn, tokens, max_length, args.stride,
+                                progress=progress)
+        record = {"model": str(args.model), "reference": str(args.reference), "data": source, **result.to_dict()}
+        delta = 100 * (result.perplexity / result.reference_perplexity - 1)
+        summary = (f"perplexity {result.perplexity:.4f} vs reference {result.reference_perplexity:.4f} "
+                   f"({delta:+.2f}%)\nKL(reference || model) per token: mean {result.kl_mean:.5f} nats, "
+                   f"median {result.kl_median:.5f}, p99 {result.kl_p99:.5f}; same top-1 token "
+                   f"{100 * result.top1_agreement:.2f}%\nover {result.tokens:,} tokens of {source}; windows of "
+                   f"{result.max_length}, stride {result.stride}")
+    print(json.dumps(record, indent=2) if args.json else summary)
+
+
+# ---------------------------------------------------------------------------------------
+# generate
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.description = "Stream a continuation of a prompt. Temperature 0 is greedy decoding."
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--prompt", default="", help="prompt text (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95; 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--threads", type=int, help="CPU threads")
+
+
+def run_generate(args) -> None:
+    import torch
+
+    from compactgpt.finetune import prompt_for_generation
+
+    from ..open import open_for_streaming
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, folder = open_for_streaming(args.model, args.threads)
+    # An instruction-tuned model reads the prompt inside the template it was trained with.
+    text = prompt_for_generation(folder, args.prompt)
+    ids = tok.encode(text) if text else [tok.eot_id]
+    stream = model.stream(
+        torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
+        stop_tokens=() if args.no_stop else (tok.eot_id,),
+    )
+    sys.stdout.write(args.prompt if text == args.prompt else "")  # a templated prompt is not echoed
+    new: list[int] = []
+    shown = ""
+    for token in stream:
+        t = int(token[0])
+        if t == tok.eot_id and not args.no_stop:
+            break
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# info
+
+
+def add_info_args(p: argparse.ArgumentParser) -> None:
+    p.description = "Print what an artifact is: stage, settings, parent, metrics, versions."
+    p.add_argument("folder", help="artifact folder")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+
+
+def run_info(args) -> None:
+    from ...artifacts import read_config, read_manifest
+    from ...errors import ArtifactError
+
+    folder = Path(args.folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if (folder / "config.json").is_file():
+            print(f"{folder}: a GPT-2 folder without a CompactGPT manifest\n  {read_config(folder)}")
+            return
+        raise ArtifactError(f"{folder} is not an artifact: it has neither manifest.json nor config.json")
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+        return
+    print(f"{folder}\n  stage:    {manifest.stage}\n  created:  {manifest.created}")
+    if manifest.parent:
+        print(f"  parent:   {manifest.parent['path']} (sha256 {manifest.parent['sha256'][:12]})")
+    print("  metrics:")
+    for k, v in manifest.metrics.items():
+        print(f"    {k}: {v:.6g}" if isinstance(v, float) else f"    {k}: {v}")
+    print("  settings:")
+    for k, v in manifest.settings.items():
+        print(f"    {k}: {v}")
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+    print(f"  files:    {', '.join(manifest.files)}")

@@ -1,0 +1,32 @@
+"""`compactgpt export`: one flag per ExportConfig field, the export written and validated by
+the export stage."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = (
+    "Write an ONNX decoder (one graph for prefill and decode, KV cache, dynamic batch / sequence / past "
+    "axes, Optimum's input and output names) with config.json, tokenizer and genai_config.json. Every "
+    "export is compared with PyTorch at several shapes before the folder is marked complete; the "
+    "differences go into its manifest. A quantized artifact exports its own int8/int4 weights as MatMulNBits."
+)
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `compactgpt export`: ExportConfig's fields, help text from the fields."""
+    from export.config import ExportConfig
+
+    from ...config import add_config_args
+
+    p.description = DESCRIPTION
+    add_config_args(p, ExportConfig)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """Export the model the flags name and print the folder written."""
+    from export import ExportConfig, export_onnx
+
+    from ...config import given_args
+
+    print(export_onnx(ExportConfig(**given_args(args, ExportConfig))))

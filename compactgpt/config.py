@@ -1,0 +1,129 @@
+"""The base of every stage's settings: one dataclass per stage, checked on creation, saved
+into the artifact it produced, and mapped one-to-one to command-line flags.
+
+A field's help text lives on the field (`option(default, "help")`), so the flag's --help,
+the docs and the saved settings cannot drift apart:
+
+    @dataclass
+    class PruneConfig(StageConfig):
+        layers: int = option(0, "transformer blocks to keep (0 = all)")
+
+        def validate(self) -> None:
+            if self.layers < 0:
+                raise ConfigError(...)
+
+`to_dict` / `from_dict` round-trip through plain JSON values; `from_dict` refuses keys the
+config does not know (a typo never silently becomes a default) and settings written by a
+newer format version than this code reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import MISSING, asdict, dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="StageConfig")
+
+VERSION_KEY = "config_version"
+
+
+def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: bool = True,
+           metavar: str | None = None) -> Any:
+    """A config field with its help text. flag=False keeps it off the command line (set by the
+    stage itself or only through the Python API / a config file)."""
+    metadata = {"help": help, "flag": flag}
+    if metavar:
+        metadata["metavar"] = metavar
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class StageConfig:
+    """Settings of one stage. Subclasses add fields with `option` and checks in `validate`."""
+
+    # Bumped when a field changes meaning; settings saved by a newer version are refused.
+    config_version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad setting and the fix; called on creation."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def versioned_dict(self) -> dict:
+        """to_dict with the format version, for settings stored on their own (config.json)."""
+        return {VERSION_KEY: self.config_version, **self.to_dict()}
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict, where: str = "", **fixed: Any) -> C:
+        """Build from saved or configured settings. Unknown keys are errors that name the
+        known ones; `fixed` values are set by the caller and are not the user's to give."""
+        values = dict(values)
+        version = values.pop(VERSION_KEY, 1)
+        label = where or cls.__name__
+        if not isinstance(version, int) or version > cls.config_version:
+            raise ConfigError(
+                f"{label}: settings of format version {version!r}, but this CompactGPT reads version "
+                f"{cls.config_version} and older; upgrade CompactGPT or rerun the stage that wrote them"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{label}: unknown settings {unknown}; known: {sorted(known - set(fixed))}")
+        return cls(**{**values, **fixed})
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some settings changed, checked again."""
+        return dataclasses.replace(self, **changes)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of one field of a config class."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
+
+
+def _flag_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp  # Optional[int] / int | None -> int
+
+
+def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                    skip: tuple[str, ...] = (), show_defaults: bool = False) -> None:
+    """One --flag per field of `cls` (help text from the field). Defaults are None so that only
+    the flags given override a preset, a saved checkpoint or a method's own defaults; the
+    field's default can be shown in the help instead (show_defaults; leave it off where a
+    preset or a method supplies other defaults)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("flag", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _flag_type(hints[f.name])
+        text = f.metadata.get("help", "")
+        if show_defaults and f.default is not MISSING and f.default not in (None, ""):
+            text = f"{text} (default {f.default})" if text else f"default {f.default}"
+        text = text.replace("%", "%%")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            metavar = f.metadata.get("metavar") or f.name.upper()
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=text, metavar=metavar)
+
+
+def given_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of `cls` that were given on the command line (not None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}

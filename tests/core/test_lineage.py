@@ -1,0 +1,84 @@
+"""Where an artifact came from: the parent walk, the training data, the held-out text, and
+what kind of folder a path is."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from compactgpt.artifacts import folder_kind, read_manifest, save_model
+from compactgpt.data import TokenShards
+from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.lineage import (ancestors, heldout_tokens, require_same_tokenizer, same_tokenizer,
+                                training_data_folder)
+from compactgpt.model import GPT
+from compactgpt.tokenizer import train_bpe
+
+from conftest import tiny_config
+
+
+@pytest.fixture()
+def family(tmp_path, data_dir, tokenizer):
+    """data -> teacher -> student, each recording its parent."""
+    teacher = tmp_path / "teacher"
+    save_model(teacher, GPT(tiny_config()), tokenizer, stage="pretrain", settings={"data": str(data_dir)},
+               parent=data_dir)
+    student = tmp_path / "student"
+    save_model(student, GPT(tiny_config(n_layer=1)), tokenizer, stage="distill", settings={}, parent=teacher)
+    return data_dir, teacher, student
+
+
+def test_ancestors_newest_first_to_the_data(family):
+    data, teacher, student = family
+    chain = [(p.resolve(), m.stage) for p, m in ancestors(student)]
+    assert chain == [(student.resolve(), "distill"), (teacher.resolve(), "pretrain"), (data.resolve(), "data")]
+    assert training_data_folder(student).resolve() == data.resolve()
+
+
+def test_ancestors_stop_at_a_parent_that_moved(family, tmp_path):
+    _, teacher, student = family
+    teacher.rename(tmp_path / "elsewhere")
+    assert [m.stage for _, m in ancestors(student)] == ["distill"]
+    assert training_data_folder(student) is None
+
+
+def test_heldout_tokens_are_the_data_folders_val_split(family, tokenizer):
+    data, _, student = family
+    ids, source = heldout_tokens(student, read_manifest(student), tokenizer)
+    assert np.array_equal(ids.numpy(), TokenShards(data, "val").all_tokens().astype(np.int64))
+    assert source.startswith("val split of")
+
+
+def test_heldout_tokens_refuse_a_folder_without_training_data(tmp_path, tokenizer):
+    save_model(tmp_path / "m", GPT(tiny_config()), tokenizer, stage="pretrain", settings={})
+    with pytest.raises(ConfigError, match="records no training data"):
+        heldout_tokens(tmp_path / "m", read_manifest(tmp_path / "m"), tokenizer)
+
+
+def test_tokenizer_comparison(family, tokenizer, corpus_dir):
+    data, teacher, _ = family
+    assert same_tokenizer(teacher, data) and same_tokenizer(tokenizer, teacher)
+    other = train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.py"))[:5]], 280)
+    assert not same_tokenizer(other, teacher)
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        require_same_tokenizer(other, teacher, "different tokenizers; retokenize")
+
+
+def test_folder_kind_reads_the_folders_own_files(family, tmp_path):
+    data, teacher, _ = family
+    assert folder_kind(data) == "data" and folder_kind(teacher) == "model"
+    for name, edit, kind in (("q", {"quantization_config": {"method": "rtn"}}, "quantized"),
+                             ("c", {"architectures": ["GPT2ForSequenceClassification"]}, "classifier")):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = json.loads((teacher / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        assert folder_kind(folder) == kind
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "model.onnx").write_bytes(b"")
+    assert folder_kind(tmp_path / "o") == "onnx"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="not an artifact"):
+        folder_kind(tmp_path / "empty")
