@@ -29,6 +29,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from .config import StageConfig, option
+from .device import DEVICE_HELP, resolve_device
 from .data import TokenShards
 from .errors import ConfigError
 from .model import GPTConfig
@@ -57,7 +58,7 @@ class LoopConfig(StageConfig):
     checkpoint_interval: int = option(200, "steps between checkpoints (and at the end)")
     log_interval: int = option(10, "steps between log lines")
     seed: int = option(1337, "random seed (weights and batches)")
-    device: str = option("auto", "auto (CUDA when a GPU is visible, else CPU), cpu, cuda or cuda:N")
+    device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16")
     compile: bool = option(False, "torch.compile the model")
 
@@ -152,14 +153,7 @@ def setup_runtime(config: LoopConfig) -> TrainRuntime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
+    device = resolve_device(config.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
