@@ -392,6 +392,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", verify: b
             f"is {config.vocab_size}; this tokenizer belongs to another model. Copy the tokenizer "
             "files of the model that produced these weights"
         )
+    # Rows past the tokenizer pad the embedding (to a multiple of 64): never predicted.
+    model.limit_vocab(tokenizer.vocab_size)
     return LoadedModel(model.to(device).eval(), tokenizer, manifest, folder)
 
 

@@ -33,10 +33,12 @@ VERSION_KEY = "config_version"
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: bool = True,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, saved: bool = True) -> Any:
     """A config field with its help text. flag=False keeps it off the command line (set by the
-    stage itself or only through the Python API / a config file)."""
-    metadata = {"help": help, "flag": flag}
+    stage itself or only through the Python API / a config file). saved=False keeps it out of
+    `to_dict` (so out of manifests and pipeline fingerprints): for settings of where a stage
+    runs, such as its device, that do not change what it writes."""
+    metadata = {"help": help, "flag": flag, "saved": saved}
     if metavar:
         metadata["metavar"] = metavar
     if default_factory is not MISSING:
@@ -58,7 +60,9 @@ class StageConfig:
         """Raise ConfigError naming the bad setting and the fix; called on creation."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The saved settings: every field but those declared with `option(saved=False)`."""
+        unsaved = {f.name for f in dataclasses.fields(self) if not f.metadata.get("saved", True)}
+        return {k: v for k, v in asdict(self).items() if k not in unsaved}
 
     def versioned_dict(self) -> dict:
         """to_dict with the format version, for settings stored on their own (config.json)."""

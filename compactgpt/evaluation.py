@@ -20,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import device_of
+from .progress import progress_bar
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -62,12 +65,7 @@ def scored_windows(tokens: torch.Tensor, max_length: int, stride: int, progress:
     if tokens.numel() < 2:
         raise ValueError(f"{desc} needs at least 2 tokens, got {tokens.numel()}; give more text")
     windows = sliding_windows(tokens.numel(), max_length, stride)
-    iterator = windows
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(windows, desc=desc, unit="window", leave=False)
-    for begin, end, n_target in iterator:
+    for begin, end, n_target in progress_bar(windows, desc=desc, unit="window", enabled=progress):
         ids = tokens[begin:end][None]
         # Position t predicts token t+1: score targets in the last n_target positions.
         n_target = min(n_target, end - begin - 1)
@@ -84,17 +82,24 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of a 1-D token sequence. stride defaults to max_length // 2."""
     stride = stride or max(1, max_length // 2)
-    nll_sum = 0.0
+    nll_sum: torch.Tensor | float = 0.0
     n_scored = 0
     n_windows = 0
     for ids, pos in scored_windows(tokens, max_length, stride, progress, "perplexity"):
-        logits = logits_fn(ids)[0].float()  # (T, V)
-        target = ids[0, pos.start + 1 : pos.stop + 1]
-        nll_sum += F.cross_entropy(logits[pos], target, reduction="sum").double().item()
-        n_scored += target.numel()
+        logits = logits_fn(ids)[0]  # (T, V), on whatever device the model runs on
+        # The sum stays on the model's device: one host sync at the end, not one per window.
+        nll_sum = nll_sum + window_nll(logits[pos], ids[0, pos.start + 1 : pos.stop + 1])
+        n_scored += pos.stop - pos.start
         n_windows += 1
-    nll = nll_sum / n_scored
+    nll = float(nll_sum) / n_scored
     return PerplexityResult(math.exp(nll), nll, n_scored, n_windows, max_length, stride)
+
+
+def window_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood (float64, on the logits' device) of `target` (N,) under
+    `logits` (N, V). The targets are moved to the logits: a model on a GPU scores token ids
+    that were read on the CPU."""
+    return F.cross_entropy(logits.float(), target.to(logits.device), reduction="sum").double()
 
 
 @dataclass
@@ -145,9 +150,10 @@ def compare_models(
             raise ValueError(f"the models disagree on the vocabulary: logits {tuple(logits.shape)} vs "
                              f"reference {tuple(ref.shape)}; compare models that share a tokenizer")
         target = ids[0, pos.start + 1 : pos.stop + 1]
-        nll[0] += F.cross_entropy(logits, target, reduction="sum").double().item()
-        nll[1] += F.cross_entropy(ref, target, reduction="sum").double().item()
-        kls.append(token_kl(ref, logits))
+        ref = ref.to(logits.device)  # the two models may run on different devices
+        nll[0] += float(window_nll(logits, target))
+        nll[1] += float(window_nll(ref, target))
+        kls.append(token_kl(ref, logits).cpu())
         agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
     kl = torch.cat(kls).double().numpy()
     n = kl.size
@@ -157,8 +163,11 @@ def compare_models(
     )
 
 
-def model_logits_fn(model: torch.nn.Module, device: str | torch.device = "cpu") -> LogitsFn:
+def model_logits_fn(model: torch.nn.Module, device: str | torch.device | None = None) -> LogitsFn:
+    """ids (B, T) on any device -> the model's logits, computed on `device` (default: where
+    the model's parameters are)."""
     model.eval()
+    device = device if device is not None else device_of(model)
 
     def fn(ids: torch.Tensor) -> torch.Tensor:
         return model(ids.to(device))

@@ -176,6 +176,21 @@ def attention_bias(
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def mask_padded_vocab(logits: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """logits (..., V) with every column from n_tokens on set to the dtype's lowest value.
+
+    Columns past the tokenizer's vocabulary are padding rows of the embedding (rounded up to a
+    multiple of 64 for faster matmuls): no token has those ids, so they must never be sampled
+    nor take probability mass. The lowest finite value rather than -inf: softmax gives them
+    exactly 0 all the same, and differences between two masked logits stay finite (0), so
+    parity checks against other runtimes and KL divergences never turn NaN.
+    """
+    if n_tokens >= logits.shape[-1]:
+        return logits
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= n_tokens  # (V,)
+    return logits.masked_fill(padding, torch.finfo(logits.dtype).min)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -190,6 +205,10 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        # How many rows are real tokens (the rest pads the vocabulary to a multiple of 64);
+        # None: all of them. Set from the tokenizer by whoever pairs the two (limit_vocab);
+        # deliberately not in GPTConfig, so config.json stays a plain GPT-2 config.
+        self.vocab_limit: int | None = None
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual
         # stream's variance does not grow with depth.
@@ -206,6 +225,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def limit_vocab(self, n_tokens: int | None) -> "GPT":
+        """Declare that only the first n_tokens rows are tokens (the tokenizer's size); None or
+        vocab_size means every row. In eval mode the logits of the other rows are masked
+        (`mask_padded_vocab`), so generation, perplexity and exports never pick them. Returns
+        the model. Raises ValueError for a count outside 1..vocab_size."""
+        rows = self.config.vocab_size
+        if n_tokens is not None and (isinstance(n_tokens, bool) or not isinstance(n_tokens, int)
+                                     or not 0 < n_tokens <= rows):
+            raise ValueError(f"limit_vocab: n_tokens must be an integer in 1..{rows} (the model's "
+                             f"vocab_size), got {n_tokens!r}; a tokenizer larger than the embedding "
+                             "belongs to another model")
+        self.vocab_limit = None if n_tokens is None or n_tokens == rows else n_tokens
+        return self
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count (the tied head counted once); non_embedding drops wte and wpe."""
         n = sum(p.numel() for p in self.parameters())
@@ -221,8 +254,11 @@ class GPT(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        targets: torch.Tensor | None = None,
     ):
         """Logits for every position, and the updated KV cache when use_cache is set.
+        With `targets` (B, T) (ignored positions -100): only the mean next-token cross-entropy,
+        computed chunk by chunk so the full (B, T, V) float logits never exist (training).
 
         input_ids: (B, T) token ids; attention_mask: (B, P+T) 1/0 over past and new tokens;
         position_ids: (B, T), default P..P+T-1; past_key_values: per-layer (k, v), (B, nh, P, hs).
@@ -249,9 +285,16 @@ class GPT(nn.Module):
             if hidden is not None:
                 hidden.append(x)
         x = self.transformer.ln_f(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if hidden is not None:
             hidden[-1] = x  # transformers reports the last block after ln_f
         logits = self.lm_head(x)  # (B, T, V)
+        if self.vocab_limit is not None and not self.training:
+            # Only what reads predictions is masked; training leaves the padding rows alone:
+            # no target points at them (cross-entropy pushes them down anyway), and the fused
+            # `targets` loss never builds these logits, so both training losses stay equal.
+            logits = mask_padded_vocab(logits, self.vocab_limit)
         out = (logits,)
         if use_cache:
             out += (presents,)
@@ -354,6 +397,60 @@ def sample_next(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# The training loss: LM head and cross-entropy in one pass over row chunks
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(hidden @ weight.T, targets), with the gradients computed in the forward pass,
+    chunk by chunk: only one chunk's (rows, V) logits exist at a time, and the backward pass
+    just scales the two saved gradients (hidden's and the head weight's). At GPT-2's 50k
+    vocabulary the full float logits are the largest tensor of a training step."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, ignore_index: int):
+        valid = targets != ignore_index
+        n = valid.sum().clamp(min=1)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]
+            t = targets[start : start + chunk_rows]
+            keep = valid[start : start + chunk_rows]
+            logits = (h @ weight.t()).float()  # (rows, V); bf16 matmul under autocast
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = torch.where(keep, t, torch.zeros_like(t))
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            loss = loss + ((lse - picked) * keep).sum()
+            # d loss / d logits = (softmax - onehot) / n on the rows that count.
+            d_logits = torch.exp(logits - lse[:, None])
+            d_logits.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
+            d_logits = d_logits * (keep[:, None] / n)
+            d_logits = d_logits.to(h.dtype) if not torch.is_autocast_enabled(h.device.type) else d_logits
+            grad_hidden[start : start + chunk_rows] = (d_logits @ weight).to(hidden.dtype)
+            grad_weight += (d_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of `targets` (N,) under logits `hidden` (N, C) @ `weight` (V, C).T,
+    equal to F.cross_entropy(F.linear(hidden, weight).float(), targets) in value and
+    gradients, without materializing the (N, V) logits. chunk_rows defaults to about 16M
+    logits per chunk on a GPU and 4M on a CPU (chunks that fit its caches better)."""
+    if chunk_rows is None:
+        budget = 1 << 24 if hidden.device.type == "cuda" else 1 << 22
+        chunk_rows = max(1, budget // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, ignore_index)
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

@@ -139,7 +139,9 @@ def pretrain(config: TrainConfig, log: Callable[[str], None] = print, progress: 
         train.check_window(config.block_size)
         model_config = config.model_config(tokenizer.vocab_size)
         torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-        model = GPT(model_config)
+        # The rows padding the vocabulary to a multiple of 64 are masked in evaluation, as
+        # they are when the written folder is loaded: the figures here are the folder's.
+        model = GPT(model_config).limit_vocab(tokenizer.vocab_size)
         val_batches = val.validation_batches(config.eval_batches, config.block_size)
 
         def evaluate(m: nn.Module) -> dict:

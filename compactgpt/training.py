@@ -2,10 +2,11 @@
 
 `run_loop` owns what every stage needs the same way: AdamW with weight-decay groups, warmup +
 cosine learning rate, gradient accumulation and clipping, bf16 autocast and optional
-torch.compile on CUDA (fp32 on CPU), DDP under torchrun, periodic validation, a progress bar,
-a JSONL metrics log, and checkpoints that hold model, optimizer, schedule position, RNG and
-data-sampler state so that a resumed run continues exactly. A stage plugs in its own batches
-(`BatchSource`) and loss (`LossFn`).
+torch.compile on CUDA (fp32 on CPU), DDP or FSDP2 sharding under torchrun, periodic
+validation, a progress bar, a JSONL metrics log, and checkpoints that hold model, optimizer,
+schedule position, RNG and data-sampler state so that a resumed run continues exactly (with
+any number of processes, sharded or not). A stage plugs in its own batches (`BatchSource`)
+and loss (`LossFn`).
 
 `pretrain` is the pretraining stage built on it: data -> tokenizer -> GPT -> artifact.
 """
@@ -13,26 +14,28 @@ data-sampler state so that a resumed run continues exactly. A stage plugs in its
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from .config import StageConfig, option
 from .device import DEVICE_HELP, resolve_device
+from .progress import progress_bar, progress_wanted
 from .data import TokenShards
 from .errors import ConfigError
-from .model import GPTConfig
+from .model import Block, GPTConfig
 
 CHECKPOINT = "checkpoint"
 
@@ -61,6 +64,11 @@ class LoopConfig(StageConfig):
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16")
     compile: bool = option(False, "torch.compile the model")
+    parallel: str = option(
+        "auto", "how torchrun's processes share the model: ddp (a full copy on each), fsdp (parameters, gradients "
+        "and optimizer state sharded: for models whose training does not fit one GPU), auto (ddp). With one "
+        "process, every choice trains unsharded",
+        saved=False)  # where a stage runs, not what it writes: checkpoints resume across it
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "log_interval"):
@@ -73,6 +81,8 @@ class LoopConfig(StageConfig):
             )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,10 +112,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lm_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy; returns the mean loss and the number of target tokens."""
+    """Next-token cross-entropy; returns the mean loss and the number of target tokens.
+    The model computes it from its last hidden states chunk by chunk (GPT.forward's
+    `targets`), so the (B, T, V) float logits are never held in memory."""
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), y.numel()
+    return model(x, targets=y), y.numel()
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -138,6 +149,8 @@ class TrainRuntime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    fsdp: bool = False  # train a sharded copy (FSDP2) instead of a DDP-wrapped model
+    bf16: bool = False  # bf16 compute (autocast; FSDP also gathers its parameters in bf16)
 
     @property
     def is_main(self) -> bool:
@@ -158,6 +171,13 @@ def setup_runtime(config: LoopConfig) -> TrainRuntime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not torch.distributed.is_available():
+        raise ConfigError(f"launched as {world} processes, but this torch build has no torch.distributed")
+    # One process has nothing to shard: --parallel fsdp then trains the plain model, so a
+    # settings file written for several GPUs also runs (and resumes) on one.
+    fsdp = config.parallel == "fsdp" and world > 1
+    if fsdp:
+        _fsdp2()  # refuse before joining the process group when this torch has no FSDP2
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
@@ -175,7 +195,7 @@ def setup_runtime(config: LoopConfig) -> TrainRuntime:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    return TrainRuntime(device, autocast, rank, world, local_rank)
+    return TrainRuntime(device, autocast, rank, world, local_rank, fsdp=fsdp, bf16=use_bf16)
 
 
 class BatchSource(Protocol):
@@ -200,6 +220,110 @@ class WindowBatches:
 
 
 # ---------------------------------------------------------------------------------------
+# Sharding (FSDP2)
+
+
+def _fsdp2():
+    """fully_shard and MixedPrecisionPolicy, from where this torch keeps them."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        try:  # torch 2.4 and 2.5 kept FSDP2 under _composable
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            raise ConfigError(f"--parallel fsdp needs FSDP2 (fully_shard, torch >= 2.4); this is torch "
+                              f"{torch.__version__}: use --parallel ddp") from None
+    return fully_shard, MixedPrecisionPolicy
+
+
+def shard_model(model: nn.Module, rt: TrainRuntime) -> nn.Module:
+    """A copy of model sharded with FSDP2 over all processes: each transformer Block is its own
+    unit (gathered just before it runs, freed after), then the root takes the rest.
+
+    The copy leaves `model` a plain module, so a stage's references to it (and its save after
+    run_loop) see ordinary tensors. Every process must call this.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard, MixedPrecisionPolicy = _fsdp2()
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    # bf16: FSDP gathers the parameters in bf16 (half the traffic of fp32), while the sharded
+    # master weights and the optimizer state stay fp32. Gradients are reduced in fp32 so that
+    # summing over many ranks does not round away small updates. Autocast stays on: it costs
+    # nothing on bf16 weights, keeps LayerNorm and softmax in fp32, and still covers modules a
+    # loss runs outside the shards (a distillation teacher).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.bf16 \
+        else MixedPrecisionPolicy()
+    # Blocks also return their (k, v) cache: views, which FSDP warns about in case they are
+    # modified in place. Nothing does: the loop never uses the cache.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if rt.world_size > 1:
+        # DDP copies rank 0's weights to every process when it wraps a model; FSDP does not.
+        # Do it here, or weights a stage drew at random on each process without a shared seed
+        # (LoRA adapters) would be trained as a patchwork of every process's shard.
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                on_device = tensor.detach().to(rt.device)
+                torch.distributed.broadcast(on_device, src=0)
+                tensor.copy_(on_device)
+    sharded = copy.deepcopy(model)
+    for module in list(sharded.modules()):
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    # The root last: it holds every parameter no block holds (embeddings, final LayerNorm, the
+    # head), so the tied wte / lm_head weight sits in one unit and stays one parameter. The root
+    # is needed again first thing in backward, so it is kept gathered between the two.
+    fully_shard(sharded, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return sharded
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the optimizer's order: what the integer keys
+    of optimizer.state_dict() stand for."""
+    names = {id(p): n for n, p in model.named_parameters()}  # tied weights under their first name
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _keyed_by(state: dict, keys: list, new_keys: list) -> dict:
+    """An optimizer state dict with its parameter keys renamed (indices <-> names)."""
+    new = dict(zip(keys, new_keys))
+    return {"state": {new[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [new[k] for k in g["params"]]} for g in state["param_groups"]]}
+
+
+def gather_full_state(sharded: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """Full (unsharded) weights and optimizer state on the CPU of the main process, as a plain
+    model and optimizer.state_dict() would give them; empty on the other processes. Every
+    process must call this (it gathers the shards)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the main process only
+    weights = get_model_state_dict(sharded, options=options)
+    if optimizer is None:
+        return weights, None
+    by_name = get_optimizer_state_dict(sharded, optimizer, options=options)
+    if not by_name:
+        return weights, None
+    names = _param_names(sharded, optimizer)
+    return weights, _keyed_by(by_name, names, list(range(len(names))))
+
+
+def scatter_full_state(sharded: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
+    """Load full weights and a plain optimizer.state_dict() into a sharded model and its
+    optimizer. Every process passes the full tensors (each read the checkpoint) and keeps its
+    own shard of them, so nothing is sent between processes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(sharded, weights, options=options)
+    names = _param_names(sharded, optimizer)
+    set_optimizer_state_dict(sharded, optimizer, _keyed_by(optim_state, list(range(len(names))), names),
+                             options=options)
+
+
+# ---------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -214,13 +338,16 @@ class LoopState:
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, generator: torch.Generator,
                     state: LoopState, fingerprint: dict, settings: dict) -> None:
     """Write model (safetensors) and trainer state (tensors and plain values, loadable with
-    weights_only=True), then swap the folder in whole so a crash never leaves half of one."""
+    weights_only=True), then swap the folder in whole so a crash never leaves half of one.
+
+    optimizer: the optimizer, or its full state dict already gathered from FSDP shards
+    (gather_full_state): the files are the same either way, so any run can resume them."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_safetensors_model(model, str(tmp / "model.safetensors"))
     trainer = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -243,10 +370,16 @@ def read_checkpoint_fingerprint(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, generator: torch.Generator) -> LoopState:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, generator: torch.Generator,
+                    sharded: nn.Module | None = None) -> LoopState:
+    """Restore a checkpoint into model, optimizer and generator; with FSDP (`sharded`, the copy
+    the optimizer trains) the full weights and optimizer state are then split into its shards."""
     load_safetensors_model(model, str(folder / "model.safetensors"))
     trainer = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(trainer["optimizer"])
+    if sharded is None:
+        optimizer.load_state_dict(trainer["optimizer"])
+    else:
+        scatter_full_state(sharded, optimizer, model.state_dict(), trainer["optimizer"])
     generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["torch_rng"])
     if trainer["cuda_rng"] and torch.cuda.is_available():
@@ -280,8 +413,9 @@ class LoopResult:
 
 @dataclass
 class _Trainer:
-    """What one run of the loop holds: the model as trained (compiled / DDP-wrapped), the
-    optimizer, the batch sampler's generator and the state a checkpoint saves."""
+    """What one run of the loop holds: the model as trained (compiled / DDP-wrapped, or a
+    sharded FSDP copy of the plain model), the optimizer, the batch sampler's generator and
+    the state a checkpoint saves."""
 
     model: nn.Module
     train_model: nn.Module
@@ -292,28 +426,73 @@ class _Trainer:
     ckpt_dir: Path
     fingerprint: dict
     settings: dict
+    sharded: nn.Module | None = None  # FSDP: the sharded copy the optimizer trains
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters the optimizer updates (under FSDP, the shards)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def pull_weights(self, with_optimizer: bool = False) -> dict | None:
+        """FSDP: copy the trained weights from the shards into the plain model on the main
+        process; with_optimizer, also return the full optimizer state there. Every process
+        must call it. Without FSDP it does nothing: the plain model is the one trained."""
+        if self.sharded is None:
+            return None
+        weights, optim_state = gather_full_state(self.sharded, self.optimizer if with_optimizer else None)
+        if self.rt.is_main:
+            self.model.load_state_dict(weights)
+        return optim_state
+
+    @contextlib.contextmanager
+    def model_on_device(self) -> Iterator[nn.Module]:
+        """The plain model on the device. Under FSDP it waits on the CPU and visits the device
+        only to be evaluated, so a full copy does not sit beside the shards all run long."""
+        if self.sharded is not None:
+            self.model.to(self.rt.device)
+        try:
+            yield self.model
+        finally:
+            if self.sharded is not None:
+                self.model.cpu()
 
     def checkpoint(self) -> None:
+        """Write the checkpoint from the main process. Every process must call it: under FSDP
+        they all take part in gathering the shards."""
+        optimizer = self.optimizer if self.sharded is None else self.pull_weights(with_optimizer=True)
         if self.rt.is_main:
-            save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.generator, self.state,
+            save_checkpoint(self.ckpt_dir, self.model, optimizer, self.generator, self.state,
                             self.fingerprint, self.settings)
         if self.rt.distributed:
             torch.distributed.barrier()
 
+    def finish(self) -> None:
+        """FSDP: leave the plain model as training without FSDP would: the trained weights, on
+        the device (main process; the others keep theirs on the CPU), the shards released."""
+        if self.sharded is None:
+            return
+        self.pull_weights()
+        self.train_model = self.sharded = self.optimizer = None  # free the shards before the copy moves in
+        if self.rt.is_main:
+            self.model.to(self.rt.device)
+
 
 def _start(model: nn.Module, config: LoopConfig, out: Path, rt: TrainRuntime, fingerprint: dict,
            resume: bool, log: Callable[[str], None]) -> _Trainer:
-    """Move the model to its device, build the optimizer and sampler, and restore a checkpoint
-    when resuming (refused when it was made with other settings)."""
+    """Move the model to its device (under FSDP: shard a copy of it), build the optimizer and
+    sampler, and restore a checkpoint when resuming (refused when it was made with other settings)."""
     ckpt_dir = out / CHECKPOINT
     fingerprint = {**fingerprint, "loop": {k: v for k, v in asdict(config).items()
                                            if k in ("batch_size", "grad_accum", "seed", "lr", "weight_decay")}}
     fingerprint = json.loads(json.dumps(fingerprint))  # plain JSON values, compared as loaded
     torch.manual_seed(config.seed + rt.rank)
-    model.to(rt.device)
     model.train()
+    # FSDP trains a sharded copy: the plain model waits on the CPU for the gathered weights.
+    model.to("cpu" if rt.fsdp else rt.device)
+    sharded = shard_model(model, rt) if rt.fsdp else None
+    trained = model if sharded is None else sharded
     optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
+        param_groups(trained, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
         **({"fused": True} if rt.device.type == "cuda" else {}),
     )
     generator = torch.Generator().manual_seed(config.seed)
@@ -324,17 +503,24 @@ def _start(model: nn.Module, config: LoopConfig, out: Path, rt: TrainRuntime, fi
         resume = False
     if resume:
         check_resume(ckpt_dir, fingerprint)
-        state = load_checkpoint(ckpt_dir, model, optimizer, generator)
+        state = load_checkpoint(ckpt_dir, model, optimizer, generator, sharded)
         if rt.is_main:
             log(f"resumed {ckpt_dir} at step {state.step} ({state.tokens:,} tokens)")
         if state.step >= config.max_steps and rt.is_main:
             log(f"the checkpoint is already at step {state.step} >= max_steps={config.max_steps}")
-    train_model: nn.Module = torch.compile(model) if config.compile else model
-    if rt.distributed:
+    # FSDP: compiled after sharding, as DDP wraps the compiled model: dynamo leaves FSDP's
+    # gather / free hooks out of its graphs and compiles the blocks' math between them.
+    train_model: nn.Module = torch.compile(trained) if config.compile else trained
+    if rt.distributed and sharded is None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return _Trainer(model, train_model, optimizer, generator, state, rt, ckpt_dir, fingerprint, asdict(config))
+    if rt.is_main and config.parallel == "fsdp":
+        log(f"FSDP: parameters, gradients and optimizer state sharded over {rt.world_size} processes"
+            + (" (bf16 compute, fp32 gradient reduction)" if rt.bf16 else "") if rt.fsdp
+            else "--parallel fsdp with one process: training the plain model")
+    return _Trainer(model, train_model, optimizer, generator, state, rt, ckpt_dir, fingerprint, asdict(config),
+                    sharded)
 
 
 def _optimizer_step(t: _Trainer, config: LoopConfig, batches: BatchSource, loss_fn: LossFn) -> tuple[float, int, float | None, float]:
@@ -353,39 +539,60 @@ def _optimizer_step(t: _Trainer, config: LoopConfig, batches: BatchSource, loss_
                 mine = batch
         batch = tuple(x.to(rt.device, non_blocking=True) for x in mine)
         last = micro == config.grad_accum - 1
-        sync = contextlib.nullcontext() if (last or not rt.distributed) else t.train_model.no_sync()
+        # DDP skips the all-reduce on all but the last micro-step. FSDP reduce-scatters on every
+        # one: its gradients live sharded, and unsynced ones would be held at full size.
+        sync = contextlib.nullcontext() if (last or not rt.distributed or rt.fsdp) else t.train_model.no_sync()
         with sync, rt.autocast():
             loss, n_tokens = loss_fn(t.train_model, batch)
         (loss / config.grad_accum).backward()
         step_loss += loss.item() / config.grad_accum
         step_tokens += n_tokens * rt.world_size
+    if rt.distributed:
+        # Log the loss of the whole global batch, not the main process's share of it.
+        total = torch.tensor(step_loss, dtype=torch.float64, device=rt.device)
+        torch.distributed.all_reduce(total)  # a sum: gloo has no average
+        step_loss = total.item() / rt.world_size
     grad_norm = None
     if config.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), config.grad_clip))
+        # Under FSDP the parameters are DTensor shards: clip_grad_norm_ scales them by the
+        # global norm and returns it as a DTensor, made a plain tensor by full_tensor().
+        norm = torch.nn.utils.clip_grad_norm_(t.params, config.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     return step_loss, step_tokens, grad_norm, lr
 
 
 class _RunLog:
-    """The JSONL metrics log (main process only) and the progress bar."""
+    """The JSONL metrics log (main process only) and the progress: a bar on a terminal, else
+    one plain line per logged step and per validation, so a log file stays readable."""
 
-    def __init__(self, path: Path, rt: TrainRuntime, progress: bool, total: int, initial: int, desc: str):
+    def __init__(self, path: Path, rt: TrainRuntime, progress: bool, total: int, initial: int, desc: str,
+                 log: Callable[[str], None]):
         self.file = open(path, "a", encoding="utf-8") if rt.is_main else None
         self.bar = None
-        if progress and rt.is_main:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+        self.lines = progress and rt.is_main and not progress_wanted()
+        self.total, self.desc, self.log = total, desc, log
+        if progress and rt.is_main and not self.lines:
+            self.bar = progress_bar(desc=desc, unit="step", total=total, initial=initial, leave=True)
 
     def write(self, record: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def postfix(self, values: dict) -> None:
-        if self.bar is not None and values:
+    def report(self, step: int, values: dict) -> None:
+        """Show the latest figures: on the bar, or as a line of the log."""
+        if not values:
+            return
+        if self.bar is not None:
             self.bar.set_postfix(values, refresh=False)
+        elif self.lines:
+            self.log(f"{self.desc} step {step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -417,13 +624,18 @@ def run_loop(
     fingerprint: the settings a checkpoint must share to be resumed (model shape, data, ...).
     on_step(step) is called after each optimizer step (tests use it to interrupt a run).
     On KeyboardInterrupt a checkpoint is written before the interrupt is passed on.
+
+    With config.parallel "fsdp" under torchrun, a sharded copy of `model` is trained and
+    `model` itself stays plain: evaluate() and the checkpoints get it with the weights
+    gathered from the shards, and at the end the main process's `model` holds the trained
+    weights on the device (the other processes' copies are stale: stages save from rank 0).
     """
     config.validate()
     out = Path(out)
     rt = runtime or setup_runtime(config)
     t = _start(model, config, out, rt, fingerprint or {}, resume, log)
     state = t.state
-    run_log = _RunLog(out / "log.jsonl", rt, progress, config.max_steps, state.step, desc)
+    run_log = _RunLog(out / "log.jsonl", rt, progress, config.max_steps, state.step, desc, log)
     peak = gpu_peak_flops(rt.device)
     try:
         window_tokens, window_start = 0, time.perf_counter()
@@ -446,26 +658,32 @@ def run_loop(
                     if peak:
                         record["mfu"] = tok_s * flops_per_token / (peak * rt.world_size)
                 run_log.write(record)
-                run_log.postfix({"loss": f"{step_loss:.3f}", "tok_s": f"{tok_s:,.0f}"})
+                run_log.report(state.step, {"loss": f"{step_loss:.3f}", "tok_s": f"{tok_s:,.0f}"})
                 window_tokens, window_start = 0, time.perf_counter()
-            if run_log.bar is not None:
-                run_log.bar.update(1)
-            if (state.step % config.eval_interval == 0 or at_end) and rt.is_main and evaluate is not None:
-                result = evaluate(model)
+            run_log.advance()
+            evaluating = (state.step % config.eval_interval == 0 or at_end) and evaluate is not None
+            if evaluating:
+                t.pull_weights()  # FSDP: every process takes part in gathering the weights evaluated
+            if evaluating and rt.is_main:
+                with t.model_on_device():
+                    result = evaluate(model)
                 record = {"step": state.step, "tokens": state.tokens, **result}
                 state.history.append(record)
                 run_log.write({"event": "eval", **record})
-                run_log.postfix({k: f"{v:.3f}" for k, v in result.items() if isinstance(v, float)})
+                run_log.report(state.step, {k: f"{v:.3f}" for k, v in result.items() if isinstance(v, float)})
                 window_start = time.perf_counter()  # keep validation out of tokens/s
             if state.step % config.checkpoint_interval == 0 or at_end:
                 t.checkpoint()
     except KeyboardInterrupt:
+        # Every interrupted process takes part (FSDP gathers the shards; DDP meets at the
+        # barrier); the main one writes the files.
+        t.checkpoint()
         if rt.is_main:
-            t.checkpoint()
             log(f"\ninterrupted at step {state.step}; checkpoint saved in {t.ckpt_dir}: rerun with --resume to continue")
         raise
     finally:
         run_log.close()
+    t.finish()
 
     metrics = {"steps": state.step, "train_tokens": state.tokens, "train_seconds": round(state.elapsed, 2),
                "tokens_per_s": state.tokens / max(state.elapsed, 1e-9)}

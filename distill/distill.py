@@ -156,8 +156,11 @@ def build_student(spec: str, teacher: LoadedModel, seed: int) -> tuple[GPT, Path
         cfg = GPTConfig.from_dict(values)
     except ValueError as e:
         raise ConfigError(f"--student {spec!r}: {e}") from e
+    if cfg.vocab_size < teacher.tokenizer.vocab_size:
+        raise ConfigError(f"--student {spec!r}: vocab_size={cfg.vocab_size} is smaller than the teacher's tokenizer "
+                          f"({teacher.tokenizer.vocab_size} tokens); the student needs a row for every token")
     torch.manual_seed(seed)  # the initial weights depend on the seed alone
-    return GPT(cfg), None, None
+    return GPT(cfg).limit_vocab(teacher.tokenizer.vocab_size), None, None
 
 
 def hidden_layer_map(student: GPT, teacher: GPT, plan: dict | None) -> list[tuple[int, int]]:
@@ -356,6 +359,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print, progress:
     with training_stage(config, out, resume=resume, overwrite=overwrite,
                         inputs={"--teacher": config.teacher, "--student": student_folder}) as rt:
         models = load_models(config)
+        if models.sparse and rt.fsdp:
+            # The masks hold the zeros of the plain student, but FSDP trains a sharded copy.
+            raise ConfigError("a sparse student cannot be distilled with --parallel fsdp (its zeros would not "
+                              "be held); use --parallel ddp")
         teacher, student, plan = models.teacher.model, models.student, models.plan
         out.mkdir(parents=True, exist_ok=True)
         data_dir = resolve_data(config, models.teacher, out, rt.is_main, rt.distributed, log)
@@ -367,8 +374,13 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print, progress:
         teacher.to(rt.device).eval().requires_grad_(False)
         keeper = MaskKeeper(module, masks_from_zeros(student), prefix="student.") if models.sparse else None
         # Padding rows beyond the tokenizer carry no tokens: compare distributions over real tokens
-        # only when the two embeddings are padded differently.
-        vocab = None if student.config.vocab_size == teacher.config.vocab_size else models.teacher.tokenizer.vocab_size
+        # only. Needed whenever there is padding, not only when the two are padded differently:
+        # the frozen teacher runs in eval mode, where its padding logits are masked to the lowest
+        # float, which reverse KL (p_s log p_t) or a temperature below 1 (min / T = -inf) would
+        # turn into enormous or NaN losses.
+        n_tokens = models.teacher.tokenizer.vocab_size
+        padded = max(student.config.vocab_size, teacher.config.vocab_size) > n_tokens
+        vocab = n_tokens if padded else None
         loss_fn, evaluate = objective(config, teacher, pairs, vocab,
                                       val.validation_batches(config.eval_batches, config.block_size), rt)
         fingerprint = {"student": student.config.to_dict(), "teacher": parent_record(models.teacher_dir)["sha256"],

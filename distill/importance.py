@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compactgpt.device import device_of
 from compactgpt.model import GPT
+from compactgpt.progress import progress_bar
 
 # ---------------------------------------------------------------------------------------
 # Pure statistics
@@ -58,6 +60,7 @@ def top_k_indices(scores: torch.Tensor, k: int) -> list[int]:
     order). Ties go to the lower index, which makes "keep everything" the identity."""
     if not 0 < k <= scores.numel():
         raise ValueError(f"cannot keep {k} of {scores.numel()} units")
+    scores = scores.detach().cpu()  # one copy, not one device read per unit
     order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
     return sorted(order[:k])
 
@@ -74,7 +77,7 @@ class ActivationStats:
     heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (nh,)
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_inner,)
     channels: torch.Tensor | None = None  # (C,), summed over every LayerNorm output
-    influence: dict[int, float] = field(default_factory=dict)  # layer -> sum of 1 - cos
+    influence: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of 1 - cos (float64)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> (in,) for Wanda
 
     def head_scores(self, layer: int) -> torch.Tensor:
@@ -87,7 +90,9 @@ class ActivationStats:
         return self.channels / max(self.tokens, 1)  # sum of per-LayerNorm mean squares
 
     def cosine_scores(self) -> torch.Tensor:
-        return torch.tensor([self.influence[i] / max(self.tokens, 1) for i in sorted(self.influence)])
+        # float64 sums divided, then float32: the figures a Python float sum gave.
+        sums = torch.stack([self.influence[i].cpu() for i in sorted(self.influence)])
+        return (sums / max(self.tokens, 1)).float()
 
     def input_norms(self, name: str) -> torch.Tensor:
         """||X_j||_2 over all calibration positions, per input column j (Wanda's statistic)."""
@@ -128,9 +133,9 @@ def collect_stats(model: GPT, batches: Iterable[torch.Tensor], linear_inputs: bo
             lambda m, args, i=i: _add(stats.heads, i, head_square_sums(args[0], n_head))))
         handles.append(block.mlp.c_proj.register_forward_pre_hook(
             lambda m, args, i=i: _add(stats.neurons, i, channel_square_sums(args[0]))))
+        # Summed as a float64 tensor on the model's device: no host sync per block and batch.
         handles.append(block.register_forward_hook(
-            lambda m, args, out, i=i: stats.influence.__setitem__(
-                i, stats.influence.get(i, 0.0) + float(cosine_influence_sum(args[0], out[0])))))
+            lambda m, args, out, i=i: _add(stats.influence, i, cosine_influence_sum(args[0], out[0]).double())))
         handles.append(block.ln_1.register_forward_hook(on_ln))
         handles.append(block.ln_2.register_forward_hook(on_ln))
     # ln_f too: it feeds the LM head. Every LayerNorm sees the same positions, so each one
@@ -142,14 +147,10 @@ def collect_stats(model: GPT, batches: Iterable[torch.Tensor], linear_inputs: bo
                 lambda m, args, name=name: _add(stats.inputs, name, channel_square_sums(args[0]))))
     was_training = model.training
     model.eval()
+    device = device_of(model)  # batches are drawn on the CPU; the model may be on a GPU
     try:
-        iterator = list(batches)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="calibrate", unit="batch", leave=False)
-        for ids in iterator:
-            model(ids)
+        for ids in progress_bar(list(batches), desc="calibrate", unit="batch", enabled=progress):
+            model(ids.to(device))
             stats.tokens += ids.numel()
     finally:
         for h in handles:
@@ -160,7 +161,9 @@ def collect_stats(model: GPT, batches: Iterable[torch.Tensor], linear_inputs: bo
 
 @torch.no_grad()
 def forward_skipping(model: GPT, ids: torch.Tensor, skip: set[int]) -> torch.Tensor:
-    """Logits of the model with the blocks in `skip` removed (their residual passes through)."""
+    """Logits of the model with the blocks in `skip` removed (their residual passes through).
+    `ids` may be on any device; the logits are on the model's."""
+    ids = ids.to(device_of(model))
     T = ids.shape[1]
     pos = torch.arange(T, device=ids.device)[None]
     x = model.transformer.wte(ids) + model.transformer.wpe(pos)
@@ -180,16 +183,13 @@ def skip_losses(model: GPT, batches: list[torch.Tensor], progress: bool = False)
     def loss_with(skip: set[int]) -> float:
         total, count = 0.0, 0
         for ids in batches:
+            ids = ids.to(device_of(model))
             logits = forward_skipping(model, ids, skip)
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
             count += ids[:, 1:].numel()
         return total / max(count, 1)
 
-    layers = range(model.config.n_layer)
-    if progress:
-        from tqdm.auto import tqdm
-
-        layers = tqdm(layers, desc="depth", unit="block", leave=False)
+    layers = progress_bar(range(model.config.n_layer), desc="depth", unit="block", enabled=progress)
     try:
         base = loss_with(set())
         losses = torch.tensor([loss_with({i}) for i in layers])

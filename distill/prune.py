@@ -23,6 +23,7 @@ import torch
 
 from compactgpt.artifacts import load_model, parent_record, resolve_model_path, save_model
 from compactgpt.config import option
+from compactgpt.device import device_of, resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import model_logits_fn, perplexity
 from compactgpt.model import GPT, GPTConfig
@@ -54,6 +55,7 @@ class PruneConfig(CalibrationConfig):
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("--model is required: the folder of the model to prune")
+        super().validate()
         if not self.out:
             raise ConfigError("--out is required: the folder to write the pruned student to")
         for name in ("layers", "heads", "embd", "mlp"):
@@ -167,7 +169,8 @@ def _head_cols(heads: list[int], head_dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_plan(model: GPT, plan: PrunePlan) -> GPT:
-    """A new GPT holding the slices of `model` the plan keeps. Pure: `model` is not changed.
+    """A new GPT holding the slices of `model` the plan keeps, on the model's device. Pure:
+    `model` is not changed.
 
     Index lists need not be sorted; any order (a permutation, in tests) is applied as given."""
     cfg = model.config
@@ -211,10 +214,10 @@ def apply_plan(model: GPT, plan: PrunePlan) -> GPT:
         out[d + "mlp.c_fc.bias"] = src[s + "mlp.c_fc.bias"][nrn]
         out[d + "mlp.c_proj.weight"] = src[s + "mlp.c_proj.weight"][ch][:, nrn]
         out[d + "mlp.c_proj.bias"] = src[s + "mlp.c_proj.bias"][ch]
-    student = GPT(new_cfg)
+    student = GPT(new_cfg).limit_vocab(model.vocab_limit)  # pruning keeps every vocabulary row
     student.load_state_dict({k: v.clone() for k, v in out.items()}, strict=True)
     student.lm_head.weight = student.transformer.wte.weight  # load_state_dict keeps the tie; be explicit
-    return student.train(model.training)
+    return student.to(device_of(model)).train(model.training)
 
 
 def parameter_summary(student: GPT, teacher: GPT) -> dict:
@@ -225,10 +228,12 @@ def parameter_summary(student: GPT, teacher: GPT) -> dict:
             "teacher_non_embedding_parameters": tn, "parameter_ratio": s / t, "non_embedding_ratio": sn / tn}
 
 
-def eval_perplexity(model: GPT, tokens: torch.Tensor, device="cpu") -> float:
+def eval_perplexity(model: GPT, tokens: torch.Tensor, device: str | torch.device | None = None) -> float:
     """Sliding-window perplexity with windows of n_positions and stride n_positions / 2: the
-    settings pretraining reports, so figures compare across stages."""
+    settings pretraining reports, so figures compare across stages. `tokens` may be on the
+    CPU; the model runs on `device` (default: where its parameters are)."""
     n = model.config.n_positions
+    device = device if device is not None else device_of(model)
     return perplexity(model_logits_fn(model, device), tokens, max_length=n, stride=n // 2).perplexity
 
 
@@ -239,8 +244,9 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print, progress: boo
     scores of blocks and heads, parameter counts and perplexity before and after.
     """
     config.validate()
+    device = resolve_device(config.device)
     teacher_dir = resolve_model_path(config.model)
-    loaded = load_model(teacher_dir)
+    loaded = load_model(teacher_dir, device=device)  # calibration batches are moved to it where used
     teacher = loaded.model
     shape = target_shape(teacher.config, config.layers, config.heads, config.embd, config.mlp)
     block = config.block_size or teacher.config.n_positions

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from compactgpt.artifacts import load_model, parent_record, resolve_model_path, save_model
 from compactgpt.config import option
+from compactgpt.device import resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
 
@@ -201,6 +202,7 @@ class SparsifyConfig(CalibrationConfig):
     def validate(self) -> None:
         if not self.model or not self.out:
             raise ConfigError("--model and --out are required")
+        super().validate()
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is unknown; choose one of {sorted(METHODS)}")
         nm = parse_pattern(self.pattern)
@@ -232,7 +234,7 @@ def sparsify(config: SparsifyConfig, log: Callable[[str], None] = print, progres
     before and after."""
     config.validate()
     source = resolve_model_path(config.model)
-    loaded = load_model(source)
+    loaded = load_model(source, device=resolve_device(config.device))  # save_model writes CPU copies
     model = loaded.model
     tokens = split_tokens(config.data, loaded, config.text_field, config.val_fraction)
     norms = None

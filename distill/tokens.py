@@ -14,6 +14,7 @@ from compactgpt.artifacts import LoadedModel
 from compactgpt.config import StageConfig, option
 from compactgpt.data import (TokenShards, encode_documents, is_data_folder, random_windows, read_documents,
                              split_documents)
+from compactgpt.device import DEVICE_HELP, resolve_device
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.lineage import ancestors, parent_path, require_same_tokenizer
 from compactgpt.tokenizer import Tokenizer
@@ -36,6 +37,12 @@ class CalibrationConfig(StageConfig):
     block_size: int = option(0, "tokens per calibration window (0: the model's n_positions)")
     eval_tokens: int = option(0, "validation tokens for perplexity before/after (0: the whole split)")
     seed: int = option(0, "seed of the calibration windows")
+    # Where the stage runs is not a property of what it writes: kept out of the saved settings,
+    # so the manifest and the pipeline's fingerprint are the same on any device.
+    device: str = option("auto", f"where the model is calibrated and scored: {DEVICE_HELP}", saved=False)
+
+    def validate(self) -> None:
+        resolve_device(self.device)  # a device this machine lacks is refused before any work
 
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_name: str, b_name: str) -> None:

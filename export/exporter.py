@@ -119,16 +119,18 @@ def make_session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log: Callable[[str], None]):
+def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log: Callable[[str], None],
+                n_tokens: int | None = None):
     """(onnx.ModelProto, exact?) of `model` as `config` asks; exact: ONNX Runtime computes
     PyTorch's function up to float rounding (no activation quantization), so the float
-    tolerance applies. Raises ExportError for a graph that is not valid ONNX."""
+    tolerance applies. n_tokens: the tokenizer's size; logits of the embedding's rows past it
+    (padding) are masked in the graph. Raises ExportError for a graph that is not valid ONNX."""
     import onnx
 
     from .graph import BuildOptions, build_decoder, collect_projections, exact_arithmetic
 
     options = BuildOptions(dtype=config.dtype, fused=config.optimize, opset=config.opset,
-                           accuracy_level=config.accuracy_level,
+                           accuracy_level=config.accuracy_level, n_tokens=n_tokens,
                            extra_meta={"producer": "compactgpt", "source": str(source.resolve())})
     log(f"building the decoder graph ({'fused' if config.optimize else 'standard ops'}, {config.dtype}"
         f"{', quantized weights' if quantized else ''})")
@@ -144,9 +146,11 @@ def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log:
     return proto, exact
 
 
-def validate_export(folder: Path, model, spec: DecoderSpec, config: ExportConfig, exact: bool) -> dict:
+def validate_export(folder: Path, model, spec: DecoderSpec, config: ExportConfig, exact: bool,
+                    n_tokens: int | None = None) -> dict:
     """Run the written graph in ONNX Runtime against `model`; the parity report with its
-    tolerance. Raises the signature errors of export.errors or ParityError."""
+    tolerance. n_tokens: the tokenizer's size (logits past it must be masked). Raises the
+    signature errors of export.errors or ParityError."""
     from .validate import validate
 
     session = make_session(folder / MODEL_FILE, config.threads)
@@ -155,10 +159,10 @@ def validate_export(folder: Path, model, spec: DecoderSpec, config: ExportConfig
     # those exports are held to a relative bound, everything else to the float tolerance.
     if not exact or config.dtype == "fp16":
         rtol = config.quant_rtol if not exact else FP16_RTOL
-        report = validate(model, session, spec, rtol=rtol, np_dtype=np_dtype)
+        report = validate(model, session, spec, rtol=rtol, np_dtype=np_dtype, n_tokens=n_tokens)
         report["tolerance"] = {"max_logits_rel_diff": rtol}
     else:
-        report = validate(model, session, spec, atol=config.atol, np_dtype=np_dtype)
+        report = validate(model, session, spec, atol=config.atol, np_dtype=np_dtype, n_tokens=n_tokens)
         report["tolerance"] = {"atol": config.atol}
     return report
 
@@ -182,7 +186,9 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
             "parent with --ort-int8, or drop the flag to export these integer weights"
         )
     spec = DecoderSpec.from_config(model.config)
-    proto, exact = build_graph(model, config, src, quantized, log)
+    # The real vocabulary comes from the folder's tokenizer: the embedding may have more rows.
+    n_tokens = tokenizer.vocab_size
+    proto, exact = build_graph(model, config, src, quantized, log, n_tokens=n_tokens)
 
     out = begin_write(out)
     files = save_proto(proto, out, config.external_data)
@@ -192,7 +198,7 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
         log("quantizing with ONNX Runtime's dynamic int8 (MatMulInteger)")
         ort_dynamic_int8(out, external=DATA_FILE in files)
     log("validating against PyTorch")
-    report = validate_export(out, model, spec, config, exact)
+    report = validate_export(out, model, spec, config, exact, n_tokens=n_tokens)
 
     shutil.copyfile(src / "config.json", out / "config.json")
     files.append("config.json")

@@ -114,6 +114,9 @@ class BuildOptions:
     accuracy_level: int = 4
     eps: float = 1e-5
     extra_meta: dict = field(default_factory=dict)
+    # The tokenizer's size when the embedding has padding rows past it (None: every row is a
+    # token): the graph masks those logits so no runtime's argmax or sampling can pick them.
+    n_tokens: int | None = None
 
 
 def build_decoder(model: GPT, projections: dict[str, Projection], options: BuildOptions) -> onnx.ModelProto:
@@ -248,9 +251,16 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
 
     if head is not None and head.nbits is not None:
         logits = matmul(x, head, with_bias=True)
-        g.nodes[-1].output[0] = spec.logits
     else:
-        g.op("MatMul", [x, wte_t], name="lm_head", outputs=[spec.logits])
+        logits = g.one("MatMul", [x, wte_t], name="lm_head")  # (B, T, V)
+    if options.n_tokens is not None and options.n_tokens < cfg.vocab_size:
+        # Padding rows: replaced (not offset) by the dtype's lowest value, as PyTorch's
+        # mask_padded_vocab does, so parity holds exactly there and nothing is ever -inf/NaN.
+        padding = g.const("vocab_padding", np.arange(cfg.vocab_size) >= options.n_tokens, np.bool_)  # (V,)
+        lowest = g.const("vocab_padding_value", np.array(np.finfo(np_dt).min, np_dt), np_dt)
+        g.op("Where", [padding, lowest, logits], name="vocab_mask", outputs=[spec.logits])
+    else:
+        g.nodes[-1].output[0] = spec.logits  # the head's own output is the graph's logits
 
     graph = helper.make_graph(g.nodes, "compactgpt_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", options.opset)]

@@ -8,7 +8,10 @@ compared tensor with tensor).
 
 The value cases use shapes other than any a tracer would have seen: batch 1 and 3, prompts of
 1 and 17 tokens, with and without a past, with left padding. Logits are compared at real
-(unpadded) positions, where their values mean something; present KV is compared everywhere
+(unpadded) positions and real tokens, where their values mean something: the columns of an
+embedding's padding rows (past the tokenizer's vocabulary) must instead hold exactly the
+dtype's lowest value, the mask that keeps any runtime from picking them (their huge values
+would otherwise also swamp the relative bound). Present KV is compared everywhere
 in the first layer and at real positions in the others (a padded position's hidden state
 is never read, so its value is the runtime's own business). The past fed to ONNX Runtime is
 PyTorch's, so a case isolates one call of the graph.
@@ -164,15 +167,33 @@ def session_outputs(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return dict(zip(names, session.run(None, feeds)))
 
 
-def output_differences(model: GPT, session, spec: DecoderSpec, case: Case, np_dtype=np.float32) -> dict:
+def check_vocab_mask(logits: np.ndarray, n_tokens: int, case: Case, np_dtype=np.float32) -> None:
+    """Raise ParityError unless every logit (B, T, V) of a column >= n_tokens (padding rows
+    of the embedding) is the graph dtype's lowest value, the mask PyTorch applies too."""
+    padding = logits[..., n_tokens:]
+    lowest = float(np.finfo(np_dtype).min)
+    if padding.size and not np.all(padding == lowest):
+        raise ParityError(
+            f"ONNX Runtime's logits of the {logits.shape[-1] - n_tokens} padding rows past the tokenizer's "
+            f"{n_tokens} tokens are not masked at {case.name} (max {float(padding.max()):.3g}, expected "
+            f"{lowest:.3g}): a runtime could generate ids no token has. Re-export with this CompactGPT"
+        )
+
+
+def output_differences(model: GPT, session, spec: DecoderSpec, case: Case, np_dtype=np.float32,
+                       n_tokens: int | None = None) -> dict:
     """Max |ONNX - PyTorch| of each output for one case, outputs read by name.
 
-    Returns {"outputs": {name: max diff}, "logits": the logits' (real positions),
-    "present": the largest over present KV, "logits_scale": max |PyTorch logits|}.
-    Raises OutputShapeError when an output's shape is not PyTorch's.
+    n_tokens: the tokenizer's size; logits are compared on the first n_tokens columns and the
+    others must be masked (`check_vocab_mask`). None: every column is a token.
+    Returns {"outputs": {name: max diff}, "logits": the logits' (real positions and tokens),
+    "present": the largest over present KV, "logits_scale": max |PyTorch logits| there}.
+    Raises OutputShapeError when an output's shape is not PyTorch's, ParityError when the
+    padding columns are not masked.
     """
     feeds, expected, (real_new, real_all) = case_reference(model, spec, case, np_dtype)
     outs = session_outputs(session, feeds)
+    n_tokens = spec.vocab_size if n_tokens is None else n_tokens
     diffs: dict[str, float] = {}
     for name, want in expected.items():
         got = np.asarray(outs[name], dtype=np.float32)
@@ -181,6 +202,9 @@ def output_differences(model: GPT, session, spec: DecoderSpec, case: Case, np_dt
                 f"ONNX Runtime's {name} has shape {list(got.shape)} at {case.name}; PyTorch's has "
                 f"{list(want.shape)}"
             )
+        if name == spec.logits:
+            check_vocab_mask(got[real_new], n_tokens, case, np_dtype)
+            got, want = got[..., :n_tokens], want[..., :n_tokens]
         diff = np.abs(got - want)
         if name == spec.logits:
             diff = diff[real_new]
@@ -188,26 +212,30 @@ def output_differences(model: GPT, session, spec: DecoderSpec, case: Case, np_dt
             diff = diff.transpose(0, 2, 1, 3)[real_all]  # (B, nh, P+T, hs) -> real positions
         diffs[name] = float(diff.max())
     present = max([0.0] + [diffs[n] for n in spec.present_names])
-    scale = float(np.abs(expected[spec.logits])[real_new].max())
+    scale = float(np.abs(expected[spec.logits][..., :n_tokens])[real_new].max())
     return {"outputs": diffs, "logits": diffs[spec.logits], "present": present, "logits_scale": scale}
 
 
 def validate(model: GPT, session, spec: DecoderSpec, *, atol: float | None = None, rtol: float | None = None,
-             np_dtype=np.float32) -> dict:
+             np_dtype=np.float32, n_tokens: int | None = None) -> dict:
     """Check the session's signature against the spec, then run every case; raise the
     signature's error, or ParityError naming the first failing case and its worst output.
 
     atol bounds the absolute differences (float exports); rtol bounds max|diff| / max|logits|
-    (quantized exports, whose kernels round activations differently). Returns the report
-    that goes into the manifest: per-case differences and the maxima.
+    (quantized exports, whose kernels round activations differently). n_tokens: the
+    tokenizer's size (default: the model's `vocab_limit`); the logits of padding rows past it
+    must be masked. Returns the report that goes into the manifest: per-case differences and
+    the maxima.
     """
     check_signature(session, spec)
+    if n_tokens is None:
+        n_tokens = getattr(model, "vocab_limit", None)
     report: dict = {"cases": {}}
     worst_logits = worst_present = worst_rel = 0.0
     for case in CASES:
         if not fits(case, model.config.n_positions):
             continue
-        d = output_differences(model, session, spec, case, np_dtype)
+        d = output_differences(model, session, spec, case, np_dtype, n_tokens)
         rel = d["logits"] / max(d["logits_scale"], 1e-12)
         report["cases"][case.name] = {"logits": d["logits"], "present": d["present"], "logits_rel": rel}
         worst_logits, worst_present = max(worst_logits, d["logits"]), max(worst_present, d["present"])

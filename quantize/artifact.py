@@ -160,8 +160,9 @@ class QuantizedArtifact:
     layout: str
 
 
-def load_quantized(folder: str | Path, verify: bool = True) -> QuantizedArtifact:
-    """Load a quantized artifact into a GPT whose quantized layers run in PyTorch (CPU).
+def load_quantized(folder: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> QuantizedArtifact:
+    """Load a quantized artifact into a GPT whose quantized layers run in PyTorch on `device`
+    (built on the CPU, then moved: integer weights and bitsandbytes layers move with it).
 
     Raises ArtifactError for a missing, unfinished, damaged or non-quantized folder, and
     ConfigError for settings written by a newer CompactGPT (a newer `config_version`).
@@ -198,7 +199,9 @@ def load_quantized(folder: str | Path, verify: bool = True) -> QuantizedArtifact
         for k in t:
             del tensors[f"{name}.{k}"]
         if layout == "gptq":
-            qw = from_gptq_tensors(t, config.bits, name)
+            # On the device before the modules are built: the tied embedding and LM head then
+            # share one QuantizedWeight there too (the move below keeps weights already in place).
+            qw = from_gptq_tensors(t, config.bits, name).to(device)
             if name == "lm_head":
                 model.lm_head = QuantLinear(qw, None)
                 model.transformer.wte = QuantEmbedding(qw)
@@ -230,4 +233,8 @@ def load_quantized(folder: str | Path, verify: bool = True) -> QuantizedArtifact
                             f"{unexpected[:5]}; the weights and config come from different models")
     model.load_state_dict(state, strict=False)
     tokenizer = Tokenizer.from_folder(folder)
-    return QuantizedArtifact(model.eval(), tokenizer, manifest, folder, config, layout)
+    if tokenizer.vocab_size > gpt_config.vocab_size:
+        raise ArtifactError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                            f"is {gpt_config.vocab_size}; this tokenizer belongs to another model")
+    model.limit_vocab(tokenizer.vocab_size)  # padding rows past the tokenizer are never predicted
+    return QuantizedArtifact(model.to(device).eval(), tokenizer, manifest, folder, config, layout)

@@ -137,8 +137,8 @@ def search_clip(
     if max_shrink <= 0:
         return rtn_quantize(w, bits, group_size, symmetric)
     xg = x.reshape(-1, groups, group_size)  # (N, G, gs)
-    best_err = torch.full((out_f, groups), float("inf"))
-    best_ratio = torch.ones(out_f, groups)
+    best_err = torch.full((out_f, groups), float("inf"), device=w.device)
+    best_ratio = torch.ones(out_f, groups, device=w.device)
     wg = w.reshape(out_f, groups, group_size)
     for k in range(n_grid):
         ratio = 1.0 - max_shrink * k / n_grid
@@ -162,7 +162,7 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] <= n:
         return x
-    return x[torch.linspace(0, x.shape[0] - 1, n).long()]
+    return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).long()]
 
 
 def _judge(block: nn.Module, name: str):

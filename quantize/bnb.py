@@ -31,25 +31,31 @@ def _bnb():
 
 
 def to_int8_linear(lin: nn.Linear, threshold: float) -> nn.Module:
-    """An LLM.int8 layer with lin's weights (quantized row-wise when moved to its device)."""
+    """An LLM.int8 layer with lin's weights, quantized row-wise on lin's device (bitsandbytes'
+    CUDA kernels when it is a GPU)."""
     bnb = _bnb()
     m = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                             has_fp16_weights=False, threshold=threshold)
-    m.weight = bnb.nn.Int8Params(lin.weight.detach().float().clone(), requires_grad=False, has_fp16_weights=False)
+    # Built on the CPU: Int8Params quantizes on its move from the CPU to a device; float
+    # weights already on a GPU would be moved as they are, unquantized.
+    m.weight = bnb.nn.Int8Params(lin.weight.detach().float().cpu().clone(), requires_grad=False,
+                                 has_fp16_weights=False)
     if lin.bias is not None:
-        m.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
+        m.bias = nn.Parameter(lin.bias.detach().float().cpu().clone(), requires_grad=False)
     return m.to(lin.weight.device)
 
 
 def to_4bit_linear(lin: nn.Linear, quant_type: str, blocksize: int, double_quant: bool) -> nn.Module:
-    """An NF4/FP4 layer with lin's weights; moving it to a device quantizes them."""
+    """An NF4/FP4 layer with lin's weights; moving it to lin's device quantizes them there
+    (bitsandbytes' CUDA kernels when it is a GPU)."""
     bnb = _bnb()
     m = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                           compute_dtype=torch.float32, compress_statistics=double_quant, quant_type=quant_type)
-    m.weight = bnb.nn.Params4bit(lin.weight.detach().float().clone(), requires_grad=False, quant_type=quant_type,
-                                 blocksize=blocksize, compress_statistics=double_quant)
+    # Built on the CPU like the LLM.int8 layer above, so the one move below does the quantizing.
+    m.weight = bnb.nn.Params4bit(lin.weight.detach().float().cpu().clone(), requires_grad=False,
+                                 quant_type=quant_type, blocksize=blocksize, compress_statistics=double_quant)
     if lin.bias is not None:
-        m.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
+        m.bias = nn.Parameter(lin.bias.detach().float().cpu().clone(), requires_grad=False)
     # A Linear4bit quantizes on its first move; before it, forward fails.
     return m.to(lin.weight.device)
 

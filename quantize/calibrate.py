@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from compactgpt.device import device_of
 from compactgpt.errors import DataError
 from compactgpt.lineage import require_same_tokenizer
 from compactgpt.model import GPT
@@ -78,8 +79,11 @@ def load_calibration(source: str | Path, tokenizer, samples: int, seq_len: int, 
 
 @torch.no_grad()
 def embed(model: GPT, ids: torch.Tensor) -> torch.Tensor:
-    """The input of the first block, (n, T, C)."""
-    pos = torch.arange(ids.shape[1])[None]
+    """The input of the first block, (n, T, C), on the model's device: calibration windows are
+    drawn on the CPU and moved here, where data meets the model."""
+    device = device_of(model)
+    ids = ids.to(device)
+    pos = torch.arange(ids.shape[1], device=device)[None]
     return model.transformer.wte(ids) + model.transformer.wpe(pos)
 
 

@@ -83,8 +83,13 @@ class QuantizedWeight:
         return (self.codes.float() - self.zeros.float()[:, g]) * self.scales[:, g]
 
     def to(self, device) -> "QuantizedWeight":
-        return QuantizedWeight(self.bits, self.group_size, self.codes.to(device), self.scales.to(device),
-                               self.zeros.to(device), None if self.g_idx is None else self.g_idx.to(device))
+        """These weights on `device`: itself when they are there already, so a weight shared by
+        the tied embedding and LM head stays one object when its modules are moved."""
+        tensors = (self.codes, self.scales, self.zeros, self.g_idx)
+        moved = tuple(None if t is None else t.to(device) for t in tensors)
+        if all(a is b for a, b in zip(moved, tensors)):  # Tensor.to returns the tensor itself when it is there
+            return self
+        return QuantizedWeight(self.bits, self.group_size, *moved)
 
     def nbytes(self) -> int:
         """Bytes of the packed storage: codes at `bits` each, fp16 scales, packed zero points."""

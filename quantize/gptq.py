@@ -49,32 +49,33 @@ def gptq_quantize(
     """
     W = w.detach().clone().double()
     out_f, n = W.shape
-    H = H.detach().clone().double()
+    H = H.detach().clone().double().to(W.device)  # a Hessian gathered elsewhere joins the weight
     dead = torch.diag(H) == 0  # inputs that are always zero: any weight works, use 0
     H[dead, dead] = 1
     W[:, dead] = 0
     groups = n // group_size
     maxq = 2**bits - 1
+    device = W.device  # the solve runs where the weight is (a GPU when the model is there)
 
     static = act_order or group_size == n
-    scale = torch.zeros(out_f, groups, dtype=torch.float64)
-    zero = torch.zeros(out_f, groups, dtype=torch.float64)
+    scale = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
+    zero = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     if static:
         lo, hi = group_ranges(W.float(), group_size)
         s, z = grid_params(lo, hi, bits, symmetric)
         scale, zero = s.double(), z.double()
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
     W = W[:, perm]
     H = H[perm][:, perm]
     group_of = perm // group_size  # group of each column in processing order
 
     damp = damp_percent * torch.mean(torch.diag(H))
-    H += damp * torch.eye(n, dtype=H.dtype)
+    H += damp * torch.eye(n, dtype=H.dtype, device=device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
-    codes = torch.zeros(out_f, n, dtype=torch.float64)
+    codes = torch.zeros(out_f, n, dtype=torch.float64, device=device)
     for i1 in range(0, n, block_columns):
         i2 = min(i1 + block_columns, n)
         W1 = W[:, i1:i2].clone()

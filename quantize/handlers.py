@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
+from compactgpt.progress import progress_bar
 
 from .config import QuantConfig
 from .format import QuantizedWeight
@@ -54,12 +55,7 @@ def handler_for(config: QuantConfig) -> Handler:
 
 def each_block(model: GPT, desc: str, progress: bool) -> Iterator[tuple[int, nn.Module]]:
     """(index, block) over the model's transformer blocks, with a progress bar if asked."""
-    blocks = list(model.transformer.h)
-    if progress:
-        from tqdm.auto import tqdm
-
-        blocks = tqdm(blocks, desc=desc, unit="block", leave=False)
-    return enumerate(blocks)
+    return enumerate(progress_bar(list(model.transformer.h), desc=desc, unit="block", enabled=progress))
 
 
 def each_projection(model: GPT, desc: str, progress: bool) -> Iterator[tuple[str, nn.Module]]:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from compactgpt.device import device_of, resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.lineage import data_folder_tokens, heldout_tokens, training_data_folder
 from compactgpt.model import GPT
@@ -58,15 +59,17 @@ def evaluate_quantized(quantized: GPT | str | Path, reference: str | Path, *, pr
     Returns manifest metrics: val_perplexity, float_val_perplexity, val_kl_mean (KL of the
     quantized model's next-token distributions from the float model's, the damage that a
     perplexity difference of a few hundredths hides), val_top1_agreement, val_tokens, val_data.
+    Both models run on the in-memory model's device (a folder is opened on the CPU).
     """
     from compactgpt.artifacts import load_model
     from compactgpt.evaluation import compare_models, model_logits_fn
 
     model = load_quantized(quantized).model if isinstance(quantized, (str, Path)) else quantized
-    float_model = load_model(reference)
+    device = device_of(model)
+    float_model = load_model(reference, device=device)
     tokens, source = validation_tokens(float_model)
-    result = compare_models(model_logits_fn(model), model_logits_fn(float_model.model.eval()), tokens,
-                            model.config.n_positions, progress=progress)
+    result = compare_models(model_logits_fn(model, device), model_logits_fn(float_model.model.eval(), device),
+                            tokens, model.config.n_positions, progress=progress)
     return dict(val_perplexity=result.perplexity, val_tokens=result.tokens, val_data=source,
                 float_val_perplexity=result.reference_perplexity, val_kl_mean=result.kl_mean,
                 val_top1_agreement=result.top1_agreement)
@@ -74,20 +77,25 @@ def evaluate_quantized(quantized: GPT | str | Path, reference: str | Path, *, pr
 
 def quantize_folder(model: str | Path, out: str | Path, config: QuantConfig, *, calib_data: str | None = None,
                     progress: bool = True, log: Callable[[str], None] = print, layout: str | None = None,
-                    evaluate: bool = False) -> Path:
+                    evaluate: bool = False, device: str | torch.device = "auto") -> Path:
     """Quantize the float model folder `model` with `config` into the artifact folder `out`.
 
     calib_data: calibration text or prepared data folder (default: the model's training
     data); layout: storage layout (default: the method's own, see `artifact.layout_for`);
     evaluate: also score it against the float model (`evaluate_quantized`) and record the
-    figures in the manifest. Logs one summary line through `log`; returns `out` as a Path.
-    Raises ConfigError for an impossible layout (before any work) or missing calibration
-    data, ArtifactError for an unusable model folder.
+    figures in the manifest; device: where the model is calibrated, quantized and scored
+    (`compactgpt.device.resolve_device`; bitsandbytes methods use its CUDA kernels on a GPU).
+    The device is not a setting of the artifact: it is not saved, and the artifact is written
+    from CPU tensors in the same format on any device. Logs one summary line through `log`;
+    returns `out` as a Path. Raises ConfigError for an impossible layout or a device this
+    machine lacks (before any work) or missing calibration data, ArtifactError for an
+    unusable model folder.
     """
     from compactgpt.artifacts import load_model, resolve_model_path
 
     layout = layout_for(config, layout)  # refuse an impossible layout before any work
-    loaded = load_model(resolve_model_path(model))
+    device = resolve_device(device)
+    loaded = load_model(resolve_model_path(model), device=device)
     calibration = resolve_calibration(loaded, config, calib_data, model)
     report = quantize_(loaded.model, config, calibration, progress=progress)
     metrics = {"quantize_seconds": round(report.seconds, 3)}

@@ -74,3 +74,14 @@ def random_gpt(seed: int = 0, **overrides) -> GPT:
 def byte_tokenizer() -> Tokenizer:
     """A tokenizer trained on a few lines: enough for artifact round trips."""
     return train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
+
+
+def winning_padding(model: GPT, n_tokens: int) -> GPT:
+    """Make the logits of the embedding rows past n_tokens (vocabulary padding) the largest
+    at every position: a constant feature out of ln_f (its bias) read only by those rows. A
+    model whose padding is not masked then generates nothing but padding ids."""
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = 20.0
+        model.transformer.wte.weight[n_tokens:] = 0.0
+        model.transformer.wte.weight[n_tokens:, 0] = 50.0
+    return model

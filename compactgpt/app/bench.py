@@ -1,7 +1,7 @@
 """`compactgpt bench`: every artifact measured the same way, PyTorch or ONNX, float or quantized.
 
 For each model folder: perplexity through the artifact's own runtime (ONNX Runtime for an
-ONNX export, PyTorch for a float or quantized artifact) on the same tokens; parameters and
+ONNX export, PyTorch for a float or quantized artifact, on --device) on the same tokens; parameters and
 file size; time to first token, decode tokens/s and prefill tokens/s for a fixed prompt and
 length at batch 1 and one larger batch (warm-up runs, repeats, median and p90, fixed
 threads); peak resident memory in a separate process per artifact. The machine, library
@@ -34,6 +34,7 @@ import torch
 from ..artifacts import folder_kind, read_manifest
 from ..config import StageConfig, option
 from ..data import TokenShards, is_data_folder, random_windows
+from ..device import DEVICE_HELP, resolve_device
 from ..errors import ArtifactError, ConfigError
 from ..lineage import ancestors, require_same_tokenizer, same_tokenizer
 from ..machine import machine_info
@@ -57,8 +58,13 @@ class BenchConfig(StageConfig):
     threads: int = option(2, "CPU threads for every runtime (fixed so that figures compare)")
     memory: bool = option(True, "measure peak resident memory in a separate process per artifact")
     seed: int = option(0, "seed that picks the prompt windows from the validation text")
+    # Not saved with the settings (saved=False) so that a pipeline's measurements keep their
+    # fingerprints; each PyTorch row records the device it ran on instead.
+    device: str = option("auto", f"where PyTorch and quantized rows run: {DEVICE_HELP}; ONNX rows run on "
+                                 "ONNX Runtime's CPU provider", saved=False)
 
     def validate(self) -> None:
+        resolve_device(self.device)  # a device this machine lacks is refused before any measurement
         if self.eval_tokens < 0 or self.stride < 0:
             raise ConfigError("eval_tokens and stride must be >= 0")
         if self.prompt_tokens < 1 or self.new_tokens < 2:
@@ -115,6 +121,19 @@ class StreamTiming:
         }
 
 
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """A clock for work on `device`: CUDA kernels run asynchronously, so the clock waits for
+    the device to finish what was queued before it reads the time."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
 def time_stream(make_stream: Callable[[], Iterator], warmup: int, repeats: int,
                 clock: Callable[[], float] = time.perf_counter) -> StreamTiming:
     """Run `make_stream()` to exhaustion warmup + repeats times; time the timed runs.
@@ -157,41 +176,54 @@ class MeasuredRuntime:
     n_positions: int
     tokenizer: Tokenizer
     parameters: int | None  # None: counted from the float ancestor (artifact_parameters)
+    device: torch.device = torch.device("cpu")  # where the model runs; inputs may come from the CPU
 
 
-def _open_pytorch(folder: Path, threads: int) -> MeasuredRuntime:
+def _torch_stream(model: torch.nn.Module, device: torch.device) -> Callable[..., Iterator]:
+    """model.stream taking prompts on the CPU (where they are drawn) and running on `device`."""
+
+    @torch.no_grad()
+    def stream(ids: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator:
+        yield from model.stream(ids.to(device), max_new_tokens, **kwargs)
+
+    return stream
+
+
+def _open_pytorch(folder: Path, threads: int, device: torch.device = torch.device("cpu")) -> MeasuredRuntime:
     from ..artifacts import load_model
     from ..evaluation import model_logits_fn
 
     torch.set_num_threads(threads)
-    loaded = load_model(folder)
+    loaded = load_model(folder, device=device)
     model = loaded.model.eval()
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return MeasuredRuntime("pytorch", torch.no_grad()(model_logits_fn(model)), torch.no_grad()(model.stream),
-                           model.config.n_positions, loaded.tokenizer, params)
+    return MeasuredRuntime("pytorch", torch.no_grad()(model_logits_fn(model, device)), _torch_stream(model, device),
+                           model.config.n_positions, loaded.tokenizer, params, device)
 
 
-def _open_quantized(folder: Path, threads: int) -> MeasuredRuntime:
+def _open_quantized(folder: Path, threads: int, device: torch.device = torch.device("cpu")) -> MeasuredRuntime:
     from quantize import load_quantized
 
     from ..evaluation import model_logits_fn
 
     torch.set_num_threads(threads)
-    art = load_quantized(folder)
+    art = load_quantized(folder, device=device)
     model = art.model.eval()
-    return MeasuredRuntime("pytorch-quantized", torch.no_grad()(model_logits_fn(model)),
-                           torch.no_grad()(model.stream), model.config.n_positions, art.tokenizer, None)
+    return MeasuredRuntime("pytorch-quantized", torch.no_grad()(model_logits_fn(model, device)),
+                           _torch_stream(model, device), model.config.n_positions, art.tokenizer, None, device)
 
 
-def _open_onnx(folder: Path, threads: int) -> MeasuredRuntime:
+def _open_onnx(folder: Path, threads: int, device: torch.device | None = None) -> MeasuredRuntime:
     from export import OnnxDecoder
 
+    # ONNX rows stay on ONNX Runtime's CPU provider whatever --device says (see BenchConfig.device).
     decoder = OnnxDecoder(folder, threads=threads, log=lambda m: None)
     return MeasuredRuntime("onnx", decoder.logits_fn(), decoder.stream, decoder.config.n_positions,
                            decoder.tokenizer, None)
 
 
-RUNTIMES: dict[str, Callable[[Path, int], MeasuredRuntime]] = {
+# kind -> opener(folder, threads, device); PyTorch runtimes run on the device, ONNX on the CPU.
+RUNTIMES: dict[str, Callable[..., MeasuredRuntime]] = {
     "pytorch": _open_pytorch,
     "pytorch-quantized": _open_quantized,
     "onnx": _open_onnx,
@@ -265,6 +297,7 @@ _PROBE = r"""
 import importlib, json, sys
 from pathlib import Path
 folder, kind, threads, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+device = sys.argv[6]
 import torch
 from compactgpt.app.bench import RUNTIMES
 # Only the runtime this artifact needs, so the baseline is what a deployment of it loads.
@@ -277,26 +310,33 @@ def status(key):
             return int(line.split()[1])
 
 base = status("VmRSS")
-rt = RUNTIMES[kind](Path(folder), threads)
+rt = RUNTIMES[kind](Path(folder), threads, torch.device(device))
 ids = torch.randint(0, 100, (1, prompt))
 for _ in rt.stream(ids, new):
     pass
-print(json.dumps({"baseline_kib": base, "end_kib": status("VmRSS"), "peak_kib": status("VmHWM")}))
+gpu = torch.cuda.max_memory_allocated(rt.device) // 1024 if rt.device.type == "cuda" else None
+print(json.dumps({"baseline_kib": base, "end_kib": status("VmRSS"), "peak_kib": status("VmHWM"), "gpu_peak_kib": gpu}))
 """
 
 
-def peak_memory(folder: Path, kind: str, threads: int, prompt: int, new: int) -> dict:
-    """Resident memory (MiB) of a fresh process that opens the artifact and generates once
-    (Linux /proc): its peak (VmHWM), the process before the model is opened (interpreter and
-    this artifact's runtime imported), and the model's own share (resident growth from
-    opening it to the end of the generation). Raises ArtifactError when the probe fails."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), kind, str(threads), str(prompt), str(new)],
+def peak_memory(folder: Path, kind: str, threads: int, prompt: int, new: int,
+                device: torch.device = torch.device("cpu")) -> dict:
+    """Resident memory (MiB) of a fresh process that opens the artifact on `device` and
+    generates once (Linux /proc): its peak (VmHWM), the process before the model is opened
+    (interpreter and this artifact's runtime imported), and the model's own share (resident
+    growth from opening it to the end of the generation); on a GPU also the peak of GPU
+    memory PyTorch allocated. Raises ArtifactError when the probe fails."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(folder), kind, str(threads), str(prompt), str(new),
+                           str(device)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         raise ArtifactError(f"the memory probe failed on {folder}: {proc.stderr.strip()[-500:]}")
     d = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mib": d["peak_kib"] / 1024, "runtime_baseline_rss_mib": d["baseline_kib"] / 1024,
-            "model_rss_mib": (d["end_kib"] - d["baseline_kib"]) / 1024}
+    out = {"peak_rss_mib": d["peak_kib"] / 1024, "runtime_baseline_rss_mib": d["baseline_kib"] / 1024,
+           "model_rss_mib": (d["end_kib"] - d["baseline_kib"]) / 1024}
+    if d.get("gpu_peak_kib") is not None:
+        out["gpu_peak_mib"] = d["gpu_peak_kib"] / 1024
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,7 +363,8 @@ def measure_classifier(folder: Path, config: BenchConfig) -> dict:
                                      load_classifier, predict)
 
     torch.set_num_threads(config.threads)
-    loaded = load_classifier(folder)
+    device = resolve_device(config.device)
+    loaded = load_classifier(folder, device=device)  # predict moves each batch there
     settings = loaded.manifest.settings if loaded.manifest else {}
     if settings.get("task") != "classify" or not settings.get("data"):
         raise ConfigError(f"{folder} records no labelled data to hold out from; benchmark classifiers written "
@@ -334,13 +375,14 @@ def measure_classifier(folder: Path, config: BenchConfig) -> dict:
     seqs = encode_texts(loaded.tokenizer, [e.text for e in examples[: max(8, config.repeats)]], max_length)
     for seq in seqs[: config.warmup]:
         predict(loaded.model, [seq], loaded.tokenizer.eot_id, batch_size=1)
+    clock = device_clock(device)
     latency = []
     for seq in seqs:
-        t = time.perf_counter()
+        t = clock()
         predict(loaded.model, [seq], loaded.tokenizer.eot_id, batch_size=1)
-        latency.append(time.perf_counter() - t)
+        latency.append(clock() - t)
     params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
-    return {"folder": str(folder), "runtime": "pytorch-classifier", "parameters": params,
+    return {"folder": str(folder), "runtime": "pytorch-classifier", "device": str(device), "parameters": params,
             "file_bytes": file_bytes(folder), "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
             "examples": r["examples"], "eval": {"data": source},
             "latency_ms_median": statistics.median(latency) * 1e3,
@@ -354,18 +396,21 @@ def measure_speed(rt: MeasuredRuntime, tokens: torch.Tensor, config: BenchConfig
     speed = []
     for batch in config.batches:
         prompt = random_windows(tokens, batch, config.prompt_tokens, gen)
-        timing = time_stream(lambda: rt.stream(prompt, config.new_tokens), config.warmup, config.repeats)
+        timing = time_stream(lambda: rt.stream(prompt, config.new_tokens), config.warmup, config.repeats,
+                             clock=device_clock(rt.device))
         speed.append(timing.summary(batch, config.prompt_tokens))
     return speed
 
 
-def _open_reference(reference: str | Path, rt: MeasuredRuntime, threads: int) -> MeasuredRuntime | None:
-    """The baseline opened for KL, or None when it cannot be compared with `rt`: a classifier,
-    another tokenizer, or a context shorter than rt's scoring window."""
+def _open_reference(reference: str | Path, rt: MeasuredRuntime, threads: int,
+                    device: torch.device = torch.device("cpu")) -> MeasuredRuntime | None:
+    """The baseline opened for KL (a PyTorch one on `device`), or None when it cannot be
+    compared with `rt`: a classifier, another tokenizer, or a context shorter than rt's
+    scoring window."""
     kind = artifact_kind(reference)
     if kind == "classifier":
         return None
-    ref = RUNTIMES[kind](Path(reference), threads)
+    ref = RUNTIMES[kind](Path(reference), threads, device)
     if not same_tokenizer(ref.tokenizer, rt.tokenizer) or ref.n_positions < rt.n_positions:
         return None
     return ref
@@ -379,7 +424,8 @@ def score(folder: Path, rt: MeasuredRuntime, tokens: torch.Tensor, config: Bench
 
     window = rt.n_positions
     itself = reference is not None and Path(reference).resolve() == folder.resolve()
-    ref = _open_reference(reference, rt, config.threads) if reference is not None and not itself else None
+    device = resolve_device(config.device)
+    ref = _open_reference(reference, rt, config.threads, device) if reference is not None and not itself else None
     if ref is None:
         ppl = perplexity(rt.logits_fn, tokens, window, config.stride or None, progress=progress)
         if itself:
@@ -407,7 +453,7 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True, refe
     if kind == "classifier":
         return measure_classifier(folder, config)
     gc.collect()  # runtimes of earlier measurements must not share the CPU with this one
-    rt = RUNTIMES[kind](folder, config.threads)
+    rt = RUNTIMES[kind](folder, config.threads, resolve_device(config.device))
     tokens, source = eval_token_ids(config.data, rt.tokenizer)
     if config.eval_tokens:
         tokens = tokens[: config.eval_tokens]
@@ -420,6 +466,7 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True, refe
     record = {
         "folder": str(folder),
         "runtime": kind,
+        "device": str(rt.device),
         "parameters": artifact_parameters(folder, rt),
         "file_bytes": file_bytes(folder),
         "perplexity": ppl.perplexity,
@@ -430,7 +477,8 @@ def measure(folder: str | Path, config: BenchConfig, progress: bool = True, refe
     if divergence is not None:
         record["divergence"] = divergence
     if config.memory:
-        record["memory"] = peak_memory(folder, kind, config.threads, config.prompt_tokens, config.new_tokens)
+        record["memory"] = peak_memory(folder, kind, config.threads, config.prompt_tokens, config.new_tokens,
+                                       rt.device)
     return record
 
 

@@ -1,7 +1,8 @@
 """Opening any language-model folder the way a verb needs it, in one place: for scoring
 (a logits function over token windows) or for streaming generation (a model with
 `.stream(...)`). A float folder (CompactGPT's or transformers' GPT-2) runs in PyTorch, a
-quantized folder through its integer-weight layers, an ONNX export in ONNX Runtime.
+quantized folder through its integer-weight layers (both on the device asked for), an ONNX
+export in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..artifacts import Manifest, folder_kind, load_model, read_config, read_manifest, resolve_model_path
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 
@@ -33,11 +37,15 @@ def _refuse_classifier(folder: Path) -> None:
                       f"`compactgpt classify --model {folder} --text ...` instead")
 
 
-def open_for_scoring(model: str | Path, threads: int | None = None) -> ScoringModel:
-    """A language-model folder of any kind, ready to be scored. Raises ArtifactError for a
-    folder that is not a model, ConfigError for a classifier."""
+def open_for_scoring(model: str | Path, threads: int | None = None,
+                     device: str | torch.device = "auto") -> ScoringModel:
+    """A language-model folder of any kind, ready to be scored: a PyTorch or quantized model on
+    `device` (its logits function takes ids on the CPU), an ONNX export on ONNX Runtime's CPU
+    provider. Raises ArtifactError for a folder that is not a model, ConfigError for a
+    classifier or a device this machine lacks."""
     from ..evaluation import model_logits_fn
 
+    device = resolve_device(device)
     folder = resolve_model_path(model)
     kind = folder_kind(folder)
     if kind == "classifier":
@@ -51,16 +59,22 @@ def open_for_scoring(model: str | Path, threads: int | None = None) -> ScoringMo
     if kind == "quantized":
         from quantize import load_quantized
 
-        loaded: Any = load_quantized(folder)
+        loaded: Any = load_quantized(folder, device=device)
     else:
-        loaded = load_model(folder)
-    return ScoringModel(folder, kind, loaded.tokenizer, loaded.manifest, model_logits_fn(loaded.model),
+        loaded = load_model(folder, device=device)
+    return ScoringModel(folder, kind, loaded.tokenizer, loaded.manifest, model_logits_fn(loaded.model, device),
                         loaded.model.config.n_positions)
 
 
-def open_for_streaming(model: str | Path, threads: int | None = None, device: str = "cpu") -> tuple[Any, Tokenizer, Path]:
+def open_for_streaming(model: str | Path, threads: int | None = None,
+                       device: str | torch.device = "auto") -> tuple[Any, Tokenizer, Path]:
     """(model with .stream(ids, max_new_tokens, ...), tokenizer, folder) for generation: an
-    ONNX export on ONNX Runtime, any other model folder in PyTorch."""
+    ONNX export on ONNX Runtime (its CPU provider unless `device` names a GPU), any other
+    model folder in PyTorch on `device`. The stream takes ids on the model's device
+    (`compactgpt.device.device_of`). Raises ConfigError for a classifier or a device this
+    machine lacks."""
+    spec = device
+    device = resolve_device(device)
     folder = resolve_model_path(model)
     kind = folder_kind(folder)
     if kind == "classifier":
@@ -68,12 +82,14 @@ def open_for_streaming(model: str | Path, threads: int | None = None, device: st
     if kind == "onnx":
         from export.runtime import open_decoder
 
-        decoder, tokenizer = open_decoder(folder, threads=threads, device=device)
+        # auto keeps ONNX Runtime on its CPU provider, as before --device existed.
+        onnx_device = "cpu" if spec in (None, "auto") else str(device)
+        decoder, tokenizer = open_decoder(folder, threads=threads, device=onnx_device)
         return decoder, tokenizer, folder
     if kind == "quantized":
         from quantize import load_quantized
 
-        loaded: Any = load_quantized(folder)
+        loaded: Any = load_quantized(folder, device=device)
     else:
         loaded = load_model(folder, device=device)
     return loaded.model, loaded.tokenizer, folder

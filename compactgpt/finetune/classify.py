@@ -46,6 +46,7 @@ class GPTClassifier(nn.Module):
         if num_labels < 2:
             raise ConfigError(f"a classifier needs at least 2 labels, got {num_labels}")
         gpt.lm_head = nn.Identity()  # the body now returns ln_f's output (B, T, C)
+        gpt.limit_vocab(None)  # those are hidden states, not token logits: nothing to mask
         self.gpt = gpt
         self.config = gpt.config
         self.score = nn.Linear(gpt.config.n_embd, num_labels, bias=False)

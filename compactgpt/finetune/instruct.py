@@ -168,15 +168,15 @@ def is_instruction_model(manifest: Manifest | None) -> bool:
     return manifest is not None and manifest.stage == STAGE and manifest.settings.get("task") == "instruct"
 
 
-def evaluate_instruct(folder: str | Path, max_length: int | None = None) -> dict:
+def evaluate_instruct(folder: str | Path, max_length: int | None = None, device: str | torch.device = "cpu") -> dict:
     """Held-out response loss and perplexity of an instruction-tuned model on the split its
-    finetuning held out (rebuilt from the manifest's settings).
+    finetuning held out (rebuilt from the manifest's settings), run on `device`.
 
     Returns {data, examples, val_response_loss, val_response_ppl, val_response_tokens}.
     Raises ConfigError when the folder is not an instruction-tuned artifact or lacks its
     stored template.
     """
-    loaded = load_model(folder)
+    loaded = load_model(folder, device=device)  # heldout_response_loss moves the batches there
     if not is_instruction_model(loaded.manifest):
         raise ConfigError(f"{folder} is not an instruction-tuned model (compactgpt finetune --task instruct)")
     config = config_from_settings(loaded.manifest.settings)

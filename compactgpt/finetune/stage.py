@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..artifacts import LoadedModel, load_model, resolve_model_path
 from ..training import run_loop, training_stage
 from .classify import classify_task, format_confusion
@@ -85,6 +87,7 @@ def _attach_lora(run: TaskRun, config: FinetuneConfig) -> dict | None:
     """Wrap the run's model in adapters when config.lora_rank > 0; the manifest's record of them."""
     if config.lora_rank <= 0:
         return None
+    torch.manual_seed(config.seed)  # the adapters' initial weights depend on the seed alone
     wrapped = apply_lora(run.model, config.lora_rank, config.lora_alpha, config.targets(), run.train_also)
     return {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.targets()),
             "layers": wrapped}

@@ -137,3 +137,26 @@ def test_eval_refuses_a_reference_with_another_tokenizer(tmp_path, byte_tokenize
     rc = main(["eval", "--model", str(tmp_path / "a"), "--reference", str(tmp_path / "b"), "--data", str(text),
                "--json"])
     assert rc == 2 and "different tokenizer" in capsys.readouterr().err
+
+
+def test_scoring_moves_token_ids_to_the_models_device():
+    """A model on another device than the token ids (a GPU in practice) is scored without a
+    device error. The `meta` device stands in for the GPU: it has shapes but no values, so
+    only reading the final number may fail, and it must fail for that reason alone."""
+    from compactgpt.evaluation import window_nll
+    from compactgpt.model import GPT
+
+    from conftest import tiny_config
+
+    logits = torch.randn(5, 11, device="meta")
+    nll = window_nll(logits, torch.tensor([1, 2, 3, 4, 5]))  # targets read on the CPU
+    assert nll.device.type == "meta" and nll.shape == () and nll.dtype == torch.float64
+
+    model = GPT(tiny_config()).to("meta")
+    tokens = torch.randint(0, 300, (100,))
+    for score in (lambda: perplexity(model_logits_fn(model), tokens, 32),
+                  lambda: compare_models(model_logits_fn(model), model_logits_fn(model), tokens, 32)):
+        with pytest.raises((RuntimeError, NotImplementedError)) as raised:
+            score()
+        message = str(raised.value)
+        assert "meta" in message and "expected device" not in message and "same device" not in message

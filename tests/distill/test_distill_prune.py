@@ -98,7 +98,8 @@ def test_pruned_student_loads_in_transformers_with_equal_logits(tmp_path, byte_t
     assert (hf.config.n_layer, hf.config.n_head, hf.config.n_embd, hf.config.n_inner) == (2, 2, 16, 20)
     with torch.no_grad():
         assert torch.allclose(student(IDS), hf(IDS).logits, atol=1e-5, rtol=0)
-        assert torch.allclose(load_model(tmp_path / "s").model(IDS), hf(IDS).logits, atol=1e-5, rtol=0)
+        n = byte_tokenizer.vocab_size  # the loaded student masks the padding rows past its tokenizer
+        assert torch.allclose(load_model(tmp_path / "s").model(IDS)[..., :n], hf(IDS).logits[..., :n], atol=1e-5, rtol=0)
 
 
 @pytest.fixture

@@ -12,6 +12,13 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--device for a verb that runs a PyTorch model; `what` says what runs there."""
+    from ...device import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", help=f"where {what} runs: {DEVICE_HELP} (default auto)")
+
+
 # ---------------------------------------------------------------------------------------
 # tokenize
 
@@ -99,6 +106,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--max-length", type=int, help="window length (default: the model's n_positions)")
     p.add_argument("--stride", type=int, help="step between windows (default: max-length / 2)")
+    add_device_arg(p, "a PyTorch or quantized model (and --reference) "
+                      "(an ONNX export runs on ONNX Runtime's CPU provider)")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -106,6 +115,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def run_eval(args) -> None:
     import torch
 
+    from ...device import resolve_device
     from ...errors import ConfigError
     from ...evaluation import compare_models, perplexity
     from ...lineage import heldout_tokens, same_tokenizer
@@ -114,15 +124,17 @@ def run_eval(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if eval_finetuned(args):  # a classifier's accuracy; an instruction model's held-out response perplexity
+    device = resolve_device(args.device)  # a device this machine lacks is refused before any work
+    # A classifier's accuracy, an instruction model's held-out response perplexity:
+    if eval_finetuned(args, device):
         return
-    model = open_for_scoring(args.model, args.threads)
+    model = open_for_scoring(args.model, args.threads, device)
     tokens, source = heldout_tokens(model.folder, model.manifest, model.tokenizer, args.data, args.text_field)
     n_positions = model.n_positions
     max_length = args.max_length or n_positions
     reference = None
     if args.reference:
-        reference = open_for_scoring(args.reference, args.threads)
+        reference = open_for_scoring(args.reference, args.threads, device)
         if not same_tokenizer(reference.tokenizer, model.tokenizer):
             raise ConfigError(
                 f"{args.reference} has a different tokenizer than {args.model}: their next-token "
@@ -167,6 +179,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95; 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    add_device_arg(p, "a PyTorch or quantized model")
     p.add_argument("--threads", type=int, help="CPU threads")
 
 
@@ -175,17 +188,21 @@ def run_generate(args) -> None:
 
     from compactgpt.finetune import prompt_for_generation
 
+    from ...device import device_of
     from ..open import open_for_streaming
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, folder = open_for_streaming(args.model, args.threads)
+    model, tok, folder = open_for_streaming(args.model, args.threads, args.device)
+    # A PyTorch model samples where it runs: the prompt and the sampling generator go there.
+    # An ONNX decoder takes CPU ids and samples on the CPU.
+    device = device_of(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
     # An instruction-tuned model reads the prompt inside the template it was trained with.
     text = prompt_for_generation(folder, args.prompt)
     ids = tok.encode(text) if text else [tok.eot_id]
     stream = model.stream(
-        torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k or None, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
+        torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p, generator=torch.Generator(device).manual_seed(args.seed),
         stop_tokens=() if args.no_stop else (tok.eot_id,),
     )
     sys.stdout.write(args.prompt if text == args.prompt else "")  # a templated prompt is not echoed

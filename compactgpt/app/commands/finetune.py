@@ -14,6 +14,7 @@ import torch
 
 from ...artifacts import is_classifier, read_manifest, resolve_model_path
 from ...config import add_config_args, field_help, given_args
+from ...device import DEVICE_HELP, resolve_device
 from ...errors import ConfigError, DataError
 from ...finetune import (TASKS, FinetuneConfig, classify_texts, evaluate_classifier, evaluate_instruct, finetune,
                          format_confusion, is_instruction_model, load_classifier)
@@ -63,6 +64,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", action="append", default=[], help="text to classify (repeat for several)")
     p.add_argument("--file", help="classify every non-empty line of this file")
     p.add_argument("--json", action="store_true", help="print JSON lines with label and probabilities")
+    p.add_argument("--device", default="auto", help=f"where the classifier runs: {DEVICE_HELP} (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads")
 
 
@@ -70,6 +72,7 @@ def run_classify(args: argparse.Namespace) -> None:
     """Print label, probability and text per line (JSON lines with --json)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     texts = list(args.text)
     if args.file:
         path = Path(args.file)
@@ -78,7 +81,7 @@ def run_classify(args: argparse.Namespace) -> None:
         texts += [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     if not texts:
         raise ConfigError("nothing to classify: pass --text TEXT (repeatable) or --file FILE")
-    loaded = load_classifier(resolve_model_path(args.model))
+    loaded = load_classifier(resolve_model_path(args.model), device=device)  # predict moves the ids there
     for text, result in zip(texts, classify_texts(loaded, texts)):
         if args.json:
             print(json.dumps({"text": text, **result}))
@@ -87,12 +90,12 @@ def run_classify(args: argparse.Namespace) -> None:
             print(f"{result['label']}\t{p:.3f}\t{text}")
 
 
-def eval_finetuned(args: argparse.Namespace) -> bool:
+def eval_finetuned(args: argparse.Namespace, device: torch.device | str = "cpu") -> bool:
     """`compactgpt eval` for artifacts that perplexity on plain text does not describe: a
     classifier (accuracy), and an instruction-tuned model without --data (held-out response
-    perplexity). Prints the figures and returns True when it handled the model; returns
-    False when the plain perplexity evaluation applies. Raises ConfigError when --reference
-    or --model names a classifier in a comparison."""
+    perplexity), run on `device`. Prints the figures and returns True when it handled the
+    model; returns False when the plain perplexity evaluation applies. Raises ConfigError
+    when --reference or --model names a classifier in a comparison."""
     folder = resolve_model_path(args.model)
     reference = getattr(args, "reference", None)
     if reference:
@@ -105,17 +108,17 @@ def eval_finetuned(args: argparse.Namespace) -> bool:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if is_classifier(folder):
-        _print_classifier_eval(args, folder)
+        _print_classifier_eval(args, folder, device)
         return True
     manifest = read_manifest(folder)
     if reference is None and args.data is None and is_instruction_model(manifest):
-        _print_instruct_eval(args, folder, manifest.settings["data"])
+        _print_instruct_eval(args, folder, manifest.settings["data"], device)
         return True
     return False
 
 
-def _print_instruct_eval(args: argparse.Namespace, folder: Path, data: str) -> None:
-    r = evaluate_instruct(folder, args.max_length)
+def _print_instruct_eval(args: argparse.Namespace, folder: Path, data: str, device: torch.device | str) -> None:
+    r = evaluate_instruct(folder, args.max_length, device)
     if args.json:
         print(json.dumps({"model": str(args.model), **r}, indent=2))
     else:
@@ -123,8 +126,8 @@ def _print_instruct_eval(args: argparse.Namespace, folder: Path, data: str) -> N
               f"{r['val_response_tokens']:,} response tokens of {r['examples']} held-out examples of {data}")
 
 
-def _print_classifier_eval(args: argparse.Namespace, folder: Path) -> None:
-    loaded = load_classifier(folder)
+def _print_classifier_eval(args: argparse.Namespace, folder: Path, device: torch.device | str) -> None:
+    loaded = load_classifier(folder, device=device)
     r = evaluate_classifier(loaded, args.data, args.max_length)
     if args.json:
         print(json.dumps({"model": str(args.model), **r}, indent=2))

@@ -3,6 +3,10 @@
 One flag per field of the method configs (a field several methods share is one flag, its
 help naming the methods that take it and their defaults); flags the chosen method does not
 take are refused. The work is `quantize.quantize_folder`.
+
+--device is a flag of the verb, not a field of the method configs: those configs are saved in
+the artifact (its manifest and config.json), and where the quantization ran is not a property
+of the artifact, whose format is the same on any device.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     from quantize.config import METHODS
 
     from ...config import add_config_args
+    from ...device import DEVICE_HELP
 
     p.description = DESCRIPTION
     p.add_argument("--model", required=True, help="float model folder to quantize")
@@ -70,6 +75,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    "methods, bnb for bitsandbytes methods)")
     p.add_argument("--eval", action="store_true", help="measure the quantized model's perplexity on the "
                    "validation split of the data the model was trained on and record it in the manifest")
+    p.add_argument("--device", default="auto", help=f"where to calibrate, quantize and score: {DEVICE_HELP}; "
+                   "bitsandbytes methods use its CUDA kernels on a GPU (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(p, _method_flags())
@@ -99,9 +106,13 @@ def run_quantize(args: argparse.Namespace) -> None:
 
     from quantize import quantize_folder
 
+    from ...device import resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     quantize_folder(args.model, args.out, config, calib_data=args.calib_data, progress=not args.no_progress,
-                    log=lambda line: print(line, file=sys.stderr), layout=args.layout, evaluate=args.eval)
+                    log=lambda line: print(line, file=sys.stderr), layout=args.layout, evaluate=args.eval,
+                    device=device)
     print(args.out)
