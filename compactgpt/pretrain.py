@@ -182,3 +182,36 @@ def _save_teacher(config: TrainConfig, out: Path, model: GPT, tokenizer: Tokeniz
     save_model(out, model.cpu(), tokenizer, stage=STAGE, settings=config.to_dict(), parent=data_dir, metrics=metrics)
     log(f"wrote {out}: val perplexity {ppl.perplexity:.2f} over {ppl.tokens:,} tokens "
         f"(unigram level {metrics.get('unigram_val_perplexity') or float('nan'):.2f})")
+
+
+# ---------------------------------------------------------------------------------------
+# An existing model as the teacher
+
+ADOPT_STAGE = "import"
+
+
+def adopt_teacher(source: str | Path, out: str | Path, data: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Use an existing GPT-2 model (a folder, or a hub id where a network exists) as the
+    teacher instead of pretraining one: it is written to `out` as a CompactGPT artifact whose
+    lineage is `data`, a data folder tokenized with the model's own tokenizer, on which later
+    stages distill, calibrate and evaluate; its validation perplexity there is recorded.
+
+    Raises ArtifactError for a folder that is not a GPT-2 model, ConfigError when `data` was
+    tokenized with another tokenizer.
+    """
+    from .artifacts import load_model, parent_record, resolve_model_path
+    from .lineage import data_folder_tokens
+
+    folder = resolve_model_path(source)
+    loaded = load_model(folder)
+    tokens = data_folder_tokens(data, loaded.tokenizer, folder)
+    n_positions = loaded.model.config.n_positions
+    ppl = perplexity(model_logits_fn(loaded.model), tokens, max_length=n_positions, stride=n_positions // 2)
+    model = loaded.model
+    metrics = {"val_perplexity": ppl.perplexity, "val_tokens_scored": ppl.tokens,
+               "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(True)}
+    save_model(out, model, loaded.tokenizer, stage=ADOPT_STAGE, settings={"model": str(source), "data": str(data)},
+               parent=data, metrics=metrics, extra={"source": parent_record(folder)})
+    log(f"wrote {out}: {source} as the teacher ({model.num_parameters():,} parameters), val perplexity "
+        f"{ppl.perplexity:.2f} over {ppl.tokens:,} tokens of {data}")
+    return Path(out)

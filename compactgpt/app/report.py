@@ -80,6 +80,8 @@ def describe(chain: list[dict]) -> str:
             parts.append(f"teacher ({s.get('n_layer')}x{s.get('n_embd')})")
         elif st == "finetune":
             parts.append("finetuned")
+        elif st == "import":
+            parts.append(f"teacher ({s.get('model')})")
     return " of ".join(parts) if parts else "model"
 
 

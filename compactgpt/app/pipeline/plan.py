@@ -9,7 +9,7 @@ from typing import Callable
 from .benchmark import plan_bench
 from .stages import Planning, Stage
 from .students import plan_students
-from .teacher import plan_corpus, plan_finetune, plan_teacher
+from .teacher import existing_teacher, plan_corpus, plan_finetune, plan_teacher
 from .variants import plan_exports, plan_quantize
 
 
@@ -18,7 +18,7 @@ def plan(config: dict, out: str | Path, log: Callable[[str], None] = print, prog
     ConfigError for an unknown stage, method, model name or setting; nothing runs before the
     whole plan is valid."""
     ctx = Planning(Path(out).resolve(), log, progress)
-    plan_corpus(config["corpus"], ctx)
+    plan_corpus(config["corpus"], ctx, tokenizer_from=existing_teacher(config["teacher"]))
     plan_teacher(config["teacher"], ctx)
     if config.get("finetune"):
         plan_finetune(config["finetune"], ctx)

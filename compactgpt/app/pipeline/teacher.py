@@ -1,21 +1,32 @@
 """Planners of the corpus and the teacher: the tokenizer and token shards (OUT/data), the
-pretrained teacher (OUT/teacher) and, when the config asks for it, the teacher finetuned on
-a task (OUT/teacher-ft), which then stands in for the teacher in every later group."""
+teacher (OUT/teacher: pretrained, or an existing model given as {"model": folder or hub id},
+whose tokenizer then tokenizes the corpus) and, when the config asks for it, the teacher
+finetuned on a task (OUT/teacher-ft), which then stands in for the teacher in every later
+group."""
 
 from __future__ import annotations
 
 from functools import partial
 from typing import Callable
 
+from ...artifacts import folder_hash, resolve_model_path
 from ...data import DataConfig, prepare_data
 from ...errors import ConfigError
 from ...finetune import FinetuneConfig, finetune
-from ...pretrain import TrainConfig, config_from_preset, pretrain
+from ...io import sha256_file
+from ...pretrain import ADOPT_STAGE, TrainConfig, adopt_teacher, config_from_preset, pretrain
+from ...tokenizer import Tokenizer
 from .stages import Planning, Stage
 
 
-def _run_corpus(config: DataConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
-    prepare_data(config, stage.folder, log=log)
+def _run_corpus(config: DataConfig, tokenizer_from: str | None, log: Callable[[str], None], stage: Stage,
+                resume: bool) -> None:
+    tokenizer = Tokenizer.from_folder(resolve_model_path(tokenizer_from)) if tokenizer_from else None
+    prepare_data(config, stage.folder, tokenizer=tokenizer, log=log)
+
+
+def _run_adopt(source: str, data: str, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
+    adopt_teacher(source, stage.folder, data, log=log)
 
 
 def _run_pretrain(config: TrainConfig, log: Callable[[str], None], progress: bool, stage: Stage, resume: bool) -> None:
@@ -27,14 +38,40 @@ def _run_finetune(config: FinetuneConfig, log: Callable[[str], None], progress: 
     finetune(config, log=log, progress=progress, resume=resume, overwrite=not resume)
 
 
-def plan_corpus(settings: dict, ctx: Planning) -> Stage:
-    """The corpus stage: DataConfig fields -> tokenizer and shards in OUT/data."""
+def existing_teacher(settings: dict) -> str | None:
+    """The model a teacher group names ({"model": folder or hub id}), or None to pretrain one."""
+    source = settings.get("model")
+    if source is None:
+        return None
+    extra = sorted(set(settings) - {"model"})
+    if extra:
+        raise ConfigError(f"teacher: {extra} cannot be combined with 'model' (an existing model is not trained); "
+                          "remove them, or remove 'model' to pretrain a teacher")
+    return str(source)
+
+
+def plan_corpus(settings: dict, ctx: Planning, tokenizer_from: str | None = None) -> Stage:
+    """The corpus stage: DataConfig fields -> tokenizer and shards in OUT/data. With
+    `tokenizer_from` (an existing teacher) the corpus is encoded with that model's tokenizer
+    instead of a new one; the tokenizer's hash joins the fingerprint."""
     config = DataConfig.from_dict(settings, "corpus")
-    return ctx.add(Stage("corpus", "corpus", ctx.data_dir, config.to_dict(), [], partial(_run_corpus, config, ctx.log)))
+    record = config.to_dict()
+    if tokenizer_from:
+        record["tokenizer_sha256"] = sha256_file(resolve_model_path(tokenizer_from) / "tokenizer.json")
+    return ctx.add(Stage("corpus", "corpus", ctx.data_dir, record, [],
+                         partial(_run_corpus, config, tokenizer_from, ctx.log)))
 
 
 def plan_teacher(settings: dict, ctx: Planning) -> Stage:
-    """The teacher: a preset (default small) plus TrainConfig overrides, trained on the corpus."""
+    """The teacher: a preset (default small) plus TrainConfig overrides, trained on the corpus;
+    or an existing model ({"model": ...}), adopted as it is (no pretraining)."""
+    source = existing_teacher(settings)
+    if source is not None:
+        folder = resolve_model_path(source)  # a missing folder fails here, before any work
+        record = {"model": source, "source_sha256": folder_hash(folder)}
+        ctx.teacher = ctx.add(Stage("teacher", ADOPT_STAGE, ctx.out / "teacher", record, ["corpus"],
+                                    partial(_run_adopt, source, str(ctx.data_dir), ctx.log), model="teacher"))
+        return ctx.teacher
     overrides = dict(settings)
     preset = overrides.pop("preset", "small")
     for k in ("data", "out"):
