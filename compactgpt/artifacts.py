@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError, ConfigError
-from .io import atomic_write, atomic_write_json, atomic_write_text, sha256_file
+from .io import atomic_write, atomic_write_json, sha256_file
 from .model import GPT, GPTConfig, from_hf_state_dict, to_hf_state_dict
 from .tokenizer import Tokenizer
 
@@ -142,11 +142,39 @@ def parent_record(folder: str | Path | None) -> dict[str, str] | None:
     return {"path": str(Path(folder).resolve()), "sha256": folder_hash(folder)}
 
 
-def begin_write(folder: str | Path) -> Path:
-    """Mark a folder as being written: loads of it fail until finish_write."""
+def read_marker(folder: str | Path) -> dict:
+    """What the `.incomplete` marker of folder records ({} when there is none or it is not
+    JSON): the stage writing it and the files of the artifact it replaces."""
+    try:
+        d = json.loads((Path(folder) / INCOMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _remove_stray_temporaries(folder: Path) -> None:
+    # atomic_write's temporaries are named .NAME.XXXX.tmp; one survives only when its writer was
+    # killed, and the output lock (compactgpt.outputs) guarantees no other writer is running.
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def begin_write(folder: str | Path, stage: str | None = None) -> Path:
+    """Mark a folder as being written: loads of it fail until finish_write. The marker records
+    the stage and the files of the artifact being replaced, so that finish_write removes those
+    the new artifact does not write again (even after an interrupted write)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / INCOMPLETE, "written by CompactGPT; removed when the write completes\n")
+    try:
+        old = read_manifest(folder) if not (folder / INCOMPLETE).exists() else None
+    except ArtifactError:  # a damaged manifest: nothing to clean up after but its own file
+        old = None
+    previous = set(read_marker(folder).get("previous_files", [])) | set(old.files if old else [])
+    marker = {"note": "written by CompactGPT; removed when the write completes", "stage": stage,
+              "previous_files": sorted(previous)}
+    _remove_stray_temporaries(folder)
+    atomic_write_json(folder / INCOMPLETE, marker)
     (folder / MANIFEST).unlink(missing_ok=True)
     return folder
 
@@ -173,6 +201,11 @@ def finish_write(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         extra=extra or {},
     )
+    # No file of the replaced artifact survives into the new one, and no temporary file either.
+    for name in set(read_marker(folder).get("previous_files", [])) - set(files):
+        if "/" not in name and name not in (MANIFEST, INCOMPLETE):
+            (folder / name).unlink(missing_ok=True)
+    _remove_stray_temporaries(folder)
     atomic_write_json(folder / MANIFEST, manifest.to_dict())
     (folder / INCOMPLETE).unlink(missing_ok=True)
     return manifest
@@ -298,7 +331,7 @@ def save_model(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}; the model must have a row for every token"
         )
-    folder = begin_write(folder)
+    folder = begin_write(folder, stage)
     atomic_write_json(folder / "config.json", hf_config_dict(model.config))
     write_weights(folder / WEIGHTS, model)
     tokenizer.save(folder)
@@ -325,7 +358,8 @@ def read_config(folder: str | Path) -> GPTConfig:
     return config_from_hf(d, str(path))
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def weights_file(folder: Path) -> Path:
+    """The folder's model.safetensors; ArtifactError when it has none (or only pickled weights)."""
     path = folder / WEIGHTS
     if not path.is_file():
         if (folder / "pytorch_model.bin").is_file():
@@ -335,6 +369,13 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 "(save_pretrained(..., safe_serialization=True)) and load the safetensors folder"
             )
         raise ArtifactError(f"{folder} is not a model artifact: it has no {WEIGHTS}")
+    return path
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's model.safetensors. Checks nothing against config.json:
+    loaders call check_float_weights (or their own header checks) first."""
+    path = weights_file(folder)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -342,6 +383,114 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             f"{path} is truncated or corrupted ({e}); rerun the stage that wrote it, or copy the "
             "file again"
         ) from e
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of a weights file against its config, from the safetensors header alone: a file
+# whose tensors have the wrong dtype would otherwise load (torch converts silently) and give
+# wrong text, and a config with absurd sizes would allocate them before any shape is compared.
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes a float folder may hold
+# Buffers older GPT-2 checkpoints carry; from_hf_state_dict drops them, so they are not checked.
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+DAMAGED = "the file is damaged or comes from another model; rerun the stage that wrote the folder"
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype such as "F32" or "I32", shape) of every tensor in a
+    safetensors file, read from its header: nothing is allocated. Raises ArtifactError for a
+    truncated or corrupted file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for name in f.keys():
+                s = f.get_slice(name)
+                out[name] = (s.get_dtype(), tuple(s.get_shape()))
+            return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(
+            f"{path} is truncated or corrupted ({e}); rerun the stage that wrote it, or copy the file again"
+        ) from e
+
+
+def implied_parameters(config: GPTConfig) -> int:
+    """Parameters a GPT-2 of this config holds (tied head counted once), computed, not built."""
+    c, i = config.n_embd, config.n_inner
+    block = 4 * c + (3 * c * c + 3 * c) + (c * c + c) + (c * i + i) + (i * c + c)  # 2 LayerNorms + 4 projections
+    return (config.vocab_size + config.n_positions) * c + config.n_layer * block + 2 * c
+
+
+def check_config_size(config: GPTConfig, path: Path, source: str = "config.json") -> None:
+    """Refuse a config whose sizes the weights file cannot hold, before anything is built: no
+    format stores a parameter in less than 4 bits, so a file of B bytes holds at most 2B of
+    them. A damaged config (vocab_size 10**9) then fails in a moment instead of allocating."""
+    n, size = implied_parameters(config), path.stat().st_size
+    if n > 2 * size:
+        raise ArtifactError(
+            f"{source} implies {n:,} parameters (vocab_size {config.vocab_size:,}, n_positions "
+            f"{config.n_positions:,}, n_layer {config.n_layer:,}, n_embd {config.n_embd:,}), more than "
+            f"{path} ({size:,} bytes) can hold; config.json is damaged or belongs to another model: "
+            "copy the config.json that came with these weights, or rerun the stage that wrote the folder"
+        )
+
+
+def meta_model(config: GPTConfig) -> GPT:
+    """A GPT of this config on the meta device: every module and shape, no memory. Call
+    check_config_size first: even meta modules cost time per layer."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The GPT-2 tensor names (with the `transformer.` prefix, tied head left out) and shapes a
+    config implies, from a meta model."""
+    return {name: tuple(t.shape) for name, t in to_hf_state_dict(meta_model(config)).items()}
+
+
+def hf_name(name: str) -> str | None:
+    """A stored GPT-2 tensor name with the `transformer.` prefix; None for the tied head and the
+    buffers from_hf_state_dict drops."""
+    if name == "lm_head.weight" or name.endswith(HF_BUFFERS):
+        return None
+    return name if name.startswith("transformer.") else "transformer." + name
+
+
+def check_tensor(path: Path, name: str, found: tuple[str, tuple[int, ...]], dtypes: tuple[str, ...],
+                 shape: tuple[int, ...] | None, fix: str = DAMAGED) -> None:
+    """ArtifactError naming the tensor, what it is and what it should be, unless its header
+    entry `found` (dtype, shape) has one of `dtypes` and exactly `shape` (None: any shape)."""
+    dtype, got = found
+    if dtype not in dtypes:
+        raise ArtifactError(f"{path}: tensor {name} is stored as {dtype}, expected {' or '.join(dtypes)}; {fix}")
+    if shape is not None and tuple(got) != tuple(shape):
+        raise ArtifactError(f"{path}: tensor {name} has shape {tuple(got)} but config.json implies "
+                            f"{tuple(shape)}; {fix}")
+
+
+def check_float_weights(path: Path, config: GPTConfig, extra: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Check a float model's weights file against its config from the header alone: the same
+    tensor names, each a float (F32/F16/BF16) of the implied shape. `extra` adds tensors
+    beyond GPT-2's (a classifier's head). Raises ArtifactError naming the first tensor that
+    differs, before any tensor is read."""
+    header = read_header(path)  # first: a truncated file is reported as truncated
+    check_config_size(config, path)
+    expected = {**hf_shapes(config), **(extra or {})}
+    found = {}
+    for name, spec in header.items():
+        key = name if extra and name in extra else hf_name(name)
+        if key is not None:
+            found[key] = spec
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}; the "
+            "weights and config come from different models"
+        )
+    for name, shape in expected.items():
+        check_tensor(path, name, found[name], FLOAT_DTYPES, shape,
+                     "the weights and config come from different models, or the file is damaged; rerun the "
+                     "stage that wrote the folder")
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
@@ -356,34 +505,43 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             )
 
 
+def refuse_non_float(folder: Path) -> None:
+    """ArtifactError unless the folder holds float weights a GPT loads as they are: a quantized
+    folder or an ONNX export is named as such, with the folder to pass instead."""
+    kind = folder_kind(folder)
+    if kind not in ("quantized", "onnx"):
+        return
+    manifest = read_manifest(folder)
+    parent = (manifest.parent or {}).get("path") if manifest is not None else None
+    source = f" ({parent})" if parent else ""
+    if kind == "onnx":
+        raise ArtifactError(f"{folder} is an ONNX export, not PyTorch weights; pass the model folder it was "
+                            f"exported from{source}")
+    method = (_config_json(folder).get("quantization_config") or {}).get("compactgpt", {}).get("method")
+    what = f" with {method}" if method else ""
+    raise ArtifactError(
+        f"{folder} is already quantized{what}: its integer weights cannot be loaded as a float model or "
+        f"quantized again; pass the float model it was quantized from{source}"
+    )
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> LoadedModel:
     """Load a CompactGPT artifact or a GPT-2 folder saved by transformers.
 
-    Raises ArtifactError for a folder that is missing, unfinished, damaged, not GPT-2, or
-    whose tokenizer does not fit the model.
+    Raises ArtifactError for a folder that is missing, unfinished, damaged (a tensor of the
+    wrong dtype or shape, checked before anything is allocated), quantized or ONNX, not GPT-2,
+    or whose tokenizer does not fit the model.
     """
     folder = Path(folder)
     config = read_config(folder)
+    refuse_non_float(folder)
     manifest = read_manifest(folder)
     if manifest is not None and verify:
         verify_files(folder, manifest)
-    state = read_weights(folder)
+    # Names, dtypes and shapes are checked from the header before anything is allocated.
+    check_float_weights(weights_file(folder), config)
+    state = from_hf_state_dict(read_weights(folder))
     model = GPT(config)
-    state = from_hf_state_dict(state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{folder / WEIGHTS} does not match config.json: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}; the weights and config come from different models"
-        )
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ArtifactError(
-                f"{folder / WEIGHTS}: {name} has shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(expected[name].shape)}; the weights and config come from different models"
-            )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     tokenizer = Tokenizer.from_folder(folder)
     if tokenizer.vocab_size > config.vocab_size:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -54,7 +55,20 @@ class StageConfig:
     config_version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        self.check_numbers()
         self.validate()
+
+    def check_numbers(self) -> None:
+        """ConfigError for a NaN or infinite number in any field (comparisons with NaN are all
+        false, so range checks in `validate` would let it through) and for a `seed` outside
+        0..2**63-1 (numpy's generators refuse negative seeds, torch's overflow past 2**64).
+        Called on creation, before `validate`."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+            if f.name == "seed" and isinstance(value, int) and not 0 <= value < 2**63:
+                raise ConfigError(f"seed must be an integer from 0 to 2**63-1, got {value}")
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad setting and the fix; called on creation."""
@@ -99,9 +113,91 @@ def field_help(cls: type, name: str) -> str:
     raise KeyError(name)
 
 
+# ---------------------------------------------------------------------------------------
+# argparse types: a bad number is refused while the flags are parsed, as
+# `error: argument --top-k: must be an integer >= 0, got -5` (exit status 2), instead of
+# failing later with a traceback or being silently replaced by a default.
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """A float that is not NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def threads(text: str) -> int:
+    """A CPU thread count: an integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a thread count of 1 or more, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in 0..2**63-1 (what every generator accepts)."""
+    value = _integer(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63-1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A share in (0, 1]: a nucleus threshold, a fraction that cannot be empty."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """A share strictly between 0 and 1 (a held-out fraction: both sides must be non-empty)."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def _flag_type(tp: Any) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp  # Optional[int] / int | None -> int
+    tp = args[0] if args else tp  # Optional[int] / int | None -> int
+    # NaN and inf parse as floats; range checks are the config's own (validate).
+    return finite_float if tp is float else tp
 
 
 def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,

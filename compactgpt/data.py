@@ -32,11 +32,13 @@ import torch
 
 from .artifacts import begin_write, finish_write, read_manifest
 from .config import StageConfig, option
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .io import atomic_write
+from .outputs import claim_output
 from .tokenizer import Tokenizer, train_bpe
 
 STDLIB = "@stdlib"
+STAGE = "data"  # the stage name in a data folder's manifest
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".pyi", ".jsonl", ".c", ".h", ".js", ".ts",
                  ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".html", ".css", ".tex"}
 # Standard library folders left out of the default corpus: test suites (huge, repetitive),
@@ -225,6 +227,14 @@ class DataConfig(StageConfig):
     text_field: str = option("text", "JSONL field holding the text")
     shard_tokens: int = option(1 << 26, "tokens per shard file", flag=False)
 
+    def validate(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive): both splits need documents; "
+                              f"got {self.val_fraction}")
+        if self.vocab_size < 1 or self.shard_tokens < 1:
+            raise ConfigError(f"vocab_size and shard_tokens must be positive, got {self.vocab_size}, "
+                              f"{self.shard_tokens}")
+
 
 def source_fingerprint(spec: str) -> str:
     """Cheap identity of a source: names, sizes and modification times of its files."""
@@ -237,9 +247,20 @@ def source_fingerprint(spec: str) -> str:
     return h.hexdigest()
 
 
-def prepare_data(config: DataConfig, out: str | Path, tokenizer: Tokenizer | None = None, log=print) -> Path:
-    """Read, split, train a tokenizer (unless one is given), encode and write shards."""
+def prepare_data(config: DataConfig, out: str | Path, tokenizer: Tokenizer | None = None, log=print, *,
+                 overwrite: bool = False, inputs: dict[str, str | Path | None] | None = None) -> Path:
+    """Read, split, train a tokenizer (unless one is given), encode and write shards.
+
+    out is claimed first (compactgpt.outputs.claim_output): ConfigError when it is the source or
+    one of `inputs` (flag -> path, e.g. the folder the tokenizer came from) or a folder above
+    one, is not a writable folder, is being written by another run, or holds another artifact
+    and overwrite is False."""
     out = Path(out)
+    with claim_output(out, stage=STAGE, inputs={"--data": config.source, **(inputs or {})}, overwrite=overwrite):
+        return _prepare(config, out, tokenizer, log)
+
+
+def _prepare(config: DataConfig, out: Path, tokenizer: Tokenizer | None, log) -> Path:
     docs, stats = read_documents(config.source, config.text_field)
     if stats.replaced_bytes:
         log(
@@ -252,7 +273,7 @@ def prepare_data(config: DataConfig, out: str | Path, tokenizer: Tokenizer | Non
         tokenizer = train_bpe((d.text for d in train_docs), config.vocab_size)
     train = encode_documents(train_docs, tokenizer)
     val = encode_documents(val_docs, tokenizer)
-    begin_write(out)
+    begin_write(out, STAGE)
     tokenizer.save(out)
     files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     shards = {}
@@ -282,7 +303,7 @@ def prepare_data(config: DataConfig, out: str | Path, tokenizer: Tokenizer | Non
         "source_fingerprint": source_fingerprint(config.source),
         "val_documents": [d.name for d in val_docs][:10000],
     }
-    finish_write(out, "data", config.to_dict(), metrics=metrics, files=files, extra=extra)
+    finish_write(out, STAGE, config.to_dict(), metrics=metrics, files=files, extra=extra)
     return out
 
 

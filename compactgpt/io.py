@@ -12,6 +12,21 @@ from pathlib import Path
 from typing import Callable
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only
+    be read by setting it, which would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), fsync it, then rename tmp_path over path."""
     path = Path(path)
@@ -21,6 +36,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp)
     try:
         write(tmp)
+        # mkstemp creates the file 0600 (and some writers recreate it so): an artifact is meant
+        # to be shared, so it gets the mode open() gives a new file, 0666 less the umask.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -66,6 +66,19 @@ class TrainConfig(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
+        try:
+            self.model_config(self.vocab_size)  # positive sizes, heads that divide the width
+        except ValueError as e:
+            raise ConfigError(f"{e} (set by --n-layer, --n-head, --n-embd, --n-inner, --n-positions)") from None
+        if self.vocab_size < 258:
+            raise ConfigError(f"vocab_size must be at least 258 (256 bytes, <|endoftext|> and one merge), "
+                              f"got {self.vocab_size}")
+        if not 0 < self.val_fraction < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1) and dropout in [0, 1); got {self.val_fraction}, "
+                              f"{self.dropout}")
+        if self.block_size < 2 or self.eval_batches < 1:
+            raise ConfigError(f"block_size must be >= 2 (a window predicts its next tokens) and eval_batches >= 1; "
+                              f"got {self.block_size}, {self.eval_batches}")
         if self.block_size > self.n_positions:
             raise ConfigError(
                 f"block_size={self.block_size} is longer than n_positions={self.n_positions}: the "
@@ -115,7 +128,8 @@ def prepare_or_reuse_data(config: TrainConfig, rt: TrainRuntime, log) -> Path:
     folder = Path(config.out) / "data"
     if rt.is_main and not prepared_matches(folder, data_cfg):
         log(f"preparing data from {config.data} (tokenizer of {config.vocab_size} tokens)...")
-        prepare_data(data_cfg, folder, log=log)
+        # OUT/data belongs to this run (OUT is claimed): a stale copy is replaced.
+        prepare_data(data_cfg, folder, log=log, overwrite=True)
     if rt.distributed:
         torch.distributed.barrier()
     return folder
@@ -130,7 +144,8 @@ def pretrain(config: TrainConfig, log: Callable[[str], None] = print, progress: 
     resume nor overwrite is given (no run silently replaces earlier work).
     """
     out = Path(config.out)
-    with training_stage(config, out, resume=resume, overwrite=overwrite) as rt:
+    with training_stage(config, out, resume=resume, overwrite=overwrite, inputs={"--data": config.data},
+                        stage=STAGE) as rt:
         out.mkdir(parents=True, exist_ok=True)
         data_dir = prepare_or_reuse_data(config, rt, log)
         tokenizer = Tokenizer.from_folder(data_dir)

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,14 +32,17 @@ import torch.nn as nn
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
+from . import outputs
+from .outputs import CHECKPOINT, CHECKPOINT_COMPLETE, find_checkpoint
 from .config import StageConfig, option
 from .device import DEVICE_HELP, resolve_device
 from .progress import progress_bar, progress_wanted
 from .data import TokenShards
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError, StoppedBySignal, TrainingDiverged
+from .io import atomic_write_text
 from .model import Block, GPTConfig
 
-CHECKPOINT = "checkpoint"
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 # ---------------------------------------------------------------------------------------
 # Settings
@@ -69,16 +74,37 @@ class LoopConfig(StageConfig):
         "and optimizer state sharded: for models whose training does not fit one GPU), auto (ddp). With one "
         "process, every choice trains unsharded",
         saved=False)  # where a stage runs, not what it writes: checkpoints resume across it
+    nan_skips: int = option(
+        0, "steps with a non-finite loss or gradient norm to skip (their update is dropped) before training "
+        "stops as diverged", saved=False)  # a safety margin, not a setting of the model written
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.nan_skips < 0:
+            raise ConfigError(f"nan_skips must be 0 or more, got {self.nan_skips}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            # inf or nan would pass the comparisons below and only show as NaN weights later.
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(
                 f"learning rate settings are inconsistent: lr={self.lr}, min_lr={self.min_lr}, "
                 f"warmup_steps={self.warmup_steps}; need 0 <= min_lr <= lr, lr > 0, warmup_steps >= 0"
             )
+        if self.weight_decay < 0 or self.grad_clip < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(
+                f"optimizer settings out of range: weight_decay={self.weight_decay}, grad_clip={self.grad_clip}, "
+                f"beta1={self.beta1}, beta2={self.beta2}; need weight_decay >= 0, grad_clip >= 0 (0: off), "
+                "0 <= beta1, beta2 < 1"
+            )
+        # AdamW moves a weight by up to lr / (1 - beta1) in its first step and scales it by
+        # 1 - lr * weight_decay: factors torch cannot even turn into float32 are refused here,
+        # not met as a RuntimeError mid-step. (Large but representable ones diverge cleanly.)
+        if self.beta1 < 1 and max(self.lr / (1 - self.beta1), self.lr * self.weight_decay) >= FLOAT32_MAX:
+            raise ConfigError(f"lr={self.lr} is too large for float32 weights (AdamW's step overflows); "
+                              "use a far smaller --lr")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
@@ -333,6 +359,7 @@ class LoopState:
     tokens: int = 0
     elapsed: float = 0.0  # training seconds, validation excluded
     history: list = field(default_factory=list)  # validation results so far
+    skipped: int = 0  # steps whose update was dropped for a non-finite loss or gradient norm (nan_skips)
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, generator: torch.Generator,
@@ -357,25 +384,73 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, generator: torch.
     (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
     # The stage's settings beside the checkpoint let `--resume` continue from files alone.
     (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
+    (tmp / CHECKPOINT_COMPLETE).write_text("")  # last: a .tmp without it was cut short, and is never resumed
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
+    # A crash between the two renames leaves the checkpoint as .old or .tmp alone:
+    # find_checkpoint finds it there, and resuming moves it back (recover_checkpoint).
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(out: str | Path, log: Callable[[str], None] = print) -> Path | None:
+    """find_checkpoint, with a checkpoint left as .tmp or .old by a save cut short renamed back
+    to out/checkpoint. Returns out/checkpoint, or None when there is no checkpoint. Main process
+    only (it renames folders)."""
+    found = find_checkpoint(out)
+    folder = Path(out) / CHECKPOINT
+    if found is None or found == folder:
+        return found
+    found.rename(folder)
+    log(f"recovered the checkpoint {folder} from {found.name} (its last save was cut short)")
+    return folder
+
+
+def _damaged(path: Path, reason: str) -> ArtifactError:
+    return ArtifactError(f"{path} is damaged ({reason}): the checkpoint cannot be resumed; pass --overwrite "
+                         "instead of --resume to start over")
+
+
+def _why(error: Exception) -> str:
+    """A short reason for a file that failed to load. torch.load's own messages can advise
+    weights_only=False, which would run whatever code a damaged or foreign file holds."""
+    if isinstance(error, FileNotFoundError):
+        return "missing"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return type(error).__name__ if not first or "weights_only" in str(error) else first[:160]
+
+
 def read_checkpoint_fingerprint(folder: Path) -> dict | None:
     path = folder / "fingerprint.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise _damaged(path, _why(e)) from None
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, generator: torch.Generator,
                     sharded: nn.Module | None = None) -> LoopState:
     """Restore a checkpoint into model, optimizer and generator; with FSDP (`sharded`, the copy
-    the optimizer trains) the full weights and optimizer state are then split into its shards."""
-    load_safetensors_model(model, str(folder / "model.safetensors"))
-    trainer = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
+    the optimizer trains) the full weights and optimizer state are then split into its shards.
+    Raises ArtifactError naming the file when one is missing or damaged."""
+    weights_file, trainer_file = folder / "model.safetensors", folder / "trainer.pt"
+    try:
+        load_safetensors_model(model, str(weights_file))
+    except Exception as e:  # safetensors has its own error type for cut or corrupted files
+        raise _damaged(weights_file, _why(e)) from None
+    if not all(torch.isfinite(w).all() for w in model.state_dict().values() if w.is_floating_point()):
+        raise _damaged(weights_file, "non-finite weights")
+    try:
+        trainer = torch.load(trainer_file, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated zip, foreign pickle, ...: the error types vary
+        raise _damaged(trainer_file, _why(e)) from None
+    keys = ("optimizer", "generator", "torch_rng", "cuda_rng", "state")
+    if not isinstance(trainer, dict) or any(k not in trainer for k in keys):
+        raise _damaged(trainer_file, f"not a trainer state: it needs {', '.join(keys)}")
     if sharded is None:
         optimizer.load_state_dict(trainer["optimizer"])
     else:
@@ -427,6 +502,8 @@ class _Trainer:
     fingerprint: dict
     settings: dict
     sharded: nn.Module | None = None  # FSDP: the sharded copy the optimizer trains
+    signalled: int = 0  # the signal (SIGTERM) that asked this process to stop; 0: none
+    saved_step: int = -1  # the step of the checkpoint last written by this run
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -456,13 +533,26 @@ class _Trainer:
             if self.sharded is not None:
                 self.model.cpu()
 
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite, on every process (each checks its shard)."""
+        bad = torch.tensor(float(sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                                     for p in self.params)), device=self.rt.device)
+        if self.rt.distributed:
+            torch.distributed.all_reduce(bad)
+        return bad.item() == 0
+
     def checkpoint(self) -> None:
         """Write the checkpoint from the main process. Every process must call it: under FSDP
-        they all take part in gathering the shards."""
+        they all take part in gathering the shards. Raises TrainingDiverged instead when the
+        weights are not finite, so the last good checkpoint is never replaced by a broken one."""
+        if not self.weights_finite():
+            # A step with a finite loss and gradient can still overflow the weights (a huge lr).
+            raise TrainingDiverged(_diverged_message(self, "the weights are no longer finite"))
         optimizer = self.optimizer if self.sharded is None else self.pull_weights(with_optimizer=True)
         if self.rt.is_main:
             save_checkpoint(self.ckpt_dir, self.model, optimizer, self.generator, self.state,
                             self.fingerprint, self.settings)
+        self.saved_step = self.state.step
         if self.rt.distributed:
             torch.distributed.barrier()
 
@@ -497,7 +587,11 @@ def _start(model: nn.Module, config: LoopConfig, out: Path, rt: TrainRuntime, fi
     )
     generator = torch.Generator().manual_seed(config.seed)
     state = LoopState()
-    if resume and not (ckpt_dir / "trainer.pt").is_file():
+    if resume and rt.is_main:
+        recover_checkpoint(out, log)
+    if resume and rt.distributed:
+        torch.distributed.barrier()  # the others look for the checkpoint once it is back in place
+    if resume and find_checkpoint(out) is None:
         if rt.is_main:
             log(f"no checkpoint in {ckpt_dir} yet: starting fresh")
         resume = False
@@ -523,8 +617,46 @@ def _start(model: nn.Module, config: LoopConfig, out: Path, rt: TrainRuntime, fi
                     sharded)
 
 
-def _optimizer_step(t: _Trainer, config: LoopConfig, batches: BatchSource, loss_fn: LossFn) -> tuple[float, int, float | None, float]:
-    """One optimizer step over grad_accum micro-steps: (mean loss, tokens, gradient norm, lr)."""
+def _diverged_message(t: _Trainer, what: str) -> str:
+    """TrainingDiverged's one line: where, what, the likely cause and the fix."""
+    lr, clip = t.optimizer.param_groups[0]["lr"], t.settings["grad_clip"]
+    kept = (f"the last good checkpoint (step {read_checkpoint_step(t.ckpt_dir)}) is kept in {t.ckpt_dir}"
+            if t.ckpt_dir.is_dir() else "no checkpoint was written")
+    fix = "and gradient clipping (--grad-clip 1.0)" if clip == 0 else "or a longer --warmup-steps"
+    return (f"training diverged at step {t.state.step}: {what} (lr {lr:.3g} at that step); the learning rate is "
+            f"likely too high: start over (--overwrite) with a lower --lr {fix}; {kept}")
+
+
+def read_checkpoint_step(folder: Path) -> int | str:
+    """The step a checkpoint was saved at, read from its trainer state ("?" if unreadable)."""
+    try:
+        return torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")["state"]["step"]
+    except Exception:  # only for a message: a damaged file is reported when it is resumed
+        return "?"
+
+
+@dataclass
+class _StepResult:
+    loss: float  # mean over the global batch
+    tokens: int
+    grad_norm: float  # global, before clipping
+    lr: float
+    finite: bool  # loss and gradient norm finite on every process: the update was applied
+    stop: bool  # some process got SIGTERM: every process stops after this step
+
+
+def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
+    """The global gradient norm, the gradients clipped to `clip` (0: not clipped). Under FSDP
+    the parameters are DTensor shards: clip_grad_norm_ scales them by the global norm and
+    returns it as a DTensor, made a plain tensor by full_tensor()."""
+    # An infinite bound measures without clipping: the gradients are scaled by exactly 1.
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _optimizer_step(t: _Trainer, config: LoopConfig, batches: BatchSource, loss_fn: LossFn) -> _StepResult:
+    """One optimizer step over grad_accum micro-steps. A step whose loss or gradient norm is
+    not finite on any process is not applied (the weights stay as they were) on every process."""
     rt = t.rt
     lr = lr_at(t.state.step, config)
     for group in t.optimizer.param_groups:
@@ -547,20 +679,74 @@ def _optimizer_step(t: _Trainer, config: LoopConfig, batches: BatchSource, loss_
         (loss / config.grad_accum).backward()
         step_loss += loss.item() / config.grad_accum
         step_tokens += n_tokens * rt.world_size
+    grad_norm = _grad_norm(t.params, config.grad_clip)
+    finite, stop = math.isfinite(step_loss) and math.isfinite(grad_norm), t.signalled != 0
     if rt.distributed:
-        # Log the loss of the whole global batch, not the main process's share of it.
-        total = torch.tensor(step_loss, dtype=torch.float64, device=rt.device)
-        torch.distributed.all_reduce(total)  # a sum: gloo has no average
-        step_loss = total.item() / rt.world_size
-    grad_norm = None
-    if config.grad_clip > 0:
-        # Under FSDP the parameters are DTensor shards: clip_grad_norm_ scales them by the
-        # global norm and returns it as a DTensor, made a plain tensor by full_tensor().
-        norm = torch.nn.utils.clip_grad_norm_(t.params, config.grad_clip)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    t.optimizer.step()
+        # One all-reduce (a sum: gloo has no average) gives the loss of the whole global batch,
+        # not the main process's share of it, and whether any process saw a non-finite value
+        # or got SIGTERM: all then skip, diverge or stop at the same step, none left waiting.
+        total = torch.tensor([step_loss, not finite, stop], dtype=torch.float64, device=rt.device)
+        torch.distributed.all_reduce(total)
+        step_loss = total[0].item() / rt.world_size
+        finite, stop = total[1].item() == 0 and math.isfinite(step_loss), total[2].item() > 0
+    if finite:
+        t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return step_loss, step_tokens, grad_norm, lr
+    return _StepResult(step_loss, step_tokens, grad_norm, lr, finite, stop)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep only the log records of steps up to `step`, where training (re)starts: a run stopped
+    after its last checkpoint logged steps that the resumed run logs again. A line cut short by
+    a kill goes too. Rewritten atomically, and only when something goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+@contextlib.contextmanager
+def _sigterm_stops(t: _Trainer) -> Iterator[None]:
+    """While the loop runs, SIGTERM (sent by `kill` and by job schedulers before they kill)
+    asks it to stop after the current step: the handler only notes the signal, and the loop
+    then checkpoints and stops as on Ctrl-C, at a step boundary that every process agrees on.
+    Python lets only the main thread set handlers; the previous one is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        t.signalled = signum
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _skip_or_diverge(t: _Trainer, config: LoopConfig, step: _StepResult, run_log: "_RunLog") -> None:
+    """A step whose update was dropped for a non-finite loss or gradient norm: logged and
+    skipped while config.nan_skips allows, else TrainingDiverged (no checkpoint is written)."""
+    t.state.skipped += 1
+    what = f"loss {step.loss:.4g}, gradient norm {step.grad_norm:.4g}"
+    if t.state.skipped > config.nan_skips:
+        after = f" (after {config.nan_skips} skipped non-finite steps)" if config.nan_skips else ""
+        raise TrainingDiverged(_diverged_message(t, f"{what}{after}"))
+    # Strings: JSON has no nan or inf.
+    run_log.write({"event": "skip", "step": t.state.step, "loss": str(step.loss), "grad_norm": str(step.grad_norm)})
+    if t.rt.is_main:
+        run_log.log(f"step {t.state.step}: {what}: update skipped "
+                    f"({t.state.skipped} of --nan-skips {config.nan_skips})")
 
 
 class _RunLog:
@@ -569,6 +755,8 @@ class _RunLog:
 
     def __init__(self, path: Path, rt: TrainRuntime, progress: bool, total: int, initial: int, desc: str,
                  log: Callable[[str], None]):
+        if rt.is_main:
+            _trim_log(path, initial)
         self.file = open(path, "a", encoding="utf-8") if rt.is_main else None
         self.bar = None
         self.lines = progress and rt.is_main and not progress_wanted()
@@ -580,6 +768,18 @@ class _RunLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+
+    def train(self, state: LoopState, step: _StepResult, tok_s: float, flops: float | None, peak: float | None,
+              world_size: int) -> None:
+        """Write and show the figures of a training step."""
+        record = {"event": "train", "step": state.step, "loss": step.loss, "lr": step.lr,
+                  "tokens": state.tokens, "tokens_per_s": tok_s, "grad_norm": step.grad_norm}
+        if flops is not None:
+            record["tflops"] = tok_s * flops / 1e12
+            if peak:
+                record["mfu"] = tok_s * flops / (peak * world_size)
+        self.write(record)
+        self.report(state.step, {"loss": f"{step.loss:.3f}", "tok_s": f"{tok_s:,.0f}"})
 
     def report(self, step: int, values: dict) -> None:
         """Show the latest figures: on the bar, or as a line of the log."""
@@ -623,7 +823,10 @@ def run_loop(
     evaluate(model) -> dict of metrics runs every eval_interval steps and at the end.
     fingerprint: the settings a checkpoint must share to be resumed (model shape, data, ...).
     on_step(step) is called after each optimizer step (tests use it to interrupt a run).
-    On KeyboardInterrupt a checkpoint is written before the interrupt is passed on.
+    On KeyboardInterrupt a checkpoint is written before the interrupt is passed on. SIGTERM
+    stops the run after the current step the same way, raising StoppedBySignal (a
+    KeyboardInterrupt). A step with a non-finite loss or gradient norm is not applied; past
+    config.nan_skips such steps, TrainingDiverged is raised and the last checkpoint is kept.
 
     With config.parallel "fsdp" under torchrun, a sharded copy of `model` is trained and
     `model` itself stays plain: evaluate() and the checkpoints get it with the weights
@@ -637,52 +840,53 @@ def run_loop(
     state = t.state
     run_log = _RunLog(out / "log.jsonl", rt, progress, config.max_steps, state.step, desc, log)
     peak = gpu_peak_flops(rt.device)
-    try:
-        window_tokens, window_start = 0, time.perf_counter()
-        while state.step < config.max_steps:
-            t0 = time.perf_counter()
-            step_loss, step_tokens, grad_norm, lr = _optimizer_step(t, config, batches, loss_fn)
-            state.step += 1
-            state.tokens += step_tokens
-            state.elapsed += time.perf_counter() - t0
-            window_tokens += step_tokens
-            if on_step is not None:
-                on_step(state.step)
-            at_end = state.step == config.max_steps
-            if state.step % config.log_interval == 0 or at_end:
-                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                record = {"event": "train", "step": state.step, "loss": step_loss, "lr": lr,
-                          "tokens": state.tokens, "tokens_per_s": tok_s, "grad_norm": grad_norm}
-                if flops_per_token is not None:
-                    record["tflops"] = tok_s * flops_per_token / 1e12
-                    if peak:
-                        record["mfu"] = tok_s * flops_per_token / (peak * rt.world_size)
-                run_log.write(record)
-                run_log.report(state.step, {"loss": f"{step_loss:.3f}", "tok_s": f"{tok_s:,.0f}"})
-                window_tokens, window_start = 0, time.perf_counter()
-            run_log.advance()
-            evaluating = (state.step % config.eval_interval == 0 or at_end) and evaluate is not None
-            if evaluating:
-                t.pull_weights()  # FSDP: every process takes part in gathering the weights evaluated
-            if evaluating and rt.is_main:
-                with t.model_on_device():
-                    result = evaluate(model)
-                record = {"step": state.step, "tokens": state.tokens, **result}
-                state.history.append(record)
-                run_log.write({"event": "eval", **record})
-                run_log.report(state.step, {k: f"{v:.3f}" for k, v in result.items() if isinstance(v, float)})
-                window_start = time.perf_counter()  # keep validation out of tokens/s
-            if state.step % config.checkpoint_interval == 0 or at_end:
+    with _sigterm_stops(t):  # also over the checkpoint written on the way out
+        try:
+            window_tokens, window_start = 0, time.perf_counter()
+            while state.step < config.max_steps:
+                t0 = time.perf_counter()
+                step = _optimizer_step(t, config, batches, loss_fn)
+                state.step += 1
+                state.tokens += step.tokens
+                state.elapsed += time.perf_counter() - t0
+                window_tokens += step.tokens
+                if not step.finite:
+                    _skip_or_diverge(t, config, step, run_log)
+                if on_step is not None:
+                    on_step(state.step)
+                at_end = state.step == config.max_steps
+                if (state.step % config.log_interval == 0 or at_end) and step.finite:
+                    tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    run_log.train(state, step, tok_s, flops_per_token, peak, rt.world_size)
+                    window_tokens, window_start = 0, time.perf_counter()
+                run_log.advance()
+                evaluating = (state.step % config.eval_interval == 0 or at_end) and evaluate is not None
+                if evaluating:
+                    t.pull_weights()  # FSDP: every process takes part in gathering the weights evaluated
+                if evaluating and rt.is_main:
+                    with t.model_on_device():
+                        result = evaluate(model)
+                    record = {"step": state.step, "tokens": state.tokens, **result}
+                    state.history.append(record)
+                    run_log.write({"event": "eval", **record})
+                    run_log.report(state.step, {k: f"{v:.3f}" for k, v in result.items() if isinstance(v, float)})
+                    window_start = time.perf_counter()  # keep validation out of tokens/s
+                if state.step % config.checkpoint_interval == 0 or at_end:
+                    t.checkpoint()
+                if step.stop:
+                    signum = t.signalled or signal.SIGTERM  # the signal may have reached another process only
+                    raise StoppedBySignal(f"stopped by {signal.Signals(signum).name} at step {state.step}", signum)
+        except KeyboardInterrupt as stop:
+            # Every interrupted process takes part (FSDP gathers the shards; DDP meets at the
+            # barrier); the main one writes the files.
+            if t.saved_step != state.step:
                 t.checkpoint()
-    except KeyboardInterrupt:
-        # Every interrupted process takes part (FSDP gathers the shards; DDP meets at the
-        # barrier); the main one writes the files.
-        t.checkpoint()
-        if rt.is_main:
-            log(f"\ninterrupted at step {state.step}; checkpoint saved in {t.ckpt_dir}: rerun with --resume to continue")
-        raise
-    finally:
-        run_log.close()
+            if rt.is_main:
+                how = str(stop) if isinstance(stop, StoppedBySignal) else f"interrupted at step {state.step}"
+                log(f"\n{how}; checkpoint saved in {t.ckpt_dir}: rerun with --resume to continue")
+            raise
+        finally:
+            run_log.close()
     t.finish()
 
     metrics = {"steps": state.step, "train_tokens": state.tokens, "train_seconds": round(state.elapsed, 2),
@@ -701,42 +905,51 @@ def cleanup_distributed() -> None:
 # The frame of every training stage
 
 
-def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Make sure a training stage may write into out: a checkpoint already there is continued
-    (resume), discarded with its log (overwrite), or else the stage is refused, so no run
-    silently replaces earlier work."""
-    ckpt = out / CHECKPOINT
-    if (ckpt / "trainer.pt").is_file() and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"{out} already holds a training checkpoint; pass --resume to continue it, "
-                "or --overwrite to start over (the checkpoint is then replaced)"
-            )
-        shutil.rmtree(ckpt)
-        (out / "log.jsonl").unlink(missing_ok=True)
+def checkpoint_rule(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make sure a training stage may write into out: a checkpoint already there (also one a
+    save cut short left as checkpoint.tmp / .old) is continued (resume), discarded with its
+    log (overwrite), or else the stage is refused, so no run silently replaces earlier work."""
+    if find_checkpoint(out) is None or resume:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out} already holds a training checkpoint; pass --resume to continue it, "
+            "or --overwrite to start over (the checkpoint is then replaced)"
+        )
+    for name in (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "log.jsonl").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def training_stage(config: LoopConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                   inputs: dict[str, str | Path | None] | None = None) -> Iterator[TrainRuntime]:
-    """The frame every training stage runs in: check the settings, refuse an output folder that
-    is one of the stage's inputs (the parent is never overwritten), claim the output (see
-    claim_output), set up the device and process group, and always leave the process group.
+                   inputs: dict[str, str | Path | None] | None = None,
+                   stage: str = "train") -> Iterator[TrainRuntime]:
+    """The frame every training stage runs in: check the settings, claim and lock the output
+    folder (compactgpt.outputs.claim_output: never an input or a folder above one, never another
+    artifact unless overwrite), apply the checkpoint rule (checkpoint_rule), set up the
+    device and process group, and always release the lock and leave the process group.
 
         with training_stage(config, config.out, resume=resume, overwrite=overwrite,
-                            inputs={"--teacher": config.teacher}) as rt:
+                            inputs={"--teacher": config.teacher}, stage="distill") as rt:
             ...
     """
     config.validate()
     out = Path(out)
-    for flag, folder in (inputs or {}).items():
-        if folder and Path(folder).exists() and Path(folder).resolve() == out.resolve():
-            raise ConfigError(f"--out must differ from {flag}: the stage never writes over its input ({out})")
-    claim_output(out, resume, overwrite)
-    rt = setup_runtime(config)
+    # Under torchrun only rank 0 locks (and clears a discarded checkpoint); the rank is read from
+    # the environment because the lock must be taken before the process group is joined.
+    main = int(os.environ.get("RANK", "0")) == 0
+    claim = outputs.claim_output(out, stage=stage, inputs=inputs, overwrite=overwrite, resume=resume,
+                                 trains=True, lock=main)
     try:
-        yield rt
-        if rt.distributed:
-            torch.distributed.barrier()
+        if main:
+            checkpoint_rule(out, resume, overwrite)
+        rt = setup_runtime(config)
+        try:
+            yield rt
+            if rt.distributed:
+                torch.distributed.barrier()
+        finally:
+            cleanup_distributed()
     finally:
-        cleanup_distributed()
+        claim.release()

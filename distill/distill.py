@@ -98,6 +98,8 @@ class DistillConfig(LoopConfig):
             raise ConfigError(f"--divergence {self.divergence!r} is unknown; choose one of {sorted(DIVERGENCES)}")
         if self.block_size <= 1 or self.eval_batches <= 0 or self.eval_tokens < 0:
             raise ConfigError("--block-size must be > 1, --eval-batches > 0, --eval-tokens >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
 
     @property
     def uses_teacher(self) -> bool:
@@ -226,7 +228,8 @@ def resolve_data(config: DistillConfig, teacher: LoadedModel, out: Path, is_main
     folder = out / "data"
     if is_main and not prepared_matches(folder, cfg):
         log(f"tokenizing {data} with the teacher's tokenizer...")
-        prepare_data(cfg, folder, tokenizer=teacher.tokenizer, log=log)
+        # OUT/data belongs to this run (OUT is claimed): a stale copy is replaced.
+        prepare_data(cfg, folder, tokenizer=teacher.tokenizer, log=log, overwrite=True)
     if distributed:
         torch.distributed.barrier()
     return folder
@@ -357,7 +360,8 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print, progress:
     out = Path(config.out)
     student_folder = config.student if Path(config.student).is_dir() else None
     with training_stage(config, out, resume=resume, overwrite=overwrite,
-                        inputs={"--teacher": config.teacher, "--student": student_folder}) as rt:
+                        inputs={"--teacher": config.teacher, "--student": student_folder, "--data": config.data},
+                        stage="distill") as rt:
         models = load_models(config)
         if models.sparse and rt.fsdp:
             # The masks hold the zeros of the plain student, but FSDP trains a sharded copy.

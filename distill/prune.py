@@ -27,6 +27,7 @@ from compactgpt.device import device_of, resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import model_logits_fn, perplexity
 from compactgpt.model import GPT, GPTConfig
+from compactgpt.outputs import claim_output
 
 from .importance import DEPTH_METRICS, ActivationStats, collect_stats, top_k_indices
 from .tokens import CalibrationConfig, calibration_batches, eval_slice, split_tokens
@@ -51,6 +52,8 @@ class PruneConfig(CalibrationConfig):
     mlp: int | None = option(None, "MLP neurons to keep per block")
     depth_metric: str = option("loss", "block ranking: loss (loss increase when the block is skipped) or cosine "
                                "(1 - cos between the block's input and output)")
+    # Whether to take over a folder already holding an artifact is not a setting of the result.
+    overwrite: bool = option(False, "replace an artifact already in --out (never the --model folder)", saved=False)
 
     def validate(self) -> None:
         if not self.model:
@@ -241,9 +244,17 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print, progress: boo
     """Prune config.model to the shape asked for and write the student to config.out.
 
     Returns the folder. The manifest records the plan (every kept index), the importance
-    scores of blocks and heads, parameter counts and perplexity before and after.
+    scores of blocks and heads, parameter counts and perplexity before and after. Raises
+    ConfigError, before any work, for an --out that claim_output refuses (the model folder or a
+    folder above it, another artifact without --overwrite, a run already writing it).
     """
     config.validate()
+    with claim_output(config.out, stage="prune", inputs={"--model": config.model, "--data": config.data},
+                      overwrite=config.overwrite):
+        return _prune(config, log, progress)
+
+
+def _prune(config: PruneConfig, log: Callable[[str], None], progress: bool) -> Path:
     device = resolve_device(config.device)
     teacher_dir = resolve_model_path(config.model)
     loaded = load_model(teacher_dir, device=device)  # calibration batches are moved to it where used

@@ -33,6 +33,7 @@ from compactgpt.config import option
 from compactgpt.device import resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
+from compactgpt.outputs import claim_output
 
 from .importance import block_linears, collect_stats
 from .prune import eval_perplexity
@@ -198,6 +199,8 @@ class SparsifyConfig(CalibrationConfig):
                          "or magnitude (|W|, compared over the whole matrix)")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 (keep N of every M consecutive "
                           "weights; 2:4 runs on sparse tensor cores of NVIDIA Ampere and later)")
+    # Whether to take over a folder already holding an artifact is not a setting of the result.
+    overwrite: bool = option(False, "replace an artifact already in --out (never the --model folder)", saved=False)
 
     def validate(self) -> None:
         if not self.model or not self.out:
@@ -231,8 +234,16 @@ def sparsify(config: SparsifyConfig, log: Callable[[str], None] = print, progres
     """Zero config.sparsity of every block projection of config.model and write the result.
 
     The manifest records the method, the pattern, the sparsity reached and the perplexity
-    before and after."""
+    before and after. Raises ConfigError, before any work, for an --out that claim_output
+    refuses (the model folder or a folder above it, another artifact without --overwrite, a run
+    already writing it)."""
     config.validate()
+    with claim_output(config.out, stage="sparsify", inputs={"--model": config.model, "--data": config.data},
+                      overwrite=config.overwrite):
+        return _sparsify(config, log, progress)
+
+
+def _sparsify(config: SparsifyConfig, log: Callable[[str], None], progress: bool) -> Path:
     source = resolve_model_path(config.model)
     loaded = load_model(source, device=resolve_device(config.device))  # save_model writes CPU copies
     model = loaded.model

@@ -43,6 +43,13 @@ class CalibrationConfig(StageConfig):
 
     def validate(self) -> None:
         resolve_device(self.device)  # a device this machine lacks is refused before any work
+        if self.calib_windows <= 0 or self.block_size < 0 or self.eval_tokens < 0:
+            raise ConfigError(f"--calib-windows must be positive, --block-size and --eval-tokens >= 0; got "
+                              f"{self.calib_windows}, {self.block_size}, {self.eval_tokens}")
+        if self.block_size == 1:
+            raise ConfigError("--block-size must be 0 (the model's n_positions) or at least 2 tokens, got 1")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
 
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_name: str, b_name: str) -> None:

@@ -42,6 +42,8 @@ class ExportConfig(StageConfig):
     quant_rtol: float = option(0.05, "quantized exports: largest allowed max|diff| / max|logits| against the "
                                "PyTorch quantized model (default 0.05)")
     threads: int | None = option(None, "ONNX Runtime threads during validation")
+    # Whether to take over a folder already holding an artifact is not a setting of the export.
+    overwrite: bool = option(False, "replace an artifact already in --out (never the --model folder)", saved=False)
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad setting and the fix."""

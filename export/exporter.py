@@ -21,11 +21,13 @@ import numpy as np
 from compactgpt.artifacts import begin_write, finish_write, folder_kind, load_model
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.io import atomic_write_json
+from compactgpt.outputs import claim_output
 
 from .config import EXTERNAL_DATA_AUTO_BYTES, ExportConfig
 from .errors import ExportError
 from .genai import convert_to_ort, genai_config
 from .spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE, DecoderSpec
+from .verify import N_POSITIONS_KEY
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # fp16 exports are compared with the float PyTorch model: half precision rounds each
@@ -131,7 +133,10 @@ def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log:
 
     options = BuildOptions(dtype=config.dtype, fused=config.optimize, opset=config.opset,
                            accuracy_level=config.accuracy_level, n_tokens=n_tokens,
-                           extra_meta={"producer": "compactgpt", "source": str(source.resolve())})
+                           # n_positions: checked against config.json when the folder is opened
+                           # (export.verify); the graph shows it only inside the wpe table.
+                           extra_meta={"producer": "compactgpt", "source": str(source.resolve()),
+                                       N_POSITIONS_KEY: model.config.n_positions})
     log(f"building the decoder graph ({'fused' if config.optimize else 'standard ops'}, {config.dtype}"
         f"{', quantized weights' if quantized else ''})")
     projections = collect_projections(model)
@@ -173,12 +178,17 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
     Raises ArtifactError (not an artifact), ConfigError (contradictory settings), ExportError
     (a layout the graph cannot hold, or a graph whose names and axes disagree with
     export.spec) and ParityError (the export disagrees with PyTorch). Returns the output folder.
+    An --out that claim_output refuses (the model folder or a folder above it, another artifact
+    without --overwrite, a run already writing it) is a ConfigError before any work.
     """
     src, out = Path(config.model), Path(config.out)
     if not config.model or not config.out:
         raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
-    if src.resolve() == out.resolve():
-        raise ConfigError(f"--out {out} is the model folder itself; write the export to a new folder")
+    with claim_output(out, stage="export", inputs={"--model": src}, overwrite=config.overwrite):
+        return _export_into(config, src, out, log)
+
+
+def _export_into(config: ExportConfig, src: Path, out: Path, log: Callable[[str], None]) -> Path:
     model, tokenizer, quantized = load_source(src)
     if quantized and config.ort_int8:
         raise ConfigError(
@@ -190,7 +200,7 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
     n_tokens = tokenizer.vocab_size
     proto, exact = build_graph(model, config, src, quantized, log, n_tokens=n_tokens)
 
-    out = begin_write(out)
+    out = begin_write(out, "export")
     files = save_proto(proto, out, config.external_data)
     nbytes = weight_bytes(proto)
     del proto
@@ -219,7 +229,8 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
     }
     finish_write(out, "export", config.to_dict(), parent=src, metrics=metrics, files=files,
                  extra={"kind": kind, "parity": report, "spec": {"inputs": spec.input_names[:3],
-                                                                 "past": spec.past_key(0), "opset": config.opset}})
+                                                                 "past": spec.past_key(0), "opset": config.opset,
+                                                                 N_POSITIONS_KEY: model.config.n_positions}})
     log(f"wrote {out}: max |logits diff| {report['max_logits_diff']:.3g}, "
         f"max |KV diff| {report['max_present_diff']:.3g} over {len(report['cases'])} shapes")
     return out

@@ -1,10 +1,15 @@
 """Run an exported decoder with ONNX Runtime: KV cache, IO binding, greedy and sampling.
 
-`OnnxDecoder(folder)` reads the folder's config.json, tokenizer and model.onnx and feeds the
-graph by the names of `export.spec`. The KV cache stays in ONNX Runtime's own buffers
-between steps (IO binding), so a decode step copies only the new token in and the logits
-out. The CPU provider is the default; `device="cuda"` uses the CUDA provider when
-onnxruntime-gpu sees a GPU and falls back to the CPU with a message when it does not.
+`OnnxDecoder(folder)` checks the folder (file hashes against the manifest, config.json against
+the graph: `export.verify`), reads its config.json, tokenizer and model.onnx and feeds the
+graph by the names of `export.spec`. The CPU provider is the default; `device="cuda"` uses the
+CUDA provider when onnxruntime-gpu sees a GPU and falls back to the CPU with a message when
+it does not.
+
+Generation keeps the KV cache in buffers allocated once per generation (`KVCache`), bound to
+the graph's past inputs and present outputs by IO binding, so a decode step allocates nothing
+that grows with the length: memory stays flat and step time grows only with attention's own
+reading of the cache.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from compactgpt.model import sample_next
 from compactgpt.tokenizer import Tokenizer
 
 from .spec import MODEL_FILE, DecoderSpec
+from .verify import check_config_matches_graph, verify_export_files
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -68,13 +74,20 @@ class OnnxDecoder:
     """An exported CompactGPT decoder run by ONNX Runtime.
 
     folder: an export folder (model.onnx, config.json, tokenizer). device: cpu | cuda[:N].
-    threads: intra-op threads (default: ONNX Runtime's choice). io_binding: keep the KV
-    cache in ONNX Runtime's buffers (default on).
-    Raises ArtifactError when the folder is not a complete export.
+    threads: intra-op threads (default: ONNX Runtime's choice). io_binding: feed the graph
+    through IO binding (default on). preallocate: generation writes the KV cache into buffers
+    allocated once (`KVCache`; default on, needs io_binding); off, ONNX Runtime allocates a
+    new present KV every step (the path before KVCache, kept to compare against). verify:
+    check the files' sha256 against the manifest before loading (default on; off only where
+    the caller has just verified the folder). config.json is always checked against the graph.
+    memory_pattern: ONNX Runtime's memory pattern (default off, see below; on reproduces the
+    runtime before KVCache for the soak benchmark).
+    Raises ArtifactError when the folder is not a complete, intact export.
     """
 
     def __init__(self, folder: str | Path, *, device: str = "cpu", threads: int | None = None,
-                 io_binding: bool = True, log: Callable[[str], None] = _stderr):
+                 io_binding: bool = True, preallocate: bool = True, verify: bool = True,
+                 memory_pattern: bool = False, log: Callable[[str], None] = _stderr):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -84,11 +97,17 @@ class OnnxDecoder:
                 f"{self.folder} has no {MODEL_FILE}: it is not an ONNX export. Create one with "
                 f"`compactgpt export --model MODEL --out {self.folder}`"
             )
+        if verify:  # before ONNX Runtime parses a byte: a damaged weight loads silently
+            verify_export_files(self.folder)
         self.config = read_config(self.folder)
         self.spec = DecoderSpec.from_config(self.config)
         self.tokenizer = Tokenizer.from_folder(self.folder) if (self.folder / "tokenizer.json").is_file() else None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The memory pattern caches an allocation plan per set of input shapes; every decode
+        # step has a new past length, so it only grows (measured: ~2.3 KiB per generated token
+        # on the soak model) and never pays off.
+        options.enable_mem_pattern = memory_pattern
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -103,15 +122,11 @@ class OnnxDecoder:
         if device.startswith("cuda") and self.device_type != "cuda" and len(providers) > 1:
             log("the CUDA provider failed to start (see ONNX Runtime's message above); running on the CPU")
         self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
+        check_config_matches_graph(self.folder, self.config, self.session)
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = [n for n in self.spec.input_names if n not in inputs]
-        if missing:
-            raise ArtifactError(
-                f"{self.folder / MODEL_FILE} lacks the inputs {missing[:4]} of a CompactGPT decoder; "
-                "re-export it with `compactgpt export`"
-            )
         self.dtype = _ORT_TYPES.get(inputs[self.spec.past_key(0)].type, np.float32)
         self.io_binding = io_binding
+        self.preallocate = preallocate and io_binding
 
     # -- one call of the graph ------------------------------------------------------------
     def empty_past(self, batch: int) -> list:
@@ -187,9 +202,9 @@ class OnnxDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         stops = torch.tensor(list(stop_tokens), dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
-        logits, past = self.forward(input_ids.numpy(), mask.numpy(), positions.numpy())
+        call = self.new_cache(B, T + max_new_tokens).run if self.preallocate else self._per_step_cache()
+        logits = call(input_ids.numpy(), positions.numpy(), mask.numpy())
         next_pos = positions[:, -1:] + 1
-        mask_np = mask.numpy().astype(np.int64)
         for step in range(max_new_tokens):
             token = sample_next(torch.from_numpy(logits[:, -1, :]), temperature, top_k, top_p, generator)
             if len(stops):
@@ -198,9 +213,24 @@ class OnnxDecoder:
             yield token
             if bool(done.all()) or step == max_new_tokens - 1:
                 break  # no forward pass whose logits nobody reads
-            mask_np = np.concatenate([mask_np, np.ones((B, 1), np.int64)], axis=1)
-            logits, past = self.forward(token[:, None].numpy(), mask_np, next_pos.numpy(), past)
+            logits = call(token[:, None].numpy(), next_pos.numpy())
             next_pos = next_pos + 1
+
+    def new_cache(self, batch: int, capacity: int) -> "KVCache":
+        """An empty KV cache for `batch` rows and up to `capacity` tokens (see KVCache)."""
+        return KVCache(self, batch, capacity)
+
+    def _per_step_cache(self) -> Callable[..., np.ndarray]:
+        """KVCache.run's contract over `forward`: ONNX Runtime allocates a new present KV each
+        call, one token longer (preallocate=False; the soak benchmark's baseline)."""
+        state: dict = {"past": None, "mask": None}
+
+        def call(input_ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+            new = np.ones(input_ids.shape, np.int64) if mask is None else mask.astype(np.int64)
+            state["mask"] = new if state["mask"] is None else np.concatenate([state["mask"], new], axis=1)
+            logits, state["past"] = self.forward(input_ids, state["mask"], position_ids, state["past"])
+            return logits
+        return call
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """The prompt followed by up to max_new_tokens generated tokens, (B, T + n)."""
@@ -211,12 +241,76 @@ class OnnxDecoder:
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
 
-def open_decoder(folder: str | Path, threads: int | None = None, device: str = "cpu") -> tuple[OnnxDecoder, Tokenizer]:
+class KVCache:
+    """The KV cache of one generation: allocated once, then filled call by call.
+
+    The graph computes present = concat(past, new), a dense (B, nh, P+T, hs) tensor, from a
+    dense (B, nh, P, hs) past. The two can be prefixes of one buffer only when B * nh == 1 (the
+    head axis's stride changes with P), and ONNX Runtime copies past into present head by head
+    while reading it, so binding both to the same memory corrupts the cache (measured on the
+    fused and unfused graphs at batch 2: logits off by 5 to 1e31). Instead each KV tensor has
+    two buffers of the full capacity, bound by IO binding: the graph reads past from one and
+    writes present into the other, and they swap roles after every call. Each call binds
+    prefixes of the same memory and a decode step's logits go into one reused array, so
+    nothing is allocated that grows with the length; the copy of past into present reads what
+    attention reads anyway. Memory: 2 x the KV cache at `capacity`, taken page by page as the
+    cache fills.
+    """
+
+    def __init__(self, decoder: OnnxDecoder, batch: int, capacity: int):
+        import onnxruntime as ort
+
+        spec = decoder.spec
+        self.decoder, self.batch, self.capacity = decoder, batch, capacity
+        self.length = 0  # tokens cached so far
+        shape = [batch, spec.n_head, capacity, spec.head_dim]
+        where = (decoder.device_type, decoder.device_id)
+        # One pair per past/present name, in spec order.
+        self.buffers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.dtype, *where) for _ in "ab")
+                        for _ in spec.past_names]
+        self._past = 0  # which buffer of each pair holds the past
+        self.mask = np.zeros((batch, capacity), np.int64)
+        self._step_logits = np.empty((batch, 1, spec.vocab_size), decoder.dtype)
+        self.binding = decoder.session.io_binding()
+
+    def pointers(self) -> set[int]:
+        """Data pointers of the KV buffers: the only memory the graph's KV is ever bound to."""
+        return {value.data_ptr() for pair in self.buffers for value in pair}
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """One call of the graph on T new tokens (B, T) after the cached ones; mask (B, T) of
+        the new tokens (None: all real). Returns logits (B, T, V) float32, valid until the next
+        call (a decode step's array is reused). Raises ConfigError past the capacity."""
+        d, spec, bind = self.decoder, self.decoder.spec, self.binding
+        B, T = input_ids.shape
+        P = self.length
+        if B != self.batch or P + T > self.capacity:
+            raise ConfigError(f"{P} cached + {T} new tokens in {B} rows do not fit a KV cache of "
+                              f"{self.capacity} tokens in {self.batch} rows; create a larger one")
+        self.mask[:, P:P + T] = 1 if mask is None else mask
+        bind.bind_cpu_input(spec.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))
+        bind.bind_cpu_input(spec.attention_mask, np.ascontiguousarray(self.mask[:, :P + T]))
+        bind.bind_cpu_input(spec.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))
+        past_shape, present_shape = [B, spec.n_head, P, spec.head_dim], [B, spec.n_head, P + T, spec.head_dim]
+        for past_name, present_name, pair in zip(spec.past_names, spec.present_names, self.buffers):
+            past, present = pair[self._past], pair[1 - self._past]
+            bind.bind_input(past_name, d.device_type, d.device_id, d.dtype, past_shape, past.data_ptr())
+            bind.bind_output(present_name, d.device_type, d.device_id, d.dtype, present_shape, present.data_ptr())
+        logits = self._step_logits if T == 1 else np.empty((B, T, spec.vocab_size), d.dtype)
+        bind.bind_output(spec.logits, "cpu", 0, d.dtype, list(logits.shape), logits.ctypes.data)
+        d.session.run_with_iobinding(bind)
+        self.length, self._past = P + T, 1 - self._past
+        return logits.astype(np.float32, copy=False)
+
+
+def open_decoder(folder: str | Path, threads: int | None = None, device: str = "cpu",
+                 verify: bool = True) -> tuple[OnnxDecoder, Tokenizer]:
     """(decoder, tokenizer) of an export folder, for streaming generation.
 
-    device: cpu | cuda[:N]; threads: ONNX Runtime intra-op threads (None: its own choice).
-    Raises ArtifactError when the folder is not a complete export or lacks its tokenizer."""
-    decoder = OnnxDecoder(folder, device=device or "cpu", threads=threads)
+    device: cpu | cuda[:N]; threads: ONNX Runtime intra-op threads (None: its own choice);
+    verify: check the files' sha256 against the manifest (see OnnxDecoder).
+    Raises ArtifactError when the folder is not a complete, intact export or lacks its tokenizer."""
+    decoder = OnnxDecoder(folder, device=device or "cpu", threads=threads, verify=verify)
     if decoder.tokenizer is None:
         raise ArtifactError(f"{folder} has no tokenizer.json; re-export it with `compactgpt export`")
     return decoder, decoder.tokenizer

@@ -26,16 +26,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from compactgpt.artifacts import (WEIGHTS, Manifest, begin_write, check_complete, config_from_hf, finish_write,
-                                  hf_config_dict, read_manifest, verify_files)
+from compactgpt.artifacts import (FLOAT_DTYPES, WEIGHTS, Manifest, begin_write, check_complete, check_config_size,
+                                  check_tensor, config_from_hf, finish_write, hf_config_dict, hf_name, hf_shapes,
+                                  meta_model, read_header, read_manifest, verify_files)
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.io import atomic_write, atomic_write_json
-from compactgpt.model import GPT, HF_TRANSPOSED
+from compactgpt.model import GPT, HF_TRANSPOSED, GPTConfig
 from compactgpt.tokenizer import Tokenizer
 
 from . import bnb as bnb_layers
 from .config import BnbInt8Config, BnbNF4Config, QuantConfig, config_from_dict
-from .format import from_gptq_tensors, gptq_tensors
+from .format import check_gptq_header, from_gptq_tensors, gptq_tensors
 from .modules import QuantEmbedding, QuantLinear, quantized_linears, set_module
 
 STAGE = "quantize"
@@ -160,6 +161,41 @@ class QuantizedArtifact:
     layout: str
 
 
+def check_quantized_weights(path: Path, gpt_config: GPTConfig, config: QuantConfig, layout: str) -> list[str]:
+    """Check a quantized weights file against its config from the header alone, and return
+    the names of its quantized layers: each layer's tensors as its layout stores them (GPTQ
+    int32 words and float16 scales, or bitsandbytes' int8 / packed 4-bit tensors) with the
+    shapes the config implies, every other tensor float of its implied shape. Raises
+    ArtifactError naming the first tensor that differs."""
+    header = read_header(path)  # first: a truncated file is reported as truncated
+    check_config_size(gpt_config, path)
+    layer_names = sorted({k.rsplit(".", 1)[0] for k in header if k.endswith((".qweight", ".SCB"))} |
+                         {k[: -len(".weight.absmax")] for k in header if k.endswith(".weight.absmax")})
+    if not layer_names:
+        raise ArtifactError(f"{path} holds no quantized layers; the file is damaged; quantize again")
+    meta = meta_model(gpt_config)
+    for name in layer_names:
+        try:
+            lin = meta.get_submodule(name)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, torch.nn.Linear):
+            raise ArtifactError(f"{path}: {name} is not a projection of the model config.json describes; the "
+                                "weights and config come from different models; quantize again")
+        entries = {k[len(name) + 1:]: v for k, v in header.items() if k.startswith(name + ".")}
+        if layout == "gptq":
+            check_gptq_header(path, name, entries, config.bits, lin.in_features, lin.out_features)
+        else:
+            bnb_layers.check_bnb_header(path, name, entries, isinstance(config, BnbInt8Config),
+                                        lin.in_features, lin.out_features)
+    shapes = hf_shapes(gpt_config)
+    for name, found in header.items():
+        key = hf_name(name)
+        if key in shapes and not any(name.startswith(n + ".") for n in layer_names):
+            check_tensor(path, name, found, FLOAT_DTYPES, shapes[key])
+    return layer_names
+
+
 def load_quantized(folder: str | Path, verify: bool = True, device: str | torch.device = "cpu") -> QuantizedArtifact:
     """Load a quantized artifact into a GPT whose quantized layers run in PyTorch on `device`
     (built on the CPU, then moved: integer weights and bitsandbytes layers move with it).
@@ -172,28 +208,36 @@ def load_quantized(folder: str | Path, verify: bool = True, device: str | torch.
     path = folder / "config.json"
     if not path.is_file():
         raise ArtifactError(f"{folder} has no config.json; pass a folder written by `compactgpt quantize`")
-    hf = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); the folder is damaged; quantize again") from e
     qc = hf.pop("quantization_config", None)
-    if not qc or "compactgpt" not in qc:
+    if not isinstance(qc, dict) or not isinstance(qc.get("compactgpt"), dict):
         raise ArtifactError(
             f"{folder} is not a CompactGPT quantized model (config.json has no quantization_config from "
             "CompactGPT); load float models with compactgpt.artifacts.load_model"
         )
     own = qc["compactgpt"]
+    if "settings" not in own or own.get("layout") not in LAYOUTS:
+        raise ArtifactError(f"{path}: quantization_config.compactgpt lacks its settings or names no known layout "
+                            f"({sorted(LAYOUTS)}); the file is damaged; quantize again")
     config = config_from_dict(own["settings"])
     layout = own["layout"]
     manifest = read_manifest(folder)
     if manifest is not None and verify:
         verify_files(folder, manifest)
+    if not (folder / WEIGHTS).is_file():
+        raise ArtifactError(f"{folder} has no {WEIGHTS}; the folder is incomplete; quantize again")
+    gpt_config = config_from_hf(hf, str(path))
+    # Dtypes and shapes are checked from the header before any tensor is read or model built.
+    layer_names = check_quantized_weights(folder / WEIGHTS, gpt_config, config, layout)
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{folder / WEIGHTS} is missing, truncated or corrupted ({e}); quantize again") from e
-    gpt_config = config_from_hf(hf, str(path))
     model = GPT(gpt_config).eval()
 
-    layer_names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".qweight", ".SCB"))} |
-                         {k[: -len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")})
     for name in layer_names:
         t = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         for k in t:
@@ -212,8 +256,6 @@ def load_quantized(folder: str | Path, verify: bool = True, device: str | torch.
         else:
             lin = model.get_submodule(name)
             set_module(model, name, bnb_layers.fourbit_from_tensors(t, lin.in_features, lin.out_features, name))
-    if not layer_names:
-        raise ArtifactError(f"{folder / WEIGHTS} holds no quantized layers; the file is damaged")
 
     state = {}
     for name, t in tensors.items():

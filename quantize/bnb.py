@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from compactgpt.artifacts import FLOAT_DTYPES, check_tensor
 from compactgpt.errors import ArtifactError, ConfigError
 
 from .config import BnbInt8Config, BnbNF4Config, QuantConfig
@@ -68,6 +69,30 @@ def is_bnb_module(m: nn.Module) -> bool:
 def bnb_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that define a bitsandbytes layer (its state dict, minus bookkeeping)."""
     return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items() if k != "weight_format"}
+
+
+def check_bnb_header(path, name: str, entries: dict[str, tuple[str, tuple[int, ...]]], eightbit: bool,
+                     in_features: int, out_features: int) -> None:
+    """Check one bitsandbytes layer's tensors from a safetensors header (name within the layer
+    -> (dtype, shape)) before they are read: LLM.int8 keeps int8 rows and float32 row
+    scales (SCB); 4-bit layers keep two codes per byte in a (n, 1) uint8 tensor and float
+    statistics (absmax itself uint8 when double-quantized). Raises ArtifactError naming the
+    tensor. Statistics bitsandbytes may add in later versions are left to it."""
+    fix = "the file is damaged or was not written for this config; rerun quantize"
+    if eightbit:
+        expected = {"weight": (("I8",), (out_features, in_features)), "SCB": (("F32", "F16"), (out_features,))}
+    else:
+        codes = (in_features * out_features + 1) // 2
+        expected = {"weight": (("U8",), (codes, 1)), "weight.absmax": (("F32", "U8"), None),
+                    "weight.quant_map": (FLOAT_DTYPES, None), "weight.nested_absmax": (FLOAT_DTYPES, None),
+                    "weight.nested_quant_map": (FLOAT_DTYPES, None)}
+    expected["bias"] = (FLOAT_DTYPES, (out_features,))
+    for key, found in entries.items():
+        if key in expected:
+            dtypes, shape = expected[key]
+            check_tensor(path, f"{name}.{key}", found, dtypes, shape, fix)
+        elif key.startswith("weight.quant_state."):
+            check_tensor(path, f"{name}.{key}", found, ("U8",), None, fix)  # bitsandbytes' packed JSON
 
 
 def int8_from_tensors(t: dict[str, torch.Tensor], threshold: float, name: str) -> nn.Module:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compactgpt.artifacts import FLOAT_DTYPES, check_tensor
 from compactgpt.errors import ArtifactError, ConfigError
 
 SUPPORTED_BITS = (4, 8)
@@ -164,11 +165,49 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
             "g_idx": qw.group_index().to(torch.int32).contiguous()}
 
 
+def check_gptq_header(path, name: str, entries: dict[str, tuple[str, tuple[int, ...]]], bits: int,
+                      in_features: int, out_features: int) -> None:
+    """Check one layer's GPTQ tensors from a safetensors header (name within the layer ->
+    (dtype, shape)) before they are read: qweight and qzeros int32 words packed along rows,
+    scales float16 (float32 when fp16 was not exact), g_idx int32, an optional float bias.
+    Raises ArtifactError naming the tensor, what it is and what it should be."""
+    missing = [k for k in ("qweight", "qzeros", "scales") if k not in entries]
+    if missing:
+        raise ArtifactError(f"{path}: {name} lacks {missing}; the file is damaged or not GPTQ; rerun quantize")
+    per = 32 // bits
+    scale_shape = entries["scales"][1]
+    groups = scale_shape[0] if len(scale_shape) == 2 else 0
+    if groups < 1 or in_features % groups:
+        raise ArtifactError(f"{path}: tensor {name}.scales has shape {tuple(scale_shape)}, which gives no whole "
+                            f"number of groups over {in_features} input columns; the file is damaged; rerun quantize")
+    expected = {"qweight": (("I32",), (in_features // per, out_features)),
+                "qzeros": (("I32",), (groups, out_features // per)),
+                "scales": (("F16", "F32"), (groups, out_features)),
+                "g_idx": (("I32",), (in_features,)),
+                "bias": (FLOAT_DTYPES, (out_features,))}
+    for key, found in entries.items():
+        if key not in expected:
+            raise ArtifactError(f"{path}: {name}.{key} is not a GPTQ tensor (expected {sorted(expected)}); the file "
+                                "is damaged or from another program; rerun quantize")
+        dtypes, shape = expected[key]
+        check_tensor(path, f"{name}.{key}", found, dtypes, shape,
+                     f"the file is damaged or was not written for this config ({bits}-bit); rerun quantize")
+
+
 def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, name: str = "layer") -> QuantizedWeight:
-    """Read one layer's GPTQ tensors back into a QuantizedWeight (exact inverse of gptq_tensors)."""
+    """Read one layer's GPTQ tensors back into a QuantizedWeight (exact inverse of gptq_tensors).
+    Raises ArtifactError for missing tensors or the wrong dtypes (packed words read as floats
+    would unpack to wrong codes without any error)."""
     missing = [k for k in ("qweight", "qzeros", "scales") if k not in tensors]
     if missing:
         raise ArtifactError(f"{name}: the quantized weights lack {missing}; the file is damaged or not GPTQ")
+    for key in ("qweight", "qzeros", "g_idx"):
+        if key in tensors and tensors[key].dtype != torch.int32:
+            raise ArtifactError(f"{name}.{key} is {tensors[key].dtype}, expected torch.int32; the file is damaged "
+                                "or not GPTQ; rerun quantize")
+    if not tensors["scales"].is_floating_point():
+        raise ArtifactError(f"{name}.scales is {tensors['scales'].dtype}, expected a float tensor; the file is "
+                            "damaged or not GPTQ; rerun quantize")
     mask = (1 << bits) - 1
     codes = _unpack_rows(tensors["qweight"], bits).t().contiguous()
     zeros = ((_unpack_rows(tensors["qzeros"].t().contiguous(), bits).to(torch.int64) + 1) & mask).to(torch.uint8)

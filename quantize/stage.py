@@ -17,6 +17,7 @@ from compactgpt.device import device_of, resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.lineage import data_folder_tokens, heldout_tokens, training_data_folder
 from compactgpt.model import GPT
+from compactgpt.outputs import claim_output
 
 from .api import quantize_
 from .artifact import layout_for, load_quantized, save_quantized
@@ -77,7 +78,7 @@ def evaluate_quantized(quantized: GPT | str | Path, reference: str | Path, *, pr
 
 def quantize_folder(model: str | Path, out: str | Path, config: QuantConfig, *, calib_data: str | None = None,
                     progress: bool = True, log: Callable[[str], None] = print, layout: str | None = None,
-                    evaluate: bool = False, device: str | torch.device = "auto") -> Path:
+                    evaluate: bool = False, device: str | torch.device = "auto", overwrite: bool = False) -> Path:
     """Quantize the float model folder `model` with `config` into the artifact folder `out`.
 
     calib_data: calibration text or prepared data folder (default: the model's training
@@ -87,14 +88,22 @@ def quantize_folder(model: str | Path, out: str | Path, config: QuantConfig, *, 
     (`compactgpt.device.resolve_device`; bitsandbytes methods use its CUDA kernels on a GPU).
     The device is not a setting of the artifact: it is not saved, and the artifact is written
     from CPU tensors in the same format on any device. Logs one summary line through `log`;
-    returns `out` as a Path. Raises ConfigError for an impossible layout or a device this
-    machine lacks (before any work) or missing calibration data, ArtifactError for an
-    unusable model folder.
+    returns `out` as a Path. Raises ConfigError for an impossible layout, a device this
+    machine lacks or an `out` that claim_output refuses (the model folder or a folder above it,
+    another artifact unless overwrite, a run already writing it), all before any work, or for
+    missing calibration data; ArtifactError for an unusable model folder.
     """
-    from compactgpt.artifacts import load_model, resolve_model_path
-
     layout = layout_for(config, layout)  # refuse an impossible layout before any work
     device = resolve_device(device)
+    with claim_output(out, stage="quantize", inputs={"--model": model, "--calib-data": calib_data},
+                      overwrite=overwrite):
+        return _quantize_into(model, out, config, calib_data, progress, log, layout, evaluate, device)
+
+
+def _quantize_into(model, out, config: QuantConfig, calib_data, progress: bool, log, layout: str, evaluate: bool,
+                   device: torch.device) -> Path:
+    from compactgpt.artifacts import load_model, resolve_model_path
+
     loaded = load_model(resolve_model_path(model), device=device)
     calibration = resolve_calibration(loaded, config, calib_data, model)
     report = quantize_(loaded.model, config, calibration, progress=progress)

@@ -38,6 +38,7 @@ from ..device import DEVICE_HELP, resolve_device
 from ..errors import ArtifactError, ConfigError
 from ..lineage import ancestors, require_same_tokenizer, same_tokenizer
 from ..machine import machine_info
+from ..outputs import claim_output
 from ..tokenizer import Tokenizer
 from .report import build_report, write_report
 
@@ -71,7 +72,8 @@ class BenchConfig(StageConfig):
             raise ConfigError(f"prompt_tokens must be >= 1 and new_tokens >= 2 (decode speed needs two steps); "
                               f"got {self.prompt_tokens}, {self.new_tokens}")
         if self.warmup < 0 or self.repeats < 1 or self.threads < 1:
-            raise ConfigError("warmup must be >= 0, repeats >= 1, threads >= 1")
+            raise ConfigError(f"warmup must be >= 0, repeats >= 1, threads >= 1; got {self.warmup}, {self.repeats}, "
+                              f"{self.threads}")
         self.batches  # validates the list
 
     @property
@@ -521,10 +523,17 @@ def _log_measurement(log: Callable[[str], None], m: dict, seconds: float) -> Non
 
 def run_bench(folders: list[str | Path], config: BenchConfig, out: str | Path, names: list[str] | None = None,
               baseline: str | None = None, log: Callable[[str], None] = print, progress: bool = True,
-              command: str | None = None) -> dict:
+              command: str | None = None, overwrite: bool = False) -> dict:
     """Measure every folder, write report.json / report.md / plots to `out`; returns the report
     dict. Every folder and the data are checked before the first measurement (ArtifactError,
-    ConfigError)."""
+    ConfigError), and `out` is claimed (compactgpt.outputs.claim_output: never a measured folder
+    or one above it; an earlier report is replaced, another artifact only with overwrite)."""
+    with claim_output(out, stage="bench", inputs={"--models": folders, "--data": config.data}, overwrite=overwrite):
+        return _run_bench(folders, config, out, names, baseline, log, progress, command)
+
+
+def _run_bench(folders: list[str | Path], config: BenchConfig, out: str | Path, names: list[str] | None,
+               baseline: str | None, log: Callable[[str], None], progress: bool, command: str | None) -> dict:
     kinds = check_models(folders)
     if "classifier" in kinds and all(k == "classifier" for k in kinds):
         raise ConfigError("every model is a classifier; bench needs at least one language model as the baseline")

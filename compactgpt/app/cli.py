@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CompactGPTError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        # Ctrl-C: 130; a SIGTERM the training loop turned into a checkpointed stop: 143.
+        return getattr(e, "exit_code", 130)
     return 0
 
 

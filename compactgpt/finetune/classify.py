@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..artifacts import (CLASSIFIER_ARCH, WEIGHTS, LoadedModel, Manifest, begin_write, check_complete,
-                         config_from_hf, finish_write, hf_config_dict, is_classifier, read_manifest, read_weights,
-                         verify_files)
+                         check_float_weights, config_from_hf, finish_write, hf_config_dict, is_classifier,
+                         read_manifest, read_weights, verify_files, weights_file)
 from ..errors import ArtifactError, ConfigError
 from ..io import atomic_write, atomic_write_json
 from ..model import GPT, from_hf_state_dict, to_hf_state_dict
@@ -234,6 +234,8 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu", veri
     manifest = read_manifest(folder)
     if manifest is not None and verify:
         verify_files(folder, manifest)
+    # Names, float dtypes and shapes from the header, before anything is allocated.
+    check_float_weights(weights_file(folder), config, extra={"score.weight": (len(labels), config.n_embd)})
     state = read_weights(folder)
     score = state.pop("score.weight", None)
     if score is None or tuple(score.shape) != (len(labels), config.n_embd):

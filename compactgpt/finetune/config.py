@@ -70,6 +70,7 @@ class FinetuneConfig(LoopConfig):
             self.lr = 2e-3 if self.lora_rank > 0 else 3e-4
         if self.min_lr is None:
             self.min_lr = self.lr / 10
+        self.check_numbers()
         self.validate()
         return self
 
@@ -92,6 +93,9 @@ class FinetuneConfig(LoopConfig):
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if self.eval_samples < 0 or self.sample_tokens < 1 or self.min_response_tokens < 1:
             raise ConfigError("--eval-samples must be >= 0, --sample-tokens and --min-response-tokens >= 1")
+        if self.eval_max_tokens < 2:
+            raise ConfigError(f"--eval-max-tokens must be at least 2 (perplexity scores token pairs), "
+                              f"got {self.eval_max_tokens}")
 
     def targets(self) -> tuple[str, ...]:
         """The LoRA target suffixes as a tuple."""

@@ -19,7 +19,7 @@ import torch
 from ..artifacts import LoadedModel, load_model, resolve_model_path
 from ..training import run_loop, training_stage
 from .classify import classify_task, format_confusion
-from .config import TASK_NAMES, FinetuneConfig
+from .config import STAGE, TASK_NAMES, FinetuneConfig
 from .instruct import instruct_task
 from .lm import lm_task
 from .lora import apply_lora, merge_lora, trainable_parameters
@@ -52,7 +52,9 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
     """
     config.resolve()
     out = Path(config.out)
-    with training_stage(config, out, resume=resume, overwrite=overwrite, inputs={"--model": config.model}) as rt:
+    with training_stage(config, out, resume=resume, overwrite=overwrite,
+                        inputs={"--model": config.model, "--data": config.data, "--val-data": config.val_data},
+                        stage=STAGE) as rt:
         model_path = resolve_model_path(config.model)
         parent = load_model(model_path)
         out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", help="name of the baseline row (default: the first model)")
     p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    p.add_argument("--overwrite", action="store_true", help="write the report into a folder that holds an artifact "
+                   "(an earlier report there is always replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(p, BenchConfig, show_defaults=True)
 
@@ -44,7 +46,7 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ConfigError(f"--names gives {len(args.names)} names for {len(args.models)} models")
     report = bench.run_bench(args.models, config, args.out, names=args.names, baseline=args.baseline,
                              log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
-                             command="compactgpt " + " ".join(sys.argv[1:]))
+                             command="compactgpt " + " ".join(sys.argv[1:]), overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -28,10 +28,14 @@ def add_tokenize_args(p: argparse.ArgumentParser) -> None:
                      "tokenizer and write token shards to a data folder.")
     p.add_argument("--data", default="@stdlib", help="text file, folder, glob, JSONL file or @stdlib (default)")
     p.add_argument("--out", required=True, help="data folder to write")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    from ...config import open_fraction, positive_int
+
+    p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--val-fraction", type=open_fraction, default=0.05,
+                   help="share of documents held out, between 0 and 1 (default 0.05)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--tokenizer", help="use the tokenizer of this model or data folder instead of training one")
+    p.add_argument("--overwrite", action="store_true", help="replace an artifact already in OUT")
 
 
 def run_tokenize(args) -> None:
@@ -42,7 +46,8 @@ def run_tokenize(args) -> None:
     tokenizer = Tokenizer.from_folder(args.tokenizer) if args.tokenizer else None
     cfg = DataConfig(source=args.data, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                      text_field=args.text_field)
-    out = prepare_data(cfg, args.out, tokenizer=tokenizer, log=_log)
+    out = prepare_data(cfg, args.out, tokenizer=tokenizer, log=_log, overwrite=args.overwrite,
+                       inputs={"--tokenizer": args.tokenizer})
     m = read_manifest(out).metrics
     print(f"wrote {out}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens from "
           f"{m['documents']:,} documents; vocabulary {m['vocab_size']:,}; unigram val perplexity "
@@ -70,12 +75,14 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
 def run_pretrain(args) -> None:
     from ...config import given_args
     from ...pretrain import TrainConfig, config_from_preset
-    from ...training import CHECKPOINT
+    from ...training import find_checkpoint
 
     given = given_args(args, TrainConfig)
     out = Path(given.get("out", TrainConfig.out))
-    saved_settings = out / CHECKPOINT / "settings.json"
-    if args.resume and saved_settings.is_file():
+    # find_checkpoint: also one a save cut short left as checkpoint.tmp / .old (resuming moves it back).
+    checkpoint = find_checkpoint(out)
+    saved_settings = checkpoint / "settings.json" if checkpoint is not None else None
+    if args.resume and saved_settings is not None and saved_settings.is_file():
         # Resume from files alone: the checkpoint's settings, with the flags given now on top.
         base = json.loads(saved_settings.read_text())
         preset = given.pop("preset", base.pop("preset"))
@@ -104,11 +111,15 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", help="model folder to compare with (same tokenizer), e.g. the fp32 teacher")
     p.add_argument("--data", help="text file, folder, glob, JSONL file or prepared data folder (its val split)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--max-length", type=int, help="window length (default: the model's n_positions)")
-    p.add_argument("--stride", type=int, help="step between windows (default: max-length / 2)")
+    from ...config import positive_int, threads
+
+    # Given flags are checked at parse time: 0 is an error, never a silent "use the default".
+    p.add_argument("--max-length", type=positive_int, help="window length (default: the model's n_positions)")
+    p.add_argument("--stride", type=positive_int, help="step between windows, at most --max-length "
+                   "(default: max-length / 2)")
     add_device_arg(p, "a PyTorch or quantized model (and --reference) "
                       "(an ONNX export runs on ONNX Runtime's CPU provider)")
-    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--threads", type=threads, help="CPU threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -173,14 +184,22 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.description = "Stream a continuation of a prompt. Temperature 0 is greedy decoding."
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--prompt", default="", help="prompt text (default: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95; 1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    from ...config import non_negative_float, non_negative_int, positive_int, probability, seed, threads
+
+    # 0 new tokens is refused like a negative count: asking to generate nothing is a mistake,
+    # and printing the prompt back with exit status 0 would hide it.
+    p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate, 1 or more "
+                   "(default 100)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8,
+                   help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=non_negative_int, default=50,
+                   help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=probability, default=0.95,
+                   help="nucleus sampling threshold in (0, 1] (default 0.95; 1 = off)")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     add_device_arg(p, "a PyTorch or quantized model")
-    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--threads", type=threads, help="CPU threads")
 
 
 def run_generate(args) -> None:

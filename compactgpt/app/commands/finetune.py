@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ...artifacts import is_classifier, read_manifest, resolve_model_path
-from ...config import add_config_args, field_help, given_args
+from ...config import add_config_args, field_help, given_args, threads
 from ...device import DEVICE_HELP, resolve_device
 from ...errors import ConfigError, DataError
 from ...finetune import (TASKS, FinetuneConfig, classify_texts, evaluate_classifier, evaluate_instruct, finetune,
@@ -65,7 +65,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="classify every non-empty line of this file")
     p.add_argument("--json", action="store_true", help="print JSON lines with label and probabilities")
     p.add_argument("--device", default="auto", help=f"where the classifier runs: {DEVICE_HELP} (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--threads", type=threads, help="CPU threads")
 
 
 def run_classify(args: argparse.Namespace) -> None:

@@ -62,7 +62,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     """The flags of `compactgpt quantize`."""
     from quantize.config import METHODS
 
-    from ...config import add_config_args
+    from ...config import add_config_args, threads
     from ...device import DEVICE_HELP
 
     p.description = DESCRIPTION
@@ -77,8 +77,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    "validation split of the data the model was trained on and record it in the manifest")
     p.add_argument("--device", default="auto", help=f"where to calibrate, quantize and score: {DEVICE_HELP}; "
                    "bitsandbytes methods use its CUDA kernels on a GPU (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--threads", type=threads, help="CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace an artifact already in OUT (never the --model folder)")
     add_config_args(p, _method_flags())
 
 
@@ -114,5 +115,5 @@ def run_quantize(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     quantize_folder(args.model, args.out, config, calib_data=args.calib_data, progress=not args.no_progress,
                     log=lambda line: print(line, file=sys.stderr), layout=args.layout, evaluate=args.eval,
-                    device=device)
+                    device=device, overwrite=args.overwrite)
     print(args.out)
