@@ -253,8 +253,8 @@ class KVCache:
     writes present into the other, and they swap roles after every call. Each call binds
     prefixes of the same memory and a decode step's logits go into one reused array, so
     nothing is allocated that grows with the length; the copy of past into present reads what
-    attention reads anyway. Memory: 2 x the KV cache at `capacity`, taken page by page as the
-    cache fills.
+    attention reads anyway. Memory: 2 x the KV cache at `capacity`, committed when the cache is
+    created (on the CPU), so it stays flat while tokens are generated.
     """
 
     def __init__(self, decoder: OnnxDecoder, batch: int, capacity: int):
@@ -265,9 +265,20 @@ class KVCache:
         self.length = 0  # tokens cached so far
         shape = [batch, spec.n_head, capacity, spec.head_dim]
         where = (decoder.device_type, decoder.device_id)
-        # One pair per past/present name, in spec order.
-        self.buffers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.dtype, *where) for _ in "ab")
-                        for _ in spec.past_names]
+        # One pair per past/present name, in spec order. On the CPU the buffers are numpy arrays
+        # written once here, so their pages are committed now: resident memory then stays flat
+        # through the generation instead of growing page by page as the cache fills.
+        self._arrays = []
+        if decoder.device_type == "cpu":
+            for _ in range(2 * len(spec.past_names)):
+                array = np.empty(shape, decoder.dtype)
+                array.fill(0)
+                self._arrays.append(array)
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+        else:
+            values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.dtype, *where)
+                      for _ in range(2 * len(spec.past_names))]
+        self.buffers = [(values[2 * i], values[2 * i + 1]) for i in range(len(spec.past_names))]
         self._past = 0  # which buffer of each pair holds the past
         self.mask = np.zeros((batch, capacity), np.int64)
         self._step_logits = np.empty((batch, 1, spec.vocab_size), decoder.dtype)

@@ -66,4 +66,5 @@ def test_124m_cpu_stages(tmp_path, corpus_dir, gpt2_124m):
     for name in ("depth-onnx", "width-onnx", "both-onnx"):
         share = rows[name]["parameters"] / rows["teacher-onnx"]["parameters"]
         assert share < 0.75, (name, share)
-    assert rows["teacher-gptq4-onnx"]["file_bytes"] < rows["teacher-onnx"]["file_bytes"] / 3
+    # int4 block projections, the 38.6M-parameter embedding left in fp32 (include_embeddings off).
+    assert rows["teacher-gptq4-onnx"]["file_bytes"] < rows["teacher-onnx"]["file_bytes"] / 2
