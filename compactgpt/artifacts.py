@@ -493,15 +493,17 @@ def check_float_weights(path: Path, config: GPTConfig, extra: dict[str, tuple[in
                      "stage that wrote the folder")
 
 
-def verify_files(folder: Path, manifest: Manifest) -> None:
+def verify_files(folder: Path, manifest: Manifest, fix: str = "rerun the stage that wrote it") -> None:
+    """ArtifactError naming the first file of the manifest that is missing or whose sha256
+    differs, and `fix`."""
     for name, digest in manifest.files.items():
         path = folder / name
         if not path.is_file():
-            raise ArtifactError(f"{folder}: {name} is listed in the manifest but missing; the folder is incomplete")
+            raise ArtifactError(f"{path} is listed in the manifest but missing; the folder is incomplete: {fix}")
         if sha256_file(path) != digest:
             raise ArtifactError(
-                f"{path} changed after the manifest was written (sha256 mismatch): the file is "
-                "damaged or was edited by hand; rerun the stage that wrote it"
+                f"{path} does not match its sha256 in manifest.json: it was damaged or edited after it was "
+                f"written; {fix}"
             )
 
 

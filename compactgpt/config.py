@@ -137,36 +137,22 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
-    return value
+def _integer_in(low: int, high: int | None, what: str):
+    """An argparse type for integers in [low, high] (high None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def threads(text: str) -> int:
-    """A CPU thread count: an integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a thread count of 1 or more, got {value}")
-    return value
-
-
-def seed(text: str) -> int:
-    """A random seed: an integer in 0..2**63-1 (what every generator accepts)."""
-    value = _integer(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63-1, got {value}")
-    return value
+positive_int = _integer_in(1, None, "a positive integer (1 or more)")
+non_negative_int = _integer_in(0, None, "an integer >= 0")
+threads = _integer_in(1, None, "a thread count of 1 or more")
+seed = _integer_in(0, 2**63 - 1, "an integer from 0 to 2**63-1")  # what every torch generator accepts
 
 
 def non_negative_float(text: str) -> float:

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compactgpt.artifacts import read_manifest
+from compactgpt.artifacts import read_manifest, verify_files
 from compactgpt.errors import ArtifactError
-from compactgpt.io import sha256_file
 from compactgpt.model import GPTConfig
 
 from .spec import MODEL_FILE, DecoderSpec
@@ -47,16 +46,7 @@ def verify_export_files(folder: str | Path) -> None:
     manifest = read_manifest(folder)  # raises for an unfinished folder or a damaged manifest
     if manifest is None:
         return
-    parent = (manifest.parent or {}).get("path")
-    for name, digest in manifest.files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{path} is listed in the manifest but missing; {_reexport(folder, parent)}")
-        if sha256_file(path) != digest:
-            raise ArtifactError(
-                f"{path} does not match its sha256 in manifest.json: it was damaged or edited after "
-                f"the export; {_reexport(folder, parent)}"
-            )
+    verify_files(folder, manifest, fix=_reexport(folder, (manifest.parent or {}).get("path")))
 
 
 def recorded_n_positions(session, folder: Path) -> int | None:

@@ -32,6 +32,24 @@ class ScoringModel:
     n_positions: int
 
 
+def _language_model(model: str | Path) -> tuple[Path, str]:
+    """(folder, kind) of a language-model folder; ConfigError for a classifier."""
+    folder = resolve_model_path(model)
+    kind = folder_kind(folder)
+    if kind == "classifier":
+        _refuse_classifier(folder)
+    return folder, kind
+
+
+def _load_pytorch(folder: Path, kind: str, device: torch.device) -> Any:
+    """A float or quantized folder loaded on `device` (.model, .tokenizer, .manifest)."""
+    if kind == "quantized":
+        from quantize import load_quantized
+
+        return load_quantized(folder, device=device)
+    return load_model(folder, device=device)
+
+
 def _refuse_classifier(folder: Path) -> None:
     raise ConfigError(f"{folder} is a classifier (it predicts labels, not text); run "
                       f"`compactgpt classify --model {folder} --text ...` instead")
@@ -46,22 +64,14 @@ def open_for_scoring(model: str | Path, threads: int | None = None,
     from ..evaluation import model_logits_fn
 
     device = resolve_device(device)
-    folder = resolve_model_path(model)
-    kind = folder_kind(folder)
-    if kind == "classifier":
-        _refuse_classifier(folder)
+    folder, kind = _language_model(model)
     if kind == "onnx":
         from export.runtime import OnnxDecoder
 
         decoder = OnnxDecoder(folder, threads=threads)
         return ScoringModel(folder, kind, Tokenizer.from_folder(folder), read_manifest(folder),
                             decoder.logits_fn(), read_config(folder).n_positions)
-    if kind == "quantized":
-        from quantize import load_quantized
-
-        loaded: Any = load_quantized(folder, device=device)
-    else:
-        loaded = load_model(folder, device=device)
+    loaded = _load_pytorch(folder, kind, device)
     return ScoringModel(folder, kind, loaded.tokenizer, loaded.manifest, model_logits_fn(loaded.model, device),
                         loaded.model.config.n_positions)
 
@@ -75,10 +85,7 @@ def open_for_streaming(model: str | Path, threads: int | None = None,
     machine lacks."""
     spec = device
     device = resolve_device(device)
-    folder = resolve_model_path(model)
-    kind = folder_kind(folder)
-    if kind == "classifier":
-        _refuse_classifier(folder)
+    folder, kind = _language_model(model)
     if kind == "onnx":
         from export.runtime import open_decoder
 
@@ -86,10 +93,5 @@ def open_for_streaming(model: str | Path, threads: int | None = None,
         onnx_device = "cpu" if spec in (None, "auto") else str(device)
         decoder, tokenizer = open_decoder(folder, threads=threads, device=onnx_device)
         return decoder, tokenizer, folder
-    if kind == "quantized":
-        from quantize import load_quantized
-
-        loaded: Any = load_quantized(folder, device=device)
-    else:
-        loaded = load_model(folder, device=device)
+    loaded = _load_pytorch(folder, kind, device)
     return loaded.model, loaded.tokenizer, folder
