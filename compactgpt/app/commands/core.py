@@ -26,14 +26,17 @@ def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
 def add_tokenize_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Read a corpus, split it by document into train/validation, train a byte-level BPE "
                      "tokenizer and write token shards to a data folder.")
-    p.add_argument("--data", default="@stdlib", help="text file, folder, glob, JSONL file or @stdlib (default)")
-    p.add_argument("--out", required=True, help="data folder to write")
+    p.add_argument("--data", default="@stdlib",
+                   help="text file, folder, glob, JSONL or Parquet file, @stdlib (default), @site-packages (the "
+                        "installed packages' sources, whole packages held out), hf:owner/name[:split[:column]], "
+                        "or several joined by commas (files then deduplicated by content)")
+    p.add_argument("--out", required=True, help="data folder to write (an interrupted write resumes)")
     from ...config import open_fraction, positive_int
 
     p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=open_fraction, default=0.05,
                    help="share of documents held out, between 0 and 1 (default 0.05)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
     p.add_argument("--tokenizer", help="use the tokenizer of this model or data folder instead of training one")
     p.add_argument("--overwrite", action="store_true", help="replace an artifact already in OUT")
 
@@ -49,9 +52,11 @@ def run_tokenize(args) -> None:
     out = prepare_data(cfg, args.out, tokenizer=tokenizer, log=_log, overwrite=args.overwrite,
                        inputs={"--tokenizer": args.tokenizer})
     m = read_manifest(out).metrics
+    packages = f", {m['packages']:,} packages" if m.get("packages") else ""
     print(f"wrote {out}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens from "
-          f"{m['documents']:,} documents; vocabulary {m['vocab_size']:,}; unigram val perplexity "
-          f"{m['unigram_val_perplexity']:.1f}")
+          f"{m['documents']:,} documents ({m['files']:,} files{packages}, {m.get('duplicates', 0):,} duplicates "
+          f"removed); vocabulary {m['vocab_size']:,}; unigram val perplexity {m['unigram_val_perplexity']:.1f}; "
+          f"{m.get('seconds', 0):.1f} s, peak memory {m.get('peak_memory_mb', 0):,.0f} MB")
 
 
 # ---------------------------------------------------------------------------------------
