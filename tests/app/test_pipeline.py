@@ -106,7 +106,7 @@ def test_bad_config_is_refused_before_any_work(tmp_path, corpus_dir, edit, messa
 
 
 def test_shipped_configs_plan(tmp_path):
-    for name in ("default", "gpu"):
+    for name in ("default", "gpu", "gpu-124m"):
         stages = plan(load_config(default_config_path(name)), tmp_path / name, log=quiet)
         kinds = [s.kind for s in stages]
         assert kinds[:2] == ["corpus", "pretrain"] and kinds[-1] == "report"

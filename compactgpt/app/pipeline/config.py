@@ -10,7 +10,7 @@ from pathlib import Path
 from ...errors import ConfigError
 
 STAGE_GROUPS = ("corpus", "teacher", "finetune", "students", "quantize", "export", "bench")
-BUILT_IN = ("default", "gpu")
+BUILT_IN = ("default", "gpu", "gpu-124m")
 REQUIRED_GROUPS = ("corpus", "teacher", "bench")
 
 
