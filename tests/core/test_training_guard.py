@@ -18,22 +18,15 @@ from compactgpt.app.cli import main
 from compactgpt.data import TokenShards
 from compactgpt.errors import ArtifactError, ConfigError, StoppedBySignal, TrainingDiverged
 from compactgpt.model import GPT
-from compactgpt.pretrain import config_from_preset, pretrain
+from compactgpt.pretrain import pretrain
 from compactgpt.training import LoopConfig, WindowBatches, find_checkpoint, lm_loss, run_loop
+
 from conftest import tiny_config
+from test_training import tiny_run, weights  # the same tiny runs as the resume tests
 
 QUIET = dict(log=lambda m: None, progress=False)
 
 
-def tiny_run(data_dir, out, **overrides):
-    settings = dict(data=str(data_dir), out=str(out), n_positions=64, block_size=32, batch_size=4,
-                    max_steps=8, warmup_steps=2, eval_interval=4, checkpoint_interval=100, log_interval=1,
-                    eval_batches=4, dropout=0.1)
-    return config_from_preset("tiny", **{**settings, **overrides})
-
-
-def weights(folder):
-    return load_file(str(Path(folder) / "model.safetensors"))
 
 
 def checkpoint_step(out):
