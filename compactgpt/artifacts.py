@@ -20,6 +20,7 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,10 +137,26 @@ def folder_hash(folder: str | Path) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def parent_record(folder: str | Path | None) -> dict[str, str] | None:
+def parent_record(folder: str | Path | None, relative_to: str | Path | None = None) -> dict[str, str] | None:
+    """{"path", "sha256"} of the folder an artifact came from. The path is relative to
+    `relative_to` (the artifact's own folder) when given, so a run folder moved or copied to
+    another machine keeps its lineage; resolved_parent reads both forms."""
     if folder is None:
         return None
-    return {"path": str(Path(folder).resolve()), "sha256": folder_hash(folder)}
+    path = Path(folder).resolve()
+    if relative_to is not None:
+        path = Path(os.path.relpath(path, Path(relative_to).resolve()))
+    return {"path": str(path), "sha256": folder_hash(folder)}
+
+
+def resolved_parent(folder: str | Path, manifest: "Manifest | None") -> Path | None:
+    """The parent folder a manifest names, as a path usable from here (a relative record is
+    relative to the folder itself)."""
+    recorded = (manifest.parent or {}).get("path") if manifest is not None else None
+    if not recorded:
+        return None
+    path = Path(recorded)
+    return path if path.is_absolute() else (Path(folder) / path).resolve()
 
 
 def read_marker(folder: str | Path) -> dict:
@@ -194,7 +211,7 @@ def finish_write(
     manifest = Manifest(
         stage=stage,
         settings=settings,
-        parent=parent_record(parent),
+        parent=parent_record(parent, relative_to=folder),
         metrics=metrics or {},
         files={name: sha256_file(folder / name) for name in sorted(files)},
         versions=library_versions(),
@@ -514,7 +531,7 @@ def refuse_non_float(folder: Path) -> None:
     if kind not in ("quantized", "onnx"):
         return
     manifest = read_manifest(folder)
-    parent = (manifest.parent or {}).get("path") if manifest is not None else None
+    parent = resolved_parent(folder, manifest)
     source = f" ({parent})" if parent else ""
     if kind == "onnx":
         raise ArtifactError(f"{folder} is an ONNX export, not PyTorch weights; pass the model folder it was "

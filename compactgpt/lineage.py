@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .artifacts import Manifest, read_manifest
+from .artifacts import Manifest, read_manifest, resolved_parent
 from .data import is_data_folder
 from .errors import ConfigError
 from .tokenizer import Tokenizer
@@ -23,15 +23,6 @@ from .tokenizer import Tokenizer
 # Longer than any real chain (data -> teacher -> finetune -> prune -> distill -> quantize ->
 # export is 7); a cycle of hand-edited manifests ends here instead of looping.
 MAX_DEPTH = 32
-
-
-def parent_path(folder: str | Path, manifest: Manifest | None) -> Path | None:
-    """The parent folder a manifest names (a relative path is relative to the folder)."""
-    recorded = (manifest.parent or {}).get("path") if manifest is not None else None
-    if not recorded:
-        return None
-    path = Path(recorded)
-    return path if path.is_absolute() else (Path(folder) / path).resolve()
 
 
 def ancestors(folder: str | Path) -> Iterator[tuple[Path, Manifest | None]]:
@@ -46,7 +37,7 @@ def ancestors(folder: str | Path) -> Iterator[tuple[Path, Manifest | None]]:
         yield path, manifest
         if manifest is None:
             return
-        path = parent_path(path, manifest)
+        path = resolved_parent(path, manifest)
 
 
 def training_data_folder(folder: str | Path) -> Path | None:
@@ -118,13 +109,13 @@ def heldout_tokens(folder: str | Path, manifest: Manifest | None, tokenizer: Tok
         return text_tokens(data, tokenizer, text_field), str(data)
     chain = [(folder, manifest)] if manifest is not None else []
     if chain:
-        parent = parent_path(folder, manifest)
+        parent = resolved_parent(folder, manifest)
         if parent is not None and parent.is_dir():
             chain += list(ancestors(parent))
     for path, m in chain:
         if m is None:
             break
-        parent = parent_path(path, m)
+        parent = resolved_parent(path, m)
         if parent is not None and is_data_folder(parent):
             return data_folder_tokens(parent, tokenizer, folder), f"val split of {parent}"
         recorded = m.settings.get("data")

@@ -226,7 +226,7 @@ def adopt_teacher(source: str | Path, out: str | Path, data: str | Path, log: Ca
     metrics = {"val_perplexity": ppl.perplexity, "val_tokens_scored": ppl.tokens,
                "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(True)}
     save_model(out, model, loaded.tokenizer, stage=ADOPT_STAGE, settings={"model": str(source), "data": str(data)},
-               parent=data, metrics=metrics, extra={"source": parent_record(folder)})
+               parent=data, metrics=metrics, extra={"source": parent_record(folder, relative_to=out)})
     log(f"wrote {out}: {source} as the teacher ({model.num_parameters():,} parameters), val perplexity "
         f"{ppl.perplexity:.2f} over {ppl.tokens:,} tokens of {data}")
     return Path(out)

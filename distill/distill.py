@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -334,8 +335,8 @@ def save_student(config: DistillConfig, out: Path, models: Models, result: LoopR
         metrics.update({k: v for k, v in sparsity_report(student).items() if k != "sparsity_by_kind"})
     student_dir = models.student_dir
     extra = {
-        "teacher": parent_record(models.teacher_dir),
-        "student_init": str(student_dir.resolve()) if student_dir else f"random ({config.student}, seed {config.seed})",
+        "teacher": parent_record(models.teacher_dir, relative_to=out),
+        "student_init": os.path.relpath(student_dir.resolve(), Path(out).resolve()) if student_dir else f"random ({config.student}, seed {config.seed})",
         "pruning_plan": ({k: plan[k] for k in ("layers", "shape")} if plan else None),
         "sparsity": models.sparse,
         "losses": {**config.loss_settings(), "hidden_pairs": pairs, "teacher_run": config.uses_teacher},

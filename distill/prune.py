@@ -280,7 +280,7 @@ def _prune(config: PruneConfig, log: Callable[[str], None], progress: bool) -> P
     metrics = {**parameter_summary(student, teacher), "val_perplexity": s_ppl, "teacher_val_perplexity": t_ppl,
                "perplexity_delta": s_ppl / t_ppl - 1.0, "val_tokens_scored": int(val.numel()) - 1,
                "calibration_tokens": sum(b.numel() for b in batches)}
-    extra = {"teacher": parent_record(teacher_dir), "pruning_plan": plan.to_dict(), "eval_data": tokens.source}
+    extra = {"teacher": parent_record(teacher_dir, relative_to=config.out), "pruning_plan": plan.to_dict(), "eval_data": tokens.source}
     save_model(config.out, student, loaded.tokenizer, stage="prune", settings=config.to_dict(), parent=teacher_dir,
                metrics=metrics, extra=extra)
     log(f"wrote {config.out}: {shape.n_layer} layers x {shape.n_head} heads x {shape.n_embd} wide, MLP "

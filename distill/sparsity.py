@@ -265,7 +265,7 @@ def _sparsify(config: SparsifyConfig, log: Callable[[str], None], progress: bool
                "parameters": model.num_parameters()}
     extra = {"sparsity": {"method": config.method, "pattern": config.pattern, "target": config.target(),
                           "by_kind": report["sparsity_by_kind"], "layers": sorted(masks)},
-             "teacher": parent_record(source), "eval_data": tokens.source}
+             "teacher": parent_record(source, relative_to=config.out), "eval_data": tokens.source}
     save_model(config.out, model, loaded.tokenizer, stage="sparsify", settings=config.to_dict(), parent=source,
                metrics=metrics, extra=extra)
     log(f"wrote {config.out}: {report['sparsity']:.1%} of the block weights are 0 ({config.method}, "

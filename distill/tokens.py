@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compactgpt.artifacts import LoadedModel
+from compactgpt.artifacts import LoadedModel, resolved_parent
 from compactgpt.config import StageConfig, option
 from compactgpt.data import (TokenShards, encode_documents, is_data_folder, random_windows, read_documents,
                              split_documents)
 from compactgpt.device import DEVICE_HELP, resolve_device
 from compactgpt.errors import ArtifactError, ConfigError
-from compactgpt.lineage import ancestors, parent_path, require_same_tokenizer
+from compactgpt.lineage import ancestors, require_same_tokenizer
 from compactgpt.tokenizer import Tokenizer
 
 
@@ -74,7 +74,7 @@ def training_data_of(folder: str | Path) -> str | None:
         for path, manifest in ancestors(folder):
             if manifest is None:
                 return None
-            parent = parent_path(path, manifest)
+            parent = resolved_parent(path, manifest)
             if parent is not None and parent.exists() and is_data_folder(parent):
                 return str(parent)
             data = manifest.settings.get("data")

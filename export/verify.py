@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compactgpt.artifacts import read_manifest, verify_files
+from compactgpt.artifacts import read_manifest, resolved_parent, verify_files
 from compactgpt.errors import ArtifactError
 from compactgpt.model import GPTConfig
 
@@ -46,7 +46,8 @@ def verify_export_files(folder: str | Path) -> None:
     manifest = read_manifest(folder)  # raises for an unfinished folder or a damaged manifest
     if manifest is None:
         return
-    verify_files(folder, manifest, fix=_reexport(folder, (manifest.parent or {}).get("path")))
+    parent = resolved_parent(folder, manifest)
+    verify_files(folder, manifest, fix=_reexport(folder, str(parent) if parent else None))
 
 
 def recorded_n_positions(session, folder: Path) -> int | None:

@@ -9,6 +9,7 @@ and the perplexity delta is relative to the baseline's perplexity on the same to
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -90,7 +91,9 @@ def build_report(folders: dict[str, str], measurements: dict[str, dict], setting
     """The report dict: one row per artifact (its lineage from the manifests plus its
     measurements), ratios against the baseline, the Pareto front and the headline."""
     # Classifiers have no perplexity or decode speed: they get their own table.
-    classifiers = [{"name": n, "folder": folders[n], "what": describe(lineage(folders[n])), **measurements[n]}
+    # The folder the caller names wins over a measurement's own (which may be relative to where
+    # the measurement was stored).
+    classifiers = [{"name": n, **measurements[n], "folder": folders[n], "what": describe(lineage(folders[n]))}
                    for n in folders if "accuracy" in measurements[n]]
     names = [n for n in folders if "accuracy" not in measurements[n]]
     if not names:
@@ -111,7 +114,7 @@ def build_report(folders: dict[str, str], measurements: dict[str, dict], setting
             "what": describe(chain),
             "stages": [c["stage"] for c in chain],
             "lineage": chain,
-            **m,
+            **{k: v for k, v in m.items() if k != "folder"},
             "x_faster": speed / base_speed,
             "x_smaller": base["file_bytes"] / m["file_bytes"] if m["file_bytes"] else None,
             "perplexity_delta": m["perplexity"] / base["perplexity"] - 1.0,
@@ -298,10 +301,23 @@ def plot_sizes(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def relative_folders(record, base: str | Path):
+    """A copy of a JSON-like record whose "folder" entries are relative to `base`, so a report
+    still names the right folders after its run folder is moved or copied to another machine."""
+    if isinstance(record, dict):
+        return {k: (os.path.relpath(Path(v).resolve(), Path(base).resolve()) if k == "folder" and isinstance(v, str)
+                    else relative_folders(v, base)) for k, v in record.items()}
+    if isinstance(record, list):
+        return [relative_folders(v, base) for v in record]
+    return record
+
+
 def write_report(report: dict, out: str | Path) -> Path:
-    """Write report.json, report.md, pareto.png and size.png to `out` (each atomically)."""
+    """Write report.json, report.md, pareto.png and size.png to `out` (each atomically).
+    Folders are recorded relative to `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    report = relative_folders(report, out)
     atomic_write_json(out / "report.json", report)
     plot_pareto(report, out / "pareto.png")
     plot_sizes(report, out / "size.png")

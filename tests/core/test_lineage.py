@@ -82,3 +82,22 @@ def test_folder_kind_reads_the_folders_own_files(family, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="not an artifact"):
         folder_kind(tmp_path / "empty")
+
+
+def test_lineage_survives_moving_the_run_folder(tmp_path, data_dir, tokenizer):
+    """Parents are recorded relative to each folder: a run folder moved (or copied to another
+    machine) as a whole keeps its lineage."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(data_dir, run / "data")
+    save_model(run / "teacher", GPT(tiny_config()), tokenizer, stage="pretrain", settings={}, parent=run / "data")
+    save_model(run / "student", GPT(tiny_config(n_layer=1)), tokenizer, stage="distill", settings={},
+               parent=run / "teacher")
+    assert not str(read_manifest(run / "student").parent["path"]).startswith("/")
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    assert [p for p, _ in ancestors(moved / "student")] == [moved / "student", (moved / "teacher").resolve(),
+                                                            (moved / "data").resolve()]
+    assert training_data_folder(moved / "student") == (moved / "data").resolve()

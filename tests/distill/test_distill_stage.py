@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from compactgpt.artifacts import load_model, read_manifest, save_model
+from compactgpt.artifacts import resolved_parent, load_model, read_manifest, save_model
 from compactgpt.app.cli import main
 from compactgpt.data import DataConfig, prepare_data
 from compactgpt.errors import ConfigError
@@ -59,8 +59,8 @@ def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(teacher_dir
     after = kl_to_teacher(load_model(out).model, teacher, data_dir)
     assert after < 0.8 * before
     m = read_manifest(out)
-    assert m.stage == "distill" and m.parent["path"] == str(pruned_dir.resolve())
-    assert m.extra["teacher"]["path"] == str(teacher_dir.resolve())
+    assert m.stage == "distill" and resolved_parent(out, m) == pruned_dir.resolve()
+    assert (out / m.extra["teacher"]["path"]).resolve() == teacher_dir.resolve()
     assert m.extra["pruning_plan"]["shape"]["n_head"] == 2
     assert m.extra["losses"]["temperature"] == 2.0 and m.extra["losses"]["teacher_run"]
     assert m.extra["tokens"] == 12 * 4 * 32 == m.metrics["train_tokens"]

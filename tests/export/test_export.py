@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from compactgpt.artifacts import load_model, read_manifest, save_model
+from compactgpt.artifacts import resolved_parent, load_model, read_manifest, save_model
 from compactgpt.app.cli import main
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.evaluation import model_logits_fn, perplexity
@@ -130,7 +130,7 @@ def test_export_folder_and_manifest(exported, artifact):
     files = {p.name for p in exported.iterdir()}
     assert {MODEL_FILE, "config.json", "tokenizer.json", GENAI_CONFIG, "manifest.json"} <= files
     m = read_manifest(exported)
-    assert m.stage == "export" and m.parent["path"] == str(artifact.resolve())
+    assert m.stage == "export" and resolved_parent(exported, m) == artifact.resolve()
     assert m.metrics["parity_max_logits_diff"] < 1e-4 and m.metrics["parity_max_present_diff"] < 1e-4
     assert m.settings["dtype"] == "fp32" and m.settings["optimize"] is True
     genai = json.loads((exported / GENAI_CONFIG).read_text())

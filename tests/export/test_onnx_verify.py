@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compactgpt.app.cli import main
-from compactgpt.artifacts import MANIFEST, read_manifest, save_model
+from compactgpt.artifacts import resolved_parent, MANIFEST, read_manifest, save_model
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.io import atomic_write_json, sha256_file
 from compactgpt.tokenizer import train_bpe
@@ -81,7 +81,7 @@ def test_a_flipped_weight_byte_is_refused_before_onnx_runtime(copy, name, tmp_pa
     text.write_text("def f(x):\n    return x + 1\n" * 40)
     assert main(["eval", "--model", str(copy), "--data", str(text), "--max-length", "32"]) == 2
     err = one_line_error(capsys)
-    assert "sha256" in err and "re-export" in err and str(read_manifest(copy).parent["path"]) in err
+    assert "sha256" in err and "re-export" in err and str(resolved_parent(copy, read_manifest(copy))) in err
 
 
 def test_verify_false_skips_the_hashes_only(copy):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from compactgpt.app.cli import main
-from compactgpt.artifacts import load_model, read_manifest, save_model
+from compactgpt.artifacts import resolved_parent, load_model, read_manifest, save_model
 from compactgpt.errors import ConfigError, DataError
 from compactgpt.finetune import FinetuneConfig, evaluate_classifier, finetune
 from compactgpt.finetune.classify import (GPTClassifier, classification_report, last_token_index,
@@ -286,7 +286,7 @@ def test_instruct_lowers_heldout_response_loss_and_stores_the_template(tmp_path,
     assert metrics["val_response_ppl"] < metrics["before_val_response_ppl"]
     manifest = read_manifest(out)
     assert manifest.stage == "finetune" and manifest.extra["task"] == "instruct"
-    assert manifest.parent["path"] == str(parent.resolve())
+    assert resolved_parent(out, manifest) == parent.resolve()
     assert manifest.extra["samples"][0]["after"] is not None
     assert load_model(out).model.config.n_positions == 96  # an ordinary LM artifact
     assert json.loads((out / "prompt_template.json").read_text()) == TEMPLATES["compact"].to_dict()

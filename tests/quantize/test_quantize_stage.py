@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compactgpt.app.cli import main
-from compactgpt.artifacts import save_model
+from compactgpt.artifacts import resolved_parent, save_model
 from compactgpt.errors import ConfigError
 from quantize import (AWQConfig, GPTQConfig, METHODS, RTNConfig, SmoothQuantConfig, config_for, config_from_dict,
                       evaluate_quantized, load_quantized, quantize_, quantize_folder, save_quantized)
@@ -182,7 +182,7 @@ def test_quantize_folder_writes_an_artifact_that_reloads(float_model_dir, tmp_pa
     assert out == tmp_path / "sq"
     loaded = load_quantized(out)
     assert loaded.config == config and loaded.manifest.settings == config.versioned_dict()
-    assert loaded.manifest.parent["path"] == str(float_model_dir.resolve())
+    assert resolved_parent(loaded.folder, loaded.manifest) == float_model_dir.resolve()
     assert "train split" in loaded.manifest.extra["calibration"]["source"]
     metrics = loaded.manifest.metrics
     assert metrics["val_data"].startswith("val split of") and metrics["val_kl_mean"] > 0
@@ -217,7 +217,7 @@ def test_cli_quantizes_with_the_training_data_by_default(float_model_dir, tmp_pa
     assert metrics["val_kl_mean"] > 0 and 0 < metrics["val_top1_agreement"] <= 1
     captured = capsys.readouterr()
     assert "KL from float" in captured.err and captured.out.strip() == str(out)
-    assert loaded.manifest.parent["path"] == str(float_model_dir.resolve())
+    assert resolved_parent(loaded.folder, loaded.manifest) == float_model_dir.resolve()
 
 
 def test_cli_refuses_flags_the_method_does_not_take(float_model_dir, tmp_path, capsys):

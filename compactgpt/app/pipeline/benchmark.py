@@ -11,6 +11,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ...io import atomic_write_json
 from ..bench import BenchConfig, measure, write_bench_report
+from ..report import relative_folders
 from .stages import Planning, Stage
 
 MEASUREMENT = "measurement.json"
@@ -20,7 +21,7 @@ def _run_measure(config: BenchConfig, source: Path, reference: Path, progress: b
                  resume: bool) -> None:
     record = measure(source, config, progress=progress, reference=reference)
     stage.folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stage.folder / MEASUREMENT, record)
+    atomic_write_json(stage.folder / MEASUREMENT, relative_folders(record, stage.folder))
 
 
 def _run_report(config: BenchConfig, measured: list[Stage], folders: dict[str, str], baseline: str, stage: Stage,

@@ -3,6 +3,8 @@ after them) from an empty folder, resume interrupted training, and write a summa
 
 from __future__ import annotations
 
+import os
+
 import shutil
 import sys
 import time
@@ -91,7 +93,8 @@ def write_run_summary(stages: list[Stage], outcome: dict[str, str], out: str | P
     rows = []
     for s in stages:
         rec = read_record(s.folder) or {}
-        rows.append({"stage": s.name, "kind": s.kind, "folder": str(s.folder), "this_run": outcome.get(s.name),
+        rows.append({"stage": s.name, "kind": s.kind, "folder": os.path.relpath(s.folder, Path(out).resolve()),
+                     "this_run": outcome.get(s.name),
                      "build_seconds": rec.get("seconds"), "fingerprint": s.fingerprint[:12]})
     built = sum(r["build_seconds"] or 0 for r in rows)
     machine = machine_info()
