@@ -502,7 +502,7 @@ class _Trainer:
     fingerprint: dict
     settings: dict
     sharded: nn.Module | None = None  # FSDP: the sharded copy the optimizer trains
-    signalled: int = 0  # the signal (SIGTERM) that asked this process to stop; 0: none
+    signalled: int = 0  # the signal (SIGTERM, SIGINT) that asked this process to stop; 0: none
     saved_step: int = -1  # the step of the checkpoint last written by this run
 
     @property
@@ -716,22 +716,27 @@ def _trim_log(path: Path, step: int) -> None:
 
 @contextlib.contextmanager
 def _sigterm_stops(t: _Trainer) -> Iterator[None]:
-    """While the loop runs, SIGTERM (sent by `kill` and by job schedulers before they kill)
-    asks it to stop after the current step: the handler only notes the signal, and the loop
-    then checkpoints and stops as on Ctrl-C, at a step boundary that every process agrees on.
-    Python lets only the main thread set handlers; the previous one is put back after."""
+    """While the loop runs, SIGTERM (sent by `kill` and by job schedulers before they kill) and
+    Ctrl-C (SIGINT) ask it to stop after the current step: the handler only notes the signal,
+    and the loop then checkpoints and stops at a step boundary that every process agrees on,
+    so an interrupt never lands between an optimizer update and the step count (which would
+    make the resumed run repeat a step). A second Ctrl-C stops at once, as Ctrl-C always did.
+    Python lets only the main thread set handlers; the previous ones are put back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def note(signum, frame):
+        if signum == signal.SIGINT and t.signalled == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: do not wait for the step to end
         t.signalled = signum
 
-    previous = signal.signal(signal.SIGTERM, note)
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _skip_or_diverge(t: _Trainer, config: LoopConfig, step: _StepResult, run_log: "_RunLog") -> None:

@@ -187,6 +187,34 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(dat
     assert_same_weights(uninterrupted, out)
 
 
+def test_ctrl_c_waits_for_the_step_boundary_and_twice_stops_at_once(data_dir, tmp_path, uninterrupted):
+    """Ctrl-C is noted like SIGTERM, so it never lands between an update and the step count;
+    the resumed run equals an uninterrupted one. A second Ctrl-C stops without waiting."""
+    out = tmp_path / "c"
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(StoppedBySignal) as info:
+        pretrain(tiny_run(data_dir, out), **QUIET, on_step=interrupt)
+    assert info.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert checkpoint_step(out) == 4
+    pretrain(tiny_run(data_dir, out), **QUIET, resume=True)
+    assert_same_weights(uninterrupted, out)
+
+    def twice(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        pretrain(tiny_run(data_dir, tmp_path / "d"), **QUIET, on_step=twice)
+    assert not isinstance(info.value, StoppedBySignal)  # not waiting for another step
+    assert checkpoint_step(tmp_path / "d") == 2
+
+
 def _cli(data_dir, out, *flags):
     cmd = [sys.executable, "-m", "compactgpt", "pretrain", "--preset", "tiny", "--data", str(data_dir), "--out",
            str(out), "--n-positions", "64", "--block-size", "32", "--batch-size", "4", "--warmup-steps", "0",
