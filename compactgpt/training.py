@@ -503,7 +503,7 @@ class _Trainer:
     settings: dict
     sharded: nn.Module | None = None  # FSDP: the sharded copy the optimizer trains
     signalled: int = 0  # the signal (SIGTERM, SIGINT) that asked this process to stop; 0: none
-    saved_step: int = -1  # the step of the checkpoint last written by this run
+    saved_step: int = -1  # the step of the checkpoint on disk (written or resumed by this run); -1: none
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -614,25 +614,17 @@ def _start(model: nn.Module, config: LoopConfig, out: Path, rt: TrainRuntime, fi
             + (" (bf16 compute, fp32 gradient reduction)" if rt.bf16 else "") if rt.fsdp
             else "--parallel fsdp with one process: training the plain model")
     return _Trainer(model, train_model, optimizer, generator, state, rt, ckpt_dir, fingerprint, asdict(config),
-                    sharded)
+                    sharded, saved_step=state.step if resume else -1)
 
 
 def _diverged_message(t: _Trainer, what: str) -> str:
     """TrainingDiverged's one line: where, what, the likely cause and the fix."""
     lr, clip = t.optimizer.param_groups[0]["lr"], t.settings["grad_clip"]
-    kept = (f"the last good checkpoint (step {read_checkpoint_step(t.ckpt_dir)}) is kept in {t.ckpt_dir}"
-            if t.ckpt_dir.is_dir() else "no checkpoint was written")
+    kept = (f"the last good checkpoint (step {t.saved_step}) is kept in {t.ckpt_dir}"
+            if t.saved_step >= 0 else "no checkpoint was written")
     fix = "and gradient clipping (--grad-clip 1.0)" if clip == 0 else "or a longer --warmup-steps"
     return (f"training diverged at step {t.state.step}: {what} (lr {lr:.3g} at that step); the learning rate is "
             f"likely too high: start over (--overwrite) with a lower --lr {fix}; {kept}")
-
-
-def read_checkpoint_step(folder: Path) -> int | str:
-    """The step a checkpoint was saved at, read from its trainer state ("?" if unreadable)."""
-    try:
-        return torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")["state"]["step"]
-    except Exception:  # only for a message: a damaged file is reported when it is resumed
-        return "?"
 
 
 @dataclass
