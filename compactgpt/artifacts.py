@@ -368,11 +368,7 @@ def read_config(folder: str | Path) -> GPTConfig:
             f"{folder} is not a model artifact: it has no config.json. Pass a folder written by "
             "a CompactGPT stage (e.g. compactgpt pretrain) or by transformers' save_pretrained"
         )
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); the folder is damaged") from e
-    return config_from_hf(d, str(path))
+    return config_from_hf(_config_json(folder), str(path))
 
 
 def weights_file(folder: Path) -> Path:

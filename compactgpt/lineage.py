@@ -67,15 +67,17 @@ def require_same_tokenizer(a: Tokenizer | str | Path, b: Tokenizer | str | Path,
         raise ConfigError(problem)
 
 
-def data_folder_tokens(folder: str | Path, tokenizer: Tokenizer, owner: str | Path, split: str = "val") -> torch.Tensor:
+def data_folder_tokens(folder: str | Path, tokenizer: Tokenizer | str | Path, owner: str | Path, split: str = "val",
+                       problem: str | None = None) -> torch.Tensor:
     """A split of a prepared data folder as int64 ids, after checking it was tokenized with
-    `tokenizer` (the tokenizer of the model `owner`)."""
+    `tokenizer` (the tokenizer of the model `owner`, or a folder holding it); `problem`
+    replaces the default error message, for callers with another fix to name."""
     from .data import TokenShards
 
     require_same_tokenizer(
         folder, tokenizer,
-        f"{folder} was tokenized with a different tokenizer than {owner}'s; pass the raw text as --data "
-        "so it is tokenized with the model's own tokenizer",
+        problem or f"{folder} was tokenized with a different tokenizer than {owner}'s; pass the raw text as "
+        "--data so it is tokenized with the model's own tokenizer",
     )
     return torch.from_numpy(TokenShards(folder, split).all_tokens().astype(np.int64))
 
@@ -85,6 +87,11 @@ def text_tokens(source: str | Path, tokenizer: Tokenizer, text_field: str = "tex
     from .data import read_documents
 
     docs, _ = read_documents(str(source), text_field)
+    return _joined(docs, tokenizer)
+
+
+def _joined(docs, tokenizer: Tokenizer) -> torch.Tensor:
+    """The documents' ids with <|endoftext|> between documents (none after the last)."""
     ids: list[int] = []
     for i, d in enumerate(docs):
         if i:
@@ -132,7 +139,4 @@ def _raw_validation_tokens(manifest: Manifest, tokenizer: Tokenizer) -> torch.Te
 
     docs, _ = read_documents(manifest.settings["data"], manifest.settings.get("text_field", "text"))
     _, val = split_documents(docs, manifest.settings.get("val_fraction", 0.05))
-    ids: list[int] = []
-    for d in val:
-        ids.extend(tokenizer.encode(d.text) + [tokenizer.eot_id])
-    return torch.tensor(ids[:-1])
+    return _joined(val, tokenizer)

@@ -33,10 +33,10 @@ import torch
 
 from ..artifacts import folder_kind, read_manifest
 from ..config import StageConfig, option
-from ..data import TokenShards, is_data_folder, random_windows
+from ..data import is_data_folder, random_windows
 from ..device import DEVICE_HELP, resolve_device
 from ..errors import ArtifactError, ConfigError
-from ..lineage import ancestors, require_same_tokenizer, same_tokenizer
+from ..lineage import ancestors, data_folder_tokens, same_tokenizer
 from ..machine import machine_info
 from ..outputs import claim_output
 from ..tokenizer import Tokenizer
@@ -353,9 +353,9 @@ def eval_token_ids(data: str, tokenizer: Tokenizer | str | Path) -> tuple[torch.
     if not is_data_folder(path):
         raise ConfigError(f"--data {data} is not a prepared data folder; create one with `compactgpt tokenize` "
                           "using the models' tokenizer (--tokenizer MODEL)")
-    require_same_tokenizer(path, tokenizer, f"{data} was tokenized with a different tokenizer than the model's; "
-                           "benchmark models against a data folder made with their own tokenizer")
-    return torch.from_numpy(TokenShards(path, "val").all_tokens().astype(np.int64)), f"val split of {path}"
+    problem = (f"{data} was tokenized with a different tokenizer than the model's; benchmark models against a "
+               "data folder made with their own tokenizer")
+    return data_folder_tokens(path, tokenizer, "the model", problem=problem), f"val split of {path}"
 
 
 def measure_classifier(folder: Path, config: BenchConfig) -> dict:
