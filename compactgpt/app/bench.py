@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterator
@@ -191,28 +192,19 @@ def _torch_stream(model: torch.nn.Module, device: torch.device) -> Callable[...,
     return stream
 
 
-def _open_pytorch(folder: Path, threads: int, device: torch.device = torch.device("cpu")) -> MeasuredRuntime:
-    from ..artifacts import load_model
+def _open_torch(folder: Path, threads: int, device: torch.device = torch.device("cpu"),
+                quantized: bool = False) -> MeasuredRuntime:
     from ..evaluation import model_logits_fn
+    from .open import load_pytorch
 
     torch.set_num_threads(threads)
-    loaded = load_model(folder, device=device)
+    loaded = load_pytorch(folder, "quantized" if quantized else "model", device)
     model = loaded.model.eval()
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return MeasuredRuntime("pytorch", torch.no_grad()(model_logits_fn(model, device)), _torch_stream(model, device),
+    # A quantized model holds integer codes: its float ancestor's count comes from artifact_parameters.
+    params = None if quantized else sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return MeasuredRuntime("pytorch-quantized" if quantized else "pytorch",
+                           torch.no_grad()(model_logits_fn(model, device)), _torch_stream(model, device),
                            model.config.n_positions, loaded.tokenizer, params, device)
-
-
-def _open_quantized(folder: Path, threads: int, device: torch.device = torch.device("cpu")) -> MeasuredRuntime:
-    from quantize import load_quantized
-
-    from ..evaluation import model_logits_fn
-
-    torch.set_num_threads(threads)
-    art = load_quantized(folder, device=device)
-    model = art.model.eval()
-    return MeasuredRuntime("pytorch-quantized", torch.no_grad()(model_logits_fn(model, device)),
-                           _torch_stream(model, device), model.config.n_positions, art.tokenizer, None, device)
 
 
 def _open_onnx(folder: Path, threads: int, device: torch.device | None = None) -> MeasuredRuntime:
@@ -226,8 +218,8 @@ def _open_onnx(folder: Path, threads: int, device: torch.device | None = None) -
 
 # kind -> opener(folder, threads, device); PyTorch runtimes run on the device, ONNX on the CPU.
 RUNTIMES: dict[str, Callable[..., MeasuredRuntime]] = {
-    "pytorch": _open_pytorch,
-    "pytorch-quantized": _open_quantized,
+    "pytorch": _open_torch,
+    "pytorch-quantized": partial(_open_torch, quantized=True),
     "onnx": _open_onnx,
 }
 

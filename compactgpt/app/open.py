@@ -41,8 +41,8 @@ def _language_model(model: str | Path) -> tuple[Path, str]:
     return folder, kind
 
 
-def _load_pytorch(folder: Path, kind: str, device: torch.device) -> Any:
-    """A float or quantized folder loaded on `device` (.model, .tokenizer, .manifest)."""
+def load_pytorch(folder: Path, kind: str, device: torch.device) -> Any:
+    """A float ("model") or "quantized" folder loaded on `device` (.model, .tokenizer, .manifest)."""
     if kind == "quantized":
         from quantize import load_quantized
 
@@ -71,7 +71,7 @@ def open_for_scoring(model: str | Path, threads: int | None = None,
         decoder = OnnxDecoder(folder, threads=threads)
         return ScoringModel(folder, kind, Tokenizer.from_folder(folder), read_manifest(folder),
                             decoder.logits_fn(), read_config(folder).n_positions)
-    loaded = _load_pytorch(folder, kind, device)
+    loaded = load_pytorch(folder, kind, device)
     return ScoringModel(folder, kind, loaded.tokenizer, loaded.manifest, model_logits_fn(loaded.model, device),
                         loaded.model.config.n_positions)
 
@@ -93,5 +93,5 @@ def open_for_streaming(model: str | Path, threads: int | None = None,
         onnx_device = "cpu" if spec in (None, "auto") else str(device)
         decoder, tokenizer = open_decoder(folder, threads=threads, device=onnx_device)
         return decoder, tokenizer, folder
-    loaded = _load_pytorch(folder, kind, device)
+    loaded = load_pytorch(folder, kind, device)
     return loaded.model, loaded.tokenizer, folder
