@@ -607,6 +607,7 @@ FOLDER_KINDS = {
     "quantized": "a model with quantized weights, run by its PyTorch layers",
     "classifier": "a GPT-2 with a classification head",
     "model": "a float GPT-2 language model",
+    "deploy": "a bundle of an ONNX export for one runtime (compactgpt deploy)",
 }
 
 
@@ -626,6 +627,10 @@ def folder_kind(folder: str | Path) -> str:
     Raises ArtifactError for a missing or unfinished folder, or one that holds none of them."""
     folder = Path(folder)
     check_complete(folder)
+    manifest = read_manifest(folder)
+    # A bundle may hold a model.onnx or a config.json of its own layout: its manifest says first.
+    if manifest is not None and manifest.stage == "deploy":
+        return "deploy"
     if (folder / "model.onnx").is_file():
         return "onnx"
     config = _config_json(folder)
@@ -635,7 +640,6 @@ def folder_kind(folder: str | Path) -> str:
         if CLASSIFIER_ARCH in (config.get("architectures") or []):
             return "classifier"
         return "model"
-    manifest = read_manifest(folder)
     if manifest is not None and manifest.stage == "data":
         return "data"
     raise ArtifactError(

@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "distill": ("distill", "train a student on a frozen teacher's outputs"),
     "quantize": ("quantize", "quantize weights: int8 / int4 RTN, GPTQ, AWQ, SmoothQuant, bitsandbytes"),
     "export": ("export", "export a model to ONNX with a KV cache, validated against PyTorch"),
+    "deploy": ("deploy", "bundle an ONNX export for the browser, transformers.js, onnxruntime-genai or mobile"),
     "eval": ("core", "perplexity of a model (sliding window); KL divergence from a reference"),
     "generate": ("core", "generate text from a prompt"),
     "bench": ("bench", "measure artifacts side by side and write a report"),

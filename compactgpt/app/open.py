@@ -38,6 +38,11 @@ def _language_model(model: str | Path) -> tuple[Path, str]:
     kind = folder_kind(folder)
     if kind == "classifier":
         _refuse_classifier(folder)
+    if kind == "deploy":
+        manifest = read_manifest(folder)
+        parent = manifest.parent["path"] if manifest and manifest.parent else "the export it was made from"
+        raise ConfigError(f"{folder} is a deployment bundle ({manifest.extra.get('target')}), run by its own "
+                          f"runtime; pass the ONNX export it was made from ({parent}, relative to the bundle)")
     return folder, kind
 
 

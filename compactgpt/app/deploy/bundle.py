@@ -1,0 +1,95 @@
+"""`deploy`: an ONNX export in, a bundle for one runtime out, checked in that runtime.
+
+Each target is a module with the same three functions:
+    write(source, out, config, log) -> (files, metrics)   the bundle's files, relative to out
+    runtime_missing() -> str | None                        why its runtime cannot run here
+    check(out, config, expected, log) -> dict               run it; DeployError on other tokens
+`expected` is what ONNX Runtime in Python generates greedily from the export (`greedy_reference`),
+the same tokens `compactgpt generate --temperature 0` prints. The bundle is written like every
+artifact: marked incomplete until its manifest (stage "deploy", parent = the export) is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+from compactgpt.artifacts import begin_write, finish_write, folder_kind
+from compactgpt.errors import ArtifactError
+from compactgpt.outputs import claim_output
+
+from .config import DeployConfig, DeployError
+
+# target -> module under compactgpt.app.deploy implementing it
+TARGET_MODULES = {"web": "web", "transformers.js": "transformersjs", "genai": "genai", "mobile": "mobile"}
+
+
+def target_module(target: str):
+    return importlib.import_module(f"{__package__}.{TARGET_MODULES[target]}")
+
+
+def greedy_reference(source: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], str]:
+    """(prompt ids, new ids, continuation text) that ONNX Runtime in Python generates greedily
+    from the export `source`, stopping at <|endoftext|>: `compactgpt generate --temperature 0`.
+    An empty prompt starts a new document (<|endoftext|>), as generate does."""
+    import torch
+
+    from export import open_decoder
+
+    decoder, tok = open_decoder(source, threads=2)
+    ids = tok.encode(prompt) if prompt else [tok.eot_id]
+    if len(ids) + max_new_tokens > decoder.config.n_positions:
+        max_new_tokens = decoder.config.n_positions - len(ids)
+    new = []
+    for token in decoder.stream(torch.tensor([ids]), max_new_tokens, temperature=0.0, stop_tokens=(tok.eot_id,)):
+        if int(token[0]) == tok.eot_id:
+            break
+        new.append(int(token[0]))
+    return ids, new, tok.decode(new)
+
+
+def deploy(config: DeployConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """Write the bundle config.target of the export config.model into config.out and check it.
+
+    Raises ArtifactError when the model folder is not a complete ONNX export, ConfigError for an
+    --out that claim_output refuses, DeployError when the bundle cannot be built (a missing
+    node/npm for web) or its runtime generates other tokens than the export. Returns the folder."""
+    source, out = Path(config.model), Path(config.out)
+    if not config.model or not config.out:
+        raise DeployError("deploy needs --model (an ONNX export folder) and --out (the folder to write)")
+    if folder_kind(source) != "onnx":
+        raise ArtifactError(f"{source} is not an ONNX export; export it first: "
+                            f"compactgpt export --model {source} --out EXPORT, then deploy --model EXPORT")
+    target = target_module(config.target)
+    missing = target.runtime_missing() if config.check != "never" else None
+    if missing and config.check == "always":
+        raise DeployError(f"--check always: {missing}")
+    with claim_output(out, stage="deploy", inputs={"--model": source}, overwrite=config.overwrite):
+        begin_write(out, "deploy")
+        files, metrics = target.write(source, out, config, log)
+        if config.check == "never" or missing:
+            log(f"not checked: {missing}" if missing else "not checked (--check never)")
+            metrics["checked"] = False
+        else:
+            prompt_ids, expected, text = greedy_reference(source, config.prompt, config.max_new_tokens)
+            log(f"checking the bundle in its runtime: {len(expected)} greedy tokens")
+            result = target.check(out, config, {"prompt_ids": prompt_ids, "new_ids": expected, "text": text}, log)
+            metrics.update(result, checked=True, check_tokens=len(expected))
+        finish_write(out, "deploy", config.to_dict(), parent=source, metrics=metrics, files=files,
+                     extra={"target": config.target})
+    log(f"wrote {out} ({config.target})")
+    return out
+
+
+def same_tokens_or_raise(runtime: str, expected: dict, got_ids: list[int] | None, got_text: str | None) -> None:
+    """DeployError unless a runtime's greedy output equals ONNX Runtime's in Python (by ids when
+    it reports them, else by text)."""
+    if got_ids is not None and got_ids != expected["new_ids"]:
+        first = next((i for i, (a, b) in enumerate(zip(got_ids, expected["new_ids"])) if a != b),
+                     min(len(got_ids), len(expected["new_ids"])))
+        raise DeployError(f"{runtime} generated other tokens than ONNX Runtime in Python from token {first} on: "
+                          f"{got_ids[first:first + 5]} vs {expected['new_ids'][first:first + 5]}")
+    if got_text is not None and got_text != expected["text"]:
+        raise DeployError(f"{runtime} generated {got_text!r}, ONNX Runtime in Python {expected['text']!r}")

@@ -1,0 +1,163 @@
+"""Target `web`: a static folder that generates text in the browser.
+
+    index.html, app.js        the page (app.js: loading, KV-cache generation, sampling, streaming)
+    tokenizer.js              the model's byte-level BPE in JavaScript (token for token as tokenizers)
+    ort/                      onnxruntime-web: its ES module and WASM binary, from npm (no CDN)
+    model/                    model.onnx (+ .data), tokenizer.json, config.json, deploy.json
+
+`model/deploy.json` is everything the page needs to know about the graph (names, shapes, dtype,
+vocabulary), written from export.spec so page and export cannot disagree. The check serves the
+folder on 127.0.0.1, opens it in headless Chromium and compares the page's greedy text with ONNX
+Runtime's in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+from compactgpt.artifacts import read_config, read_manifest
+from compactgpt.io import atomic_write_json
+from compactgpt.tokenizer import Tokenizer
+
+from . import jslibs
+from .config import DeployConfig, DeployError
+from .files import place, tree_bytes
+
+PAGE_FILES = ("index.html", "app.js", "tokenizer.js")
+PAGE_SOURCE = Path(__file__).parent / "web"
+DRIVER = Path(__file__).parent / "js" / "drive_page.mjs"
+# onnxruntime-web builds: the ES module and the WASM binary it loads. The WebGPU build also runs
+# the WASM backend, so one bundle serves browsers with and without WebGPU.
+ORT_BUILDS = {
+    True: ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm"),
+    False: ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
+}
+
+
+def find_chromium() -> str | None:
+    """A Chromium or Chrome to run pages headless: COMPACTGPT_CHROMIUM, else the first on PATH."""
+    if os.environ.get("COMPACTGPT_CHROMIUM"):
+        return os.environ["COMPACTGPT_CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def runtime_missing() -> str | None:
+    if jslibs.find_node() is None:
+        return "node is not installed (it drives the browser)"
+    if find_chromium() is None:
+        return "no Chromium found (apt-get install chromium, or set COMPACTGPT_CHROMIUM to a Chrome binary)"
+    return None
+
+
+def graph_facts(source: Path) -> dict:
+    """Names, shapes and dtype of the export's graph as the page feeds it."""
+    import onnx
+
+    from export.spec import DATA_FILE, MODEL_FILE, DecoderSpec
+
+    config = read_config(source)
+    spec = DecoderSpec.from_config(config)
+    graph = onnx.load(str(source / MODEL_FILE), load_external_data=False).graph
+    past_type = next(i.type.tensor_type.elem_type for i in graph.input if i.name == spec.past_key(0))
+    dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(past_type)
+    if dtype is None:
+        raise DeployError(f"{source} has KV inputs of ONNX type {past_type}; the page feeds float32 or float16")
+    tokenizer = Tokenizer.from_folder(source)
+    return {
+        "model_file": MODEL_FILE,
+        "external_data": DATA_FILE if (source / DATA_FILE).is_file() else None,
+        "n_layer": config.n_layer, "n_head": config.n_head, "head_dim": config.head_dim,
+        "n_positions": config.n_positions, "vocab_size": config.vocab_size,
+        "n_tokens": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
+        "input_ids": spec.input_ids, "attention_mask": spec.attention_mask, "position_ids": spec.position_ids,
+        "logits": spec.logits, "past_names": spec.past_names, "present_names": spec.present_names,
+    }
+
+
+def describe(source: Path, facts: dict) -> str:
+    manifest = read_manifest(source)
+    kind = manifest.extra.get("kind", "") if manifest else ""
+    params = facts["n_layer"] * 12 * (facts["n_head"] * facts["head_dim"]) ** 2
+    return (f"{source.name}: GPT {facts['n_layer']}×{facts['n_head'] * facts['head_dim']} "
+            f"(~{params / 1e6:.1f}M block parameters), {kind or 'onnx'}")
+
+
+def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], None]) -> tuple[list[str], dict]:
+    modules = jslibs.ensure_installed(log)
+    facts = graph_facts(source)
+    files = []
+    for name in PAGE_FILES:
+        place(PAGE_SOURCE / name, out / name)
+        files.append(name)
+    ort_dist = modules / "onnxruntime-web" / "dist"
+    for name in ORT_BUILDS[config.webgpu]:
+        place(ort_dist / name, out / "ort" / name)
+        files.append(f"ort/{name}")
+    model_files = [facts["model_file"], "tokenizer.json", "config.json"] + ([facts["external_data"]] if facts["external_data"] else [])
+    for name in model_files:
+        place(source / name, out / "model" / name)
+        files.append(f"model/{name}")
+    info = {**facts, "ort_module": f"ort/{ORT_BUILDS[config.webgpu][0]}", "webgpu": config.webgpu,
+            "threads": config.threads, "default_prompt": config.prompt, "description": describe(source, facts),
+            "onnxruntime_web": jslibs.package_version(modules, "onnxruntime-web")}
+    atomic_write_json(out / "model" / "deploy.json", info)
+    files.append("model/deploy.json")
+    metrics = {"bundle_bytes": tree_bytes(out, files),
+               "model_bytes": tree_bytes(out, [f"model/{n}" for n in model_files]),
+               "runtime_bytes": tree_bytes(out, [f for f in files if f.startswith("ort/")]),
+               "onnxruntime_web": info["onnxruntime_web"]}
+    log(f"web bundle: {metrics['bundle_bytes'] / 1e6:.1f} MB (model {metrics['model_bytes'] / 1e6:.1f} MB, "
+        f"onnxruntime-web {info['onnxruntime_web']} {metrics['runtime_bytes'] / 1e6:.1f} MB)")
+    return files, metrics
+
+
+def run_page(folder: str | Path, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
+             threads: int = 2, backend: str = "wasm", timeout: float = 600) -> dict:
+    """Serve `folder`, open index.html?prompt=...&temperature=... in headless Chromium and return
+    {"title", "output", "state"} once the page is done (state: the page's window.compactgpt, with
+    newIds, prefillMs and decodeTokensPerSecond). Raises DeployError when the page reports an
+    error, or Chromium or node fails."""
+    from urllib.parse import urlencode
+
+    from .serve import start_server, url_of
+
+    missing = runtime_missing()
+    if missing:
+        raise DeployError(f"cannot open the page: {missing}")
+    modules = jslibs.ensure_installed()
+    server = start_server(folder)
+    query = urlencode({"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                       "threads": threads, "backend": backend})
+    try:
+        result = subprocess.run([jslibs.require_node(), str(DRIVER), str(modules), find_chromium(),
+                                 f"{url_of(server)}index.html?{query}", str(timeout)],
+                                capture_output=True, text=True, timeout=timeout + 60)
+    finally:
+        server.shutdown()
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise DeployError(f"the browser run failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+    page = json.loads(lines[-1])
+    if page["title"] != "done":
+        raise DeployError(f"the page reported {page['title']!r}")
+    return page
+
+
+def check(out: Path, config: DeployConfig, expected: dict, log: Callable[[str], None]) -> dict:
+    from .bundle import same_tokens_or_raise
+
+    page = run_page(out, config.prompt, config.max_new_tokens, threads=config.threads)
+    state = page["state"]
+    same_tokens_or_raise("the browser", expected, state.get("newIds"), page["output"])
+    rate = state.get("decodeTokensPerSecond")
+    log(f"the browser generated the same {len(expected['new_ids'])} tokens"
+        + (f" ({rate:.1f} tokens/s, {state['backend']}, {state['threads']} threads)" if rate else ""))
+    return {"browser_tokens_match": True, "browser_backend": state["backend"], "browser_threads": state["threads"]}

@@ -1,0 +1,239 @@
+// CompactGPT's web page: loads model/deploy.json (what the bundle holds), onnxruntime-web and the
+// model's tokenizer, then generates with the KV cache, streaming tokens onto the page.
+//
+// The graph is the ONNX export's own: inputs input_ids, attention_mask, position_ids and
+// past_key_values.{i}.key/value; outputs logits and present.{i}.key/value (names come from
+// deploy.json, written from export.spec). Each step feeds the previous step's present as past.
+//
+// Scripts read the outcome from the page: #output (the continuation), document.title ("done" or
+// "error: ..."), and window.compactgpt (token ids, prefill time, decode tokens/s, backend).
+
+import { BPETokenizer } from "./tokenizer.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const state = (window.compactgpt = { status: "loading" });
+
+function fail(error) {
+  const message = String(error && error.message ? error.message : error).split("\n")[0];
+  state.status = "error";
+  state.error = message;
+  $("error").textContent = message;
+  document.title = `error: ${message}`;
+  console.error(error);
+}
+
+// -- loading -------------------------------------------------------------------------------
+
+async function chooseBackend(info) {
+  const asked = params.get("backend");
+  if (asked === "wasm" || !info.webgpu) return "wasm";
+  const adapter = "gpu" in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (adapter) return "webgpu";
+  if (asked === "webgpu") throw new Error("backend=webgpu was asked for but this browser has no WebGPU adapter");
+  return "wasm";
+}
+
+async function load() {
+  const response = await fetch("model/deploy.json");
+  if (!response.ok) throw new Error(`model/deploy.json: HTTP ${response.status}; serve the bundle folder itself`);
+  const info = await response.json();
+  const ort = await import(`./${info.ort_module}`);
+  ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+  // WASM threads need SharedArrayBuffer, which browsers give only to cross-origin isolated pages
+  // (served with COOP/COEP headers); elsewhere the page still runs, on one thread.
+  const threads = self.crossOriginIsolated ? Number(params.get("threads") || info.threads) : 1;
+  ort.env.wasm.numThreads = threads;
+  const backend = await chooseBackend(info);
+  const options = { executionProviders: [backend], graphOptimizationLevel: "all" };
+  if (info.external_data) options.externalData = [{ path: info.external_data, data: `model/${info.external_data}` }];
+  if (backend === "webgpu") {
+    // The KV cache stays on the GPU between steps; only the logits come back.
+    options.preferredOutputLocation = Object.fromEntries(info.present_names.map((n) => [n, "gpu-buffer"]));
+  }
+  const started = performance.now();
+  const session = await ort.InferenceSession.create(`model/${info.model_file}`, options);
+  const tokenizer = await BPETokenizer.fromUrl("model/tokenizer.json");
+  return { ort, info, session, tokenizer, backend, threads, loadMs: performance.now() - started };
+}
+
+// -- one token from the logits -----------------------------------------------------------------
+
+function halfToFloat(h) {
+  const sign = h & 0x8000 ? -1 : 1, exp = (h >> 10) & 0x1f, frac = h & 0x3ff;
+  if (exp === 0) return sign * 2 ** -14 * (frac / 1024);
+  if (exp === 31) return frac ? NaN : sign * Infinity;
+  return sign * 2 ** (exp - 15) * (1 + frac / 1024);
+}
+
+// The last position's logits over the tokenizer's vocabulary (the graph may have padding rows).
+function lastLogits(tensor, nTokens) {
+  const [, T, V] = tensor.dims;
+  const row = tensor.data.subarray((T - 1) * V, (T - 1) * V + nTokens);
+  // float16 data comes as raw bits (Uint16Array) where the browser has no Float16Array.
+  return row instanceof Uint16Array ? Float32Array.from(row, halfToFloat) : Float32Array.from(row);
+}
+
+function argmax(x) {
+  let best = 0;
+  for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;  // first maximum, as torch.argmax
+  return best;
+}
+
+function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+// Temperature, then top-k, then nucleus (top-p) filtering, then one draw: the order of
+// compactgpt.model.sample_next. Temperature 0 is greedy.
+function pickToken(logits, { temperature, topK, topP }, random) {
+  if (temperature === 0) return argmax(logits);
+  let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
+  if (topK > 0) order = order.slice(0, topK);
+  const top = logits[order[0]];
+  let probs = order.map((i) => Math.exp((logits[i] - top) / temperature));
+  let sum = probs.reduce((a, b) => a + b, 0);
+  if (topP < 1) {
+    let cum = 0, keep = 0;
+    while (keep < probs.length && cum < topP) cum += probs[keep++] / sum;  // keeps the token crossing top-p
+    order = order.slice(0, keep);
+    probs = probs.slice(0, keep);
+    sum = probs.reduce((a, b) => a + b, 0);
+  }
+  let r = random() * sum;
+  for (let k = 0; k < order.length; k++) if ((r -= probs[k]) <= 0) return order[k];
+  return order[order.length - 1];
+}
+
+// -- generation ------------------------------------------------------------------------------
+
+function int64Tensor(ort, values, dims) {
+  return new ort.Tensor("int64", BigInt64Array.from(values, (v) => BigInt(v)), dims);
+}
+
+// Yields new token ids one by one; stops after maxNew tokens, at <|endoftext|> (not yielded),
+// or when shouldStop() turns true.
+async function* generate(model, promptIds, options, shouldStop) {
+  const { ort, info, session } = model;
+  const emptyPast = () => new ort.Tensor(info.dtype, info.dtype === "float16" ? new Uint16Array(0) : new Float32Array(0),
+                                         [1, info.n_head, 0, info.head_dim]);
+  let past = Object.fromEntries(info.past_names.map((n) => [n, emptyPast()]));
+  let ids = promptIds, cached = 0;
+  const random = mulberry32(options.seed);
+  for (let step = 0; step < options.maxNew && !shouldStop(); step++) {
+    const T = ids.length;
+    const feeds = {
+      [info.input_ids]: int64Tensor(ort, ids, [1, T]),
+      [info.attention_mask]: int64Tensor(ort, new Array(cached + T).fill(1), [1, cached + T]),
+      [info.position_ids]: int64Tensor(ort, Array.from({ length: T }, (_, i) => cached + i), [1, T]),
+      ...past,
+    };
+    const out = await session.run(feeds);
+    const token = pickToken(lastLogits(out[info.logits], info.n_tokens), options, random);
+    for (const tensor of Object.values(past)) tensor.dispose?.();  // GPU buffers are freed by hand
+    past = Object.fromEntries(info.past_names.map((n, i) => [n, out[info.present_names[i]]]));
+    if (token === info.eot_id) break;
+    yield token;
+    cached += T;
+    ids = [token];
+  }
+  for (const tensor of Object.values(past)) tensor.dispose?.();
+}
+
+async function run(model, settings) {
+  const { tokenizer, info } = model;
+  const promptIds = settings.prompt ? tokenizer.encode(settings.prompt) : [info.eot_id];
+  const room = info.n_positions - promptIds.length;
+  if (room < 1) throw new Error(`the prompt has ${promptIds.length} tokens; the model reads at most ${info.n_positions}`);
+  const maxNew = Math.min(settings.maxNew, room);
+  Object.assign(state, { status: "generating", promptIds, newIds: [], output: "" });
+  document.title = "generating";
+  $("prompt-echo").textContent = settings.prompt;
+  $("output").textContent = "";
+  $("error").textContent = "";
+  let stopped = false;
+  $("stop").onclick = () => (stopped = true);
+  $("stop").disabled = false;
+  const started = performance.now();
+  let firstAt = null, shown = "";
+  for await (const token of generate(model, promptIds, { ...settings, maxNew }, () => stopped)) {
+    firstAt ??= performance.now();
+    state.newIds.push(token);
+    const text = tokenizer.decode(state.newIds);
+    if (!text.endsWith("\ufffd")) {  // wait for the rest of a multi-byte character
+      $("output").textContent = shown = text;
+    }
+    const decodeSeconds = (performance.now() - firstAt) / 1000;
+    state.prefillMs = firstAt - started;
+    state.decodeTokensPerSecond = state.newIds.length > 1 ? (state.newIds.length - 1) / decodeSeconds : null;
+    showStats(model);
+  }
+  state.output = tokenizer.decode(state.newIds);
+  $("output").textContent = state.output;
+  $("stop").disabled = true;
+  state.status = "done";
+  document.title = "done";
+}
+
+function showStats(model) {
+  const rate = state.decodeTokensPerSecond;
+  $("stats").textContent = `${state.newIds.length} tokens · prefill ${state.prefillMs.toFixed(0)} ms` +
+    (rate ? ` · ${rate.toFixed(1)} tokens/s` : "") +
+    ` · ${model.backend}${model.backend === "wasm" ? `, ${model.threads} thread${model.threads > 1 ? "s" : ""}` : ""}`;
+}
+
+function settingsFrom(source) {
+  const number = (name, fallback) => {
+    const value = source(name);
+    if (value === null || value === "") return fallback;
+    const n = Number(value);
+    if (!Number.isFinite(n) || n < 0) throw new Error(`${name}=${value} is not a non-negative number`);
+    return n;
+  };
+  const maxNew = number("max_new_tokens", 64);
+  if (!Number.isInteger(maxNew) || maxNew < 1) throw new Error(`max_new_tokens=${maxNew}: give a whole number, 1 or more`);
+  return {
+    prompt: source("prompt") ?? "",
+    maxNew,
+    temperature: number("temperature", 0.8),
+    topK: number("top_k", 50),
+    topP: number("top_p", 0.95),
+    seed: number("seed", 0),
+  };
+}
+
+async function main() {
+  const model = await load();
+  const { info } = model;
+  Object.assign(state, { status: "ready", backend: model.backend, threads: model.threads, loadMs: model.loadMs });
+  $("model").textContent = `${info.description} · ${model.backend}` +
+    (model.backend === "wasm" ? ` · ${model.threads} thread${model.threads > 1 ? "s" : ""}` : "") +
+    ` · loaded in ${(model.loadMs / 1000).toFixed(1)} s`;
+  for (const name of ["max_new_tokens", "temperature", "top_k", "top_p", "seed"]) {
+    if (params.has(name)) $(name).value = params.get(name);
+  }
+  $("prompt").value = params.has("prompt") ? params.get("prompt") : info.default_prompt;
+  const fromForm = (name) => (name === "prompt" ? $("prompt").value : $(name).value);
+  const start = async () => {
+    $("generate").disabled = true;
+    try {
+      await run(model, settingsFrom(fromForm));
+    } catch (error) {
+      fail(error);
+    } finally {
+      $("generate").disabled = false;
+    }
+  };
+  $("generate").onclick = start;
+  $("generate").disabled = false;
+  document.title = "ready";
+  if (params.has("prompt")) await start();
+}
+
+main().catch(fail);
