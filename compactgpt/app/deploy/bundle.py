@@ -30,15 +30,17 @@ def target_module(target: str):
     return importlib.import_module(f"{__package__}.{TARGET_MODULES[target]}")
 
 
-def greedy_reference(source: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], str]:
+def greedy_reference(source: str | Path, prompt: str, max_new_tokens: int,
+                     verify: bool = True) -> tuple[list[int], list[int], str]:
     """(prompt ids, new ids, continuation text) that ONNX Runtime in Python generates greedily
     from the export `source`, stopping at <|endoftext|>: `compactgpt generate --temperature 0`.
-    An empty prompt starts a new document (<|endoftext|>), as generate does."""
+    An empty prompt starts a new document (<|endoftext|>), as generate does. verify: check the
+    files' hashes first (off where the caller has just done so)."""
     import torch
 
     from export import open_decoder
 
-    decoder, tok = open_decoder(source, threads=2)
+    decoder, tok = open_decoder(source, threads=2, verify=verify)
     ids = tok.encode(prompt) if prompt else [tok.eot_id]
     if len(ids) + max_new_tokens > decoder.config.n_positions:
         max_new_tokens = decoder.config.n_positions - len(ids)
@@ -62,6 +64,11 @@ def deploy(config: DeployConfig, log: Callable[[str], None] = lambda m: print(m,
     if folder_kind(source) != "onnx":
         raise ArtifactError(f"{source} is not an ONNX export; export it first: "
                             f"compactgpt export --model {source} --out EXPORT, then deploy --model EXPORT")
+    from export.verify import verify_export_files
+
+    # The bundle's manifest hashes what is copied or derived from the export: damaged bytes must
+    # not be certified (and the greedy reference reads the same, verified, files).
+    verify_export_files(source)
     target = target_module(config.target)
     missing = target.runtime_missing() if config.check != "never" else None
     if missing and config.check == "always":
@@ -73,7 +80,7 @@ def deploy(config: DeployConfig, log: Callable[[str], None] = lambda m: print(m,
             log(f"not checked: {missing}" if missing else "not checked (--check never)")
             metrics["checked"] = False
         else:
-            prompt_ids, expected, text = greedy_reference(source, config.prompt, config.max_new_tokens)
+            prompt_ids, expected, text = greedy_reference(source, config.prompt, config.max_new_tokens, verify=False)
             log(f"checking the bundle in its runtime: {len(expected)} greedy tokens")
             result = target.check(out, config, {"prompt_ids": prompt_ids, "new_ids": expected, "text": text}, log)
             metrics.update(result, checked=True, check_tokens=len(expected))

@@ -2,7 +2,7 @@
 
     index.html, app.js        the page (app.js: loading, KV-cache generation, sampling, streaming)
     tokenizer.js              the model's byte-level BPE in JavaScript (token for token as tokenizers)
-    ort/                      onnxruntime-web: its ES module and WASM binary, from npm (no CDN)
+    ort/                      onnxruntime-web's WASM and WebGPU builds, from npm (no CDN)
     model/                    model.onnx (+ .data), tokenizer.json, config.json, deploy.json
 
 `model/deploy.json` is everything the page needs to know about the graph (names, shapes, dtype,
@@ -31,11 +31,13 @@ from .files import place, tree_bytes
 PAGE_FILES = ("index.html", "app.js", "tokenizer.js")
 PAGE_SOURCE = Path(__file__).parent / "web"
 DRIVER = Path(__file__).parent / "js" / "drive_page.mjs"
-# onnxruntime-web builds: the ES module and the WASM binary it loads. The WebGPU build also runs
-# the WASM backend, so one bundle serves browsers with and without WebGPU.
+# onnxruntime-web builds: the ES module and the WASM binary it loads. The page imports one: the
+# WebGPU build where the browser has a WebGPU adapter, else the WASM build, which runs the WASM
+# backend faster than the WebGPU build's own (asyncify) binary does; a browser downloads only
+# the build it uses.
 ORT_BUILDS = {
-    True: ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm"),
-    False: ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
+    "wasm": ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
+    "webgpu": ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm"),
 }
 
 
@@ -98,32 +100,38 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
         place(PAGE_SOURCE / name, out / name)
         files.append(name)
     ort_dist = modules / "onnxruntime-web" / "dist"
-    for name in ORT_BUILDS[config.webgpu]:
+    builds = ["wasm", "webgpu"] if config.webgpu else ["wasm"]
+    for name in (n for build in builds for n in ORT_BUILDS[build]):
         place(ort_dist / name, out / "ort" / name)
         files.append(f"ort/{name}")
     model_files = [facts["model_file"], "tokenizer.json", "config.json"] + ([facts["external_data"]] if facts["external_data"] else [])
     for name in model_files:
         place(source / name, out / "model" / name)
         files.append(f"model/{name}")
-    info = {**facts, "ort_module": f"ort/{ORT_BUILDS[config.webgpu][0]}", "webgpu": config.webgpu,
+    info = {**facts, "ort_modules": {build: f"ort/{ORT_BUILDS[build][0]}" for build in builds},
             "threads": config.threads, "default_prompt": config.prompt, "description": describe(source, facts),
             "onnxruntime_web": jslibs.package_version(modules, "onnxruntime-web")}
     atomic_write_json(out / "model" / "deploy.json", info)
     files.append("model/deploy.json")
+    runtime_bytes = {build: tree_bytes(out, [f"ort/{n}" for n in ORT_BUILDS[build]]) for build in builds}
     metrics = {"bundle_bytes": tree_bytes(out, files),
                "model_bytes": tree_bytes(out, [f"model/{n}" for n in model_files]),
-               "runtime_bytes": tree_bytes(out, [f for f in files if f.startswith("ort/")]),
+               # what a browser downloads: the page, the model and the one build it uses
+               "wasm_download_bytes": tree_bytes(out, [f for f in files if not f.startswith("ort/")])
+               + runtime_bytes["wasm"],
+               **{f"runtime_{build}_bytes": n for build, n in runtime_bytes.items()},
                "onnxruntime_web": info["onnxruntime_web"]}
     log(f"web bundle: {metrics['bundle_bytes'] / 1e6:.1f} MB (model {metrics['model_bytes'] / 1e6:.1f} MB, "
-        f"onnxruntime-web {info['onnxruntime_web']} {metrics['runtime_bytes'] / 1e6:.1f} MB)")
+        f"onnxruntime-web {info['onnxruntime_web']}: {', '.join(builds)} builds); a browser without WebGPU "
+        f"downloads {metrics['wasm_download_bytes'] / 1e6:.1f} MB")
     return files, metrics
 
 
 def run_page(folder: str | Path, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
-             threads: int = 2, backend: str = "wasm", timeout: float = 600) -> dict:
+             threads: int = 2, backend: str = "wasm", no_stop: bool = False, timeout: float = 600) -> dict:
     """Serve `folder`, open index.html?prompt=...&temperature=... in headless Chromium and return
     {"title", "output", "state"} once the page is done (state: the page's window.compactgpt, with
-    newIds, prefillMs and decodeTokensPerSecond). Raises DeployError when the page reports an
+    newIds, prefillMs, stepMs and decodeTokensPerSecond). no_stop: go on past <|endoftext|>. Raises DeployError when the page reports an
     error, or Chromium or node fails."""
     from urllib.parse import urlencode
 
@@ -135,7 +143,7 @@ def run_page(folder: str | Path, prompt: str, max_new_tokens: int, *, temperatur
     modules = jslibs.ensure_installed()
     server = start_server(folder)
     query = urlencode({"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                       "threads": threads, "backend": backend})
+                       "threads": threads, "backend": backend, **({"no_stop": 1} if no_stop else {})})
     try:
         result = subprocess.run([jslibs.require_node(), str(DRIVER), str(modules), find_chromium(),
                                  f"{url_of(server)}index.html?{query}", str(timeout)],

@@ -27,9 +27,11 @@ function fail(error) {
 
 async function chooseBackend(info) {
   const asked = params.get("backend");
-  if (asked === "wasm" || !info.webgpu) return "wasm";
+  if (asked === "wasm" || !info.ort_modules.webgpu) return "wasm";
   const adapter = "gpu" in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
-  if (adapter) return "webgpu";
+  // A fallback adapter is a software renderer: slower than the WASM backend, so taken only on request.
+  const software = adapter && (adapter.info?.isFallbackAdapter ?? adapter.isFallbackAdapter);
+  if (adapter && (!software || asked === "webgpu")) return "webgpu";
   if (asked === "webgpu") throw new Error("backend=webgpu was asked for but this browser has no WebGPU adapter");
   return "wasm";
 }
@@ -38,13 +40,14 @@ async function load() {
   const response = await fetch("model/deploy.json");
   if (!response.ok) throw new Error(`model/deploy.json: HTTP ${response.status}; serve the bundle folder itself`);
   const info = await response.json();
-  const ort = await import(`./${info.ort_module}`);
+  const backend = await chooseBackend(info);
+  // Only the build the backend needs is downloaded (the WASM build's binary is half the size).
+  const ort = await import(`./${info.ort_modules[backend]}`);
   ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
   // WASM threads need SharedArrayBuffer, which browsers give only to cross-origin isolated pages
   // (served with COOP/COEP headers); elsewhere the page still runs, on one thread.
   const threads = self.crossOriginIsolated ? Number(params.get("threads") || info.threads) : 1;
   ort.env.wasm.numThreads = threads;
-  const backend = await chooseBackend(info);
   const options = { executionProviders: [backend], graphOptimizationLevel: "all" };
   if (info.external_data) options.externalData = [{ path: info.external_data, data: `model/${info.external_data}` }];
   if (backend === "webgpu") {
@@ -117,8 +120,8 @@ function int64Tensor(ort, values, dims) {
   return new ort.Tensor("int64", BigInt64Array.from(values, (v) => BigInt(v)), dims);
 }
 
-// Yields new token ids one by one; stops after maxNew tokens, at <|endoftext|> (not yielded),
-// or when shouldStop() turns true.
+// Yields new token ids one by one; stops after maxNew tokens, at <|endoftext|> (not yielded;
+// unless options.noStop), or when shouldStop() turns true.
 async function* generate(model, promptIds, options, shouldStop) {
   const { ort, info, session } = model;
   const emptyPast = () => new ort.Tensor(info.dtype, info.dtype === "float16" ? new Uint16Array(0) : new Float32Array(0),
@@ -138,7 +141,7 @@ async function* generate(model, promptIds, options, shouldStop) {
     const token = pickToken(lastLogits(out[info.logits], info.n_tokens), options, random);
     for (const tensor of Object.values(past)) tensor.dispose?.();  // GPU buffers are freed by hand
     past = Object.fromEntries(info.past_names.map((n, i) => [n, out[info.present_names[i]]]));
-    if (token === info.eot_id) break;
+    if (token === info.eot_id && !options.noStop) break;
     yield token;
     cached += T;
     ids = [token];
@@ -161,9 +164,13 @@ async function run(model, settings) {
   $("stop").onclick = () => (stopped = true);
   $("stop").disabled = false;
   const started = performance.now();
-  let firstAt = null, shown = "";
+  let firstAt = null, lastAt = null, shown = "";
+  state.stepMs = [];  // time of each decode step (token after the first), for medians
   for await (const token of generate(model, promptIds, { ...settings, maxNew }, () => stopped)) {
-    firstAt ??= performance.now();
+    const now = performance.now();
+    if (lastAt !== null) state.stepMs.push(now - lastAt);
+    firstAt ??= now;
+    lastAt = now;
     state.newIds.push(token);
     const text = tokenizer.decode(state.newIds);
     if (!text.endsWith("\ufffd")) {  // wait for the rest of a multi-byte character
@@ -205,6 +212,7 @@ function settingsFrom(source) {
     topK: number("top_k", 50),
     topP: number("top_p", 0.95),
     seed: number("seed", 0),
+    noStop: params.get("no_stop") === "1",  // go on past <|endoftext|> (benchmarks), as generate --no-stop
   };
 }
 
