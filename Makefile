@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: demo test test-slow clean
+.PHONY: demo web-demo test test-slow test-browser clean
 
 # torch is pinned first so pip takes the CPU build where one is offered locally; the
 # project's own range (torch>=2.4) then installs nothing more.
@@ -29,6 +29,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The demo's headline int4 student in the browser: builds the web bundle (fetching onnxruntime-web
+# from npm once; needs node and npm) and serves it on http://127.0.0.1:8000/ (Ctrl-C stops).
+web-demo: $(STAMP)
+	$(BIN)/compactgpt deploy --model $(RUNS)/pipeline/student-l2-mlp512-int4-onnx --target web --out $(RUNS)/web --overwrite
+	$(BIN)/python -m compactgpt.app.deploy.serve $(RUNS)/web
+
+# Browser and Node tests (headless Chromium: apt-get install chromium). The JavaScript libraries
+# are installed here, before the tests, which install nothing themselves.
+test-browser: $(STAMP)
+	$(BIN)/python -m compactgpt.app.deploy.jslibs
+	$(BIN)/python -m pytest -m browser
 
 clean:
 	rm -rf $(VENV) $(RUNS)

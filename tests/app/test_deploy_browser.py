@@ -98,3 +98,19 @@ def test_transformers_js_generates_the_same_greedy_tokens(exports, tmp_path, kin
     assert got["new_ids"] == greedy_reference(exports[kind], PROMPT, NEW_TOKENS)[1]
     expected_file = {"fp32": "onnx/model.onnx", "int4": "onnx/model_q4.onnx"}[kind]
     assert (bundle / expected_file).is_file()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_webgpu_backend_generates_the_same_greedy_text(exports, tmp_path, kind):
+    """WebGPU where the browser has it (headless Chromium offers a software adapter, which the page
+    takes only when asked: backend=webgpu)."""
+    bundle = deploy(DeployConfig(model=str(exports[kind]), target="web", out=str(tmp_path / "web"), check="never"),
+                    **QUIET)
+    try:
+        page = web.run_page(bundle, PROMPT, NEW_TOKENS, backend="webgpu", timeout=300)
+    except DeployError as e:
+        if "no WebGPU adapter" in str(e):
+            pytest.skip("this Chromium has no WebGPU adapter")
+        raise
+    assert page["state"]["backend"] == "webgpu"
+    assert page["output"] == cli_generate(exports[kind], PROMPT, NEW_TOKENS)

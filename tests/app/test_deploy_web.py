@@ -74,6 +74,8 @@ def test_web_bundle_holds_the_page_the_runtime_and_what_the_page_must_know(expor
     assert (info["n_tokens"], info["eot_id"], info["vocab_size"], info["dtype"]) == (tok.vocab_size, tok.eot_id, 320,
                                                                                      "float32")
     assert info["ort_modules"] == {"wasm": "ort/ort.wasm.min.mjs", "webgpu": "ort/ort.webgpu.min.mjs"}
+    # The page's sources are copies (users edit them), never links to the installed package's files.
+    assert not any((out / name).samefile(web.PAGE_SOURCE / name) for name in web.PAGE_FILES)
     assert folder_kind(out) == "deploy"
     with pytest.raises(ConfigError, match="deployment bundle"):
         open_for_scoring(out)

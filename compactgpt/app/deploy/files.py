@@ -8,15 +8,19 @@ import shutil
 from pathlib import Path
 
 
-def place(src: Path, dst: Path) -> None:
-    """Put src's content at dst (replacing dst). A hard link shares the inode, so a later write
-    through either name would change both; CompactGPT never writes into a finished artifact."""
+def place(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Put src's content at dst (replacing dst). A hard link shares the inode, so a write through
+    either name would change both: link only files nobody edits in place (a finished export's,
+    the npm cache's), and copy the page's sources (link=False), which users adapt."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 def tree_bytes(folder: Path, names: list[str]) -> int:

@@ -97,7 +97,7 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
     facts = graph_facts(source)
     files = []
     for name in PAGE_FILES:
-        place(PAGE_SOURCE / name, out / name)
+        place(PAGE_SOURCE / name, out / name, link=False)
         files.append(name)
     ort_dist = modules / "onnxruntime-web" / "dist"
     builds = ["wasm", "webgpu"] if config.webgpu else ["wasm"]
