@@ -40,15 +40,22 @@ def runtimes():
 
 @pytest.fixture(scope="module")
 def exports(data_dir, tmp_path_factory):
-    """ONNX exports of a small model trained on the test corpus: fp32 and int4 (RTN, g16)."""
+    """ONNX exports of a small model trained on the test corpus: fp32, fp16, int8 and int4 (RTN, g16:
+    MatMulNBits) and ONNX Runtime's dynamic int8 (MatMulInteger)."""
     root = tmp_path_factory.mktemp("browser")
     settings = dict(data=str(data_dir), out=str(root / "teacher"), n_positions=128, block_size=64, batch_size=8,
                     max_steps=150, warmup_steps=10, eval_interval=150, checkpoint_interval=1000, log_interval=50,
                     eval_batches=2, dropout=0.0)
     pretrain(config_from_preset("tiny", **settings), progress=False, **QUIET)
-    quantize_folder(root / "teacher", root / "int4", RTNConfig(bits=4, group_size=16), progress=False, **QUIET)
-    return {"fp32": export_onnx(ExportConfig(model=str(root / "teacher"), out=str(root / "fp32-onnx")), **QUIET),
-            "int4": export_onnx(ExportConfig(model=str(root / "int4"), out=str(root / "int4-onnx")), **QUIET)}
+    for bits in (4, 8):
+        quantize_folder(root / "teacher", root / f"int{bits}", RTNConfig(bits=bits, group_size=16), progress=False,
+                        **QUIET)
+    teacher = str(root / "teacher")
+    exports = {name: export_onnx(ExportConfig(out=str(root / f"{name}-onnx"), **settings), **QUIET)
+               for name, settings in {"fp32": dict(model=teacher), "int4": dict(model=str(root / "int4")),
+                                      "int8": dict(model=str(root / "int8")), "fp16": dict(model=teacher, dtype="fp16"),
+                                      "ort-int8": dict(model=teacher, ort_int8=True)}.items()}
+    return exports
 
 
 def cli_generate(folder, prompt: str, n: int) -> str:
@@ -114,3 +121,11 @@ def test_webgpu_backend_generates_the_same_greedy_text(exports, tmp_path, kind):
         raise
     assert page["state"]["backend"] == "webgpu"
     assert page["output"] == cli_generate(exports[kind], PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16", "ort-int8"])
+def test_every_export_kind_runs_in_the_browser(exports, tmp_path, kind):
+    bundle = deploy(DeployConfig(model=str(exports[kind]), target="web", out=str(tmp_path / "web"), check="always",
+                                 prompt=PROMPT, max_new_tokens=NEW_TOKENS, webgpu=False), **QUIET)
+    metrics = json.loads((bundle / "manifest.json").read_text())["metrics"]
+    assert metrics["browser_tokens_match"] is True and metrics["check_tokens"] > 10
