@@ -53,6 +53,7 @@ def exports(data_dir, tmp_path_factory):
     teacher = str(root / "teacher")
     exports = {name: export_onnx(ExportConfig(out=str(root / f"{name}-onnx"), **settings), **QUIET)
                for name, settings in {"fp32": dict(model=teacher), "int4": dict(model=str(root / "int4")),
+                                      "int4-a0": dict(model=str(root / "int4"), accuracy_level=0),
                                       "int8": dict(model=str(root / "int8")), "fp16": dict(model=teacher, dtype="fp16"),
                                       "ort-int8": dict(model=teacher, ort_int8=True)}.items()}
     return exports
@@ -69,10 +70,12 @@ def cli_generate(folder, prompt: str, n: int) -> str:
     return text[len(prompt):-1]
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int4"])
-def test_browser_greedy_text_equals_compactgpt_generate(exports, tmp_path, kind):
+# int4: MatMulNBits in the browser as exported (int8 activations, accuracy_level 4); int4-a0: an
+# export with float activations, whose weights the page folds (the default for quantized exports).
+@pytest.mark.parametrize("kind,fold", [("fp32", True), ("int4", False), ("int4-a0", True)])
+def test_browser_greedy_text_equals_compactgpt_generate(exports, tmp_path, kind, fold):
     bundle = deploy(DeployConfig(model=str(exports[kind]), target="web", out=str(tmp_path / "web"), check="always",
-                                 prompt=PROMPT, max_new_tokens=NEW_TOKENS), **QUIET)
+                                 prompt=PROMPT, max_new_tokens=NEW_TOKENS, fold_weights=fold), **QUIET)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["metrics"]["browser_tokens_match"] is True
 
@@ -107,7 +110,7 @@ def test_transformers_js_generates_the_same_greedy_tokens(exports, tmp_path, kin
     assert (bundle / expected_file).is_file()
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int4"])
+@pytest.mark.parametrize("kind", ["fp32", "int4-a0"])
 def test_webgpu_backend_generates_the_same_greedy_text(exports, tmp_path, kind):
     """WebGPU where the browser has it (headless Chromium offers a software adapter, which the page
     takes only when asked: backend=webgpu)."""
@@ -123,8 +126,10 @@ def test_webgpu_backend_generates_the_same_greedy_text(exports, tmp_path, kind):
     assert page["output"] == cli_generate(exports[kind], PROMPT, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp16", "ort-int8"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "fp16", "ort-int8"])
 def test_every_export_kind_runs_in_the_browser(exports, tmp_path, kind):
+    """check="always": the page's greedy tokens equal ONNX Runtime's in Python on the graph the
+    bundle holds (quantized weights folded, int8 activations of the export replaced by float)."""
     bundle = deploy(DeployConfig(model=str(exports[kind]), target="web", out=str(tmp_path / "web"), check="always",
                                  prompt=PROMPT, max_new_tokens=NEW_TOKENS, webgpu=False), **QUIET)
     metrics = json.loads((bundle / "manifest.json").read_text())["metrics"]

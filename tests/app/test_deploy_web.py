@@ -146,3 +146,20 @@ def test_server_isolates_the_page_and_types_its_modules(tmp_path):
                 assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
     finally:
         server.shutdown()
+
+
+def test_quantized_weights_ship_as_dequantize_linear_unless_asked_not_to(exports, fake_js, tmp_path):
+    import onnx
+
+    folded = deploy(DeployConfig(model=str(exports["int4"]), target="web", out=str(tmp_path / "folded"),
+                                 check="never"), **QUIET)
+    ops = {n.op_type for n in onnx.load(str(folded / "model" / "model.onnx")).graph.node}
+    assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+    assert json.loads((folded / "model" / "deploy.json").read_text())["fold_quantized_weights"] is True
+    assert web.reference_graph(folded, exports["int4"], None) == folded / "model"
+
+    kept = deploy(DeployConfig(model=str(exports["int4"]), target="web", out=str(tmp_path / "kept"), check="never",
+                               fold_weights=False), **QUIET)
+    assert (kept / "model" / "model.onnx").samefile(exports["int4"] / "model.onnx")
+    assert json.loads((kept / "model" / "deploy.json").read_text())["fold_quantized_weights"] is False
+    assert web.reference_graph(kept, exports["int4"], None) == exports["int4"]

@@ -4,8 +4,10 @@ Each target is a module with the same three functions:
     write(source, out, config, log) -> (files, metrics)   the bundle's files, relative to out
     runtime_missing() -> str | None                        why its runtime cannot run here
     check(out, config, expected, log) -> dict               run it; DeployError on other tokens
-`expected` is what ONNX Runtime in Python generates greedily from the export (`greedy_reference`),
-the same tokens `compactgpt generate --temperature 0` prints. The bundle is written like every
+and optionally `reference_graph(out, source, config) -> folder`, the graph its runtime runs when
+the bundle holds a rewritten one. `expected` is what ONNX Runtime in Python generates greedily
+from that graph (`greedy_reference`): for the export itself, the same tokens `compactgpt generate
+--temperature 0` prints. The bundle is written like every
 artifact: marked incomplete until its manifest (stage "deploy", parent = the export) is written.
 """
 
@@ -80,14 +82,30 @@ def deploy(config: DeployConfig, log: Callable[[str], None] = lambda m: print(m,
             log(f"not checked: {missing}" if missing else "not checked (--check never)")
             metrics["checked"] = False
         else:
-            prompt_ids, expected, text = greedy_reference(source, config.prompt, config.max_new_tokens, verify=False)
-            log(f"checking the bundle in its runtime: {len(expected)} greedy tokens")
-            result = target.check(out, config, {"prompt_ids": prompt_ids, "new_ids": expected, "text": text}, log)
-            metrics.update(result, checked=True, check_tokens=len(expected))
+            metrics.update(_check(target, source, out, config, log))
         finish_write(out, "deploy", config.to_dict(), parent=source, metrics=metrics, files=files,
                      extra={"target": config.target})
     log(f"wrote {out} ({config.target})")
     return out
+
+
+def _check(target, source: Path, out: Path, config: DeployConfig, log: Callable[[str], None]) -> dict:
+    """Run the bundle in its runtime against ONNX Runtime in Python on the graph the bundle holds;
+    a rewritten graph is also compared with the export (recorded, not an error: it is the
+    rewrite's documented arithmetic)."""
+    reference = target.reference_graph(out, source, config) if hasattr(target, "reference_graph") else source
+    prompt_ids, expected, text = greedy_reference(reference, config.prompt, config.max_new_tokens, verify=False)
+    log(f"checking the bundle in its runtime: {len(expected)} greedy tokens")
+    metrics = target.check(out, config, {"prompt_ids": prompt_ids, "new_ids": expected, "text": text}, log)
+    metrics.update(checked=True, check_tokens=len(expected))
+    if reference != source:
+        own = greedy_reference(source, config.prompt, config.max_new_tokens, verify=False)[1]
+        metrics["same_tokens_as_export"] = own == expected
+        if own != expected:
+            first = next((i for i, (a, b) in enumerate(zip(own, expected)) if a != b), min(len(own), len(expected)))
+            log(f"note: the bundle's graph computes with float activations; its greedy tokens leave the export's "
+                f"from token {first} of {len(expected)}")
+    return metrics
 
 
 def same_tokens_or_raise(runtime: str, expected: dict, got_ids: list[int] | None, got_text: str | None) -> None:

@@ -38,6 +38,11 @@ class DeployConfig(StageConfig):
     webgpu: bool = option(True, "web: also ship onnxruntime-web's WebGPU build, which the page loads when the "
                           "browser has WebGPU (+13 MB in the folder; a browser downloads one build); "
                           "--no-webgpu ships the WASM build only")
+    fold_weights: bool = option(True, "web: int4/int8 (MatMulNBits) exports ship their weights as DequantizeLinear "
+                                "of the same codes, which the page folds to float32 when it loads: the quantized "
+                                "download at float kernel speed (onnxruntime-web's WASM MatMulNBits is several times "
+                                "slower), 8x / 4x the memory of the codes in the tab, float activations "
+                                "(as --accuracy-level 0). --no-fold-weights ships the MatMulNBits graph as it is")
     overwrite: bool = option(False, "replace a bundle already in --out", saved=False)
 
     def validate(self) -> None:

@@ -92,6 +92,67 @@ def describe(source: Path, facts: dict) -> str:
             f"(~{params / 1e6:.1f}M block parameters), {kind or 'onnx'}")
 
 
+def fold_quantized_weights(source: Path, folder: Path, log: Callable[[str], None]) -> list[str] | None:
+    """Write the export's graph into `folder` with its MatMulNBits nodes as DequantizeLinear + MatMul
+    (export.nbits.dequantize_linear_graph), validated against the export by output name; the
+    files written, or None when the graph has no MatMulNBits. Raises DeployError when the two
+    graphs disagree beyond the quantized-export tolerance."""
+    import onnx
+
+    from export.exporter import save_proto
+    from export.nbits import dequantize_linear_graph
+    from export.spec import MODEL_FILE
+
+    if not any(n.op_type == "MatMulNBits" for n in onnx.load(str(source / MODEL_FILE), load_external_data=False).graph.node):
+        return None
+    proto, rewritten = dequantize_linear_graph(onnx.load(str(source / MODEL_FILE)))
+    folder.mkdir(parents=True, exist_ok=True)
+    files = save_proto(proto, folder, "auto")
+    del proto
+    difference = graph_difference(source / MODEL_FILE, folder / MODEL_FILE, read_config(source))
+    if not difference <= FOLD_RTOL:
+        raise DeployError(f"the folded graph's logits differ from the export's by {difference:.3g} of their range "
+                          f"(allowed {FOLD_RTOL}); deploy with --no-fold-weights")
+    log(f"{rewritten} MatMulNBits weights shipped as DequantizeLinear, folded to float32 by the page "
+        f"(logits within {difference:.2g} of the export's range)")
+    return files
+
+
+# The folded graph computes with float activations; an export made at accuracy_level 4 quantizes
+# them to int8: the same bound as a quantized export against PyTorch (ExportConfig.quant_rtol).
+FOLD_RTOL = 0.05
+
+
+def graph_difference(reference: Path, candidate: Path, config) -> float:
+    """max |logits difference| / max |reference logits| of two decoder graphs on one prompt and a
+    decode step after it, read by output name (ONNX Runtime, CPU)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.spec import DecoderSpec
+
+    spec = DecoderSpec.from_config(config)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_quant_qdq", "1")  # fold, as the page does
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (reference, candidate)]
+    ids = (np.arange(12, dtype=np.int64) * 7919 % min(config.vocab_size, 256))[None, :]
+    worst = 0.0
+    for session in sessions[1:]:
+        feeds = {spec.input_ids: ids, spec.attention_mask: np.ones_like(ids), spec.position_ids: np.arange(12)[None, :]}
+        feeds.update({n: np.zeros((1, spec.n_head, 0, spec.head_dim), np.float32) for n in spec.past_names})
+        ref, got = (s.run([spec.logits], feeds)[0] for s in (sessions[0], session))
+        finite = np.abs(ref) < 1e30  # masked vocabulary padding
+        worst = max(worst, float(np.abs(ref - got)[finite].max() / np.abs(ref[finite]).max()))
+    return worst
+
+
+def reference_graph(out: Path, source: Path, config: DeployConfig) -> Path:
+    """The graph the page runs: the bundle's own when it folded the weights, else the export."""
+    info = json.loads((out / "model" / "deploy.json").read_text())
+    return out / "model" if info.get("fold_quantized_weights") else source
+
+
 def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], None]) -> tuple[list[str], dict]:
     modules = jslibs.ensure_installed(log)
     facts = graph_facts(source)
@@ -104,11 +165,20 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
     for name in (n for build in builds for n in ORT_BUILDS[build]):
         place(ort_dist / name, out / "ort" / name)
         files.append(f"ort/{name}")
-    model_files = [facts["model_file"], "tokenizer.json", "config.json"] + ([facts["external_data"]] if facts["external_data"] else [])
-    for name in model_files:
+    graph_files = [facts["model_file"]] + ([facts["external_data"]] if facts["external_data"] else [])
+    folded = fold_quantized_weights(source, out / "model", log) if config.fold_weights else None
+    if folded is None:
+        for name in graph_files:
+            place(source / name, out / "model" / name)
+    else:
+        graph_files = folded
+    model_files = graph_files + ["tokenizer.json", "config.json"]
+    for name in ("tokenizer.json", "config.json"):
         place(source / name, out / "model" / name)
-        files.append(f"model/{name}")
+    files += [f"model/{name}" for name in model_files]
+    facts["external_data"] = next((n for n in graph_files if n != facts["model_file"]), None)
     info = {**facts, "ort_modules": {build: f"ort/{ORT_BUILDS[build][0]}" for build in builds},
+            "fold_quantized_weights": folded is not None,
             "threads": config.threads, "default_prompt": config.prompt, "description": describe(source, facts),
             "onnxruntime_web": jslibs.package_version(modules, "onnxruntime-web")}
     atomic_write_json(out / "model" / "deploy.json", info)

@@ -50,6 +50,9 @@ async function load() {
   ort.env.wasm.numThreads = threads;
   const options = { executionProviders: [backend], graphOptimizationLevel: "all" };
   if (info.external_data) options.externalData = [{ path: info.external_data, data: `model/${info.external_data}` }];
+  // Quantized weights come as DequantizeLinear of their codes: folded to float32 once, here, they
+  // run on float kernels (WASM has no fast MatMulNBits kernel) and still download as int4/int8.
+  if (info.fold_quantized_weights) options.extra = { session: { disable_quant_qdq: "1" } };
   if (backend === "webgpu") {
     // The KV cache stays on the GPU between steps; only the logits come back.
     options.preferredOutputLocation = Object.fromEntries(info.present_names.map((n) => [n, "gpu-buffer"]));
