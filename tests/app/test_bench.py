@@ -16,7 +16,6 @@ from compactgpt.app.report import build_report, pareto_front, render_markdown, w
 from compactgpt.artifacts import begin_write, finish_write, save_model
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.evaluation import model_logits_fn, perplexity
-from compactgpt.tokenizer import Tokenizer
 
 from conftest import random_gpt
 
