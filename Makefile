@@ -33,7 +33,7 @@ test-slow: $(STAMP)
 # The demo's headline int4 student in the browser: builds the web bundle (fetching onnxruntime-web
 # from npm once; needs node and npm) and serves it on http://127.0.0.1:8000/ (Ctrl-C stops).
 web-demo: $(STAMP)
-	$(BIN)/compactgpt deploy --model $(RUNS)/pipeline/student-l2-mlp512-int4-onnx --target web --out $(RUNS)/web --overwrite
+	$(BIN)/compactgpt deploy --model $(RUNS)/pipeline/onnx/student-l2-mlp512-int4 --target web --out $(RUNS)/web --overwrite
 	$(BIN)/python -m compactgpt.app.deploy.serve $(RUNS)/web
 
 # Browser and Node tests (headless Chromium: apt-get install chromium). The JavaScript libraries

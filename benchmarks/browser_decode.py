@@ -1,7 +1,8 @@
 """Decode speed in the browser against ONNX Runtime in Python, on the same ONNX exports.
 
 For each export (by default the teacher and the headline int4 student of a pipeline run) it
-builds the default web bundle and measures, in interleaved rounds on the same machine:
+builds the default web bundle (and, for a quantized export, one that keeps MatMulNBits:
+--no-fold-weights) and measures, in interleaved rounds on the same machine:
 
 * the page in headless Chromium, WASM backend, `--threads` threads (served cross-origin
   isolated), greedy, batch 1: median decode step from the page's own per-token clock;
@@ -9,7 +10,8 @@ builds the default web bundle and measures, in interleaved rounds on the same ma
   decode step of the same prompt and token count.
 
 Every run generates the same fixed number of tokens (past <|endoftext|>); the greedy tokens of
-the page and of Python are compared as well. Reports the bundles' sizes (model, runtime).
+the page and of Python are compared as well (a folded bundle computes with float activations, an
+export at accuracy_level 4 with int8 ones: their tokens may part). Reports the bundles' sizes (model, runtime).
 
     python -m benchmarks.browser_decode --run runs/pipeline
     python -m benchmarks.browser_decode --exports runs/pipeline/teacher-onnx runs/pipeline/student-l2-int4-onnx
@@ -38,12 +40,18 @@ PROMPT = "def read_config(path):\n    "
 def pick_exports(run: Path) -> list[Path]:
     """The teacher's fp32 export and the int4 student export of a pipeline run with the fewest
     bytes (the headline student of the default pipeline)."""
-    teacher = run / "teacher-onnx"
-    int4 = sorted((p for p in run.glob("*int4-onnx") if (p / "model.onnx").is_file()),
+    teacher = run / "onnx" / "teacher"
+    int4 = sorted((p for p in (run / "onnx").glob("*-int4") if (p / "model.onnx").is_file()),
                   key=lambda p: (p / "model.onnx").stat().st_size)
-    if not teacher.is_dir() or not int4:
-        sys.exit(f"error: {run} has no teacher-onnx or *int4-onnx export; run the pipeline first or pass --exports")
+    if not (teacher / "model.onnx").is_file() or not int4:
+        sys.exit(f"error: {run} has no onnx/teacher or onnx/*-int4 export; run the pipeline first or pass --exports")
     return [teacher, int4[0]]
+
+
+def is_quantized(folder: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "MatMulNBits" for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
 
 
 def python_decode(folder: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
@@ -66,6 +74,16 @@ def browser_decode(bundle: Path, new_tokens: int, threads: int) -> tuple[float, 
     return statistics.median(state["stepMs"]) / 1000, state["newIds"], state
 
 
+def reference_tokens(row: dict, new_tokens: int, threads: int) -> list[int]:
+    """Greedy tokens of ONNX Runtime in Python on the graph whose arithmetic the page follows
+    (for a quantized export: float activations, see compactgpt.app.deploy.web.reference_graph)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        reference = web.reference_graph(row["bundles"]["browser"], row["folder"], None, Path(scratch))
+        return python_decode(reference, row["prompt_ids"], new_tokens, threads)[1]
+
+
 def chromium_version() -> str:
     out = subprocess.run([web.find_chromium(), "--version"], capture_output=True, text=True).stdout.strip()
     return out or "unknown"
@@ -74,13 +92,17 @@ def chromium_version() -> str:
 def run(exports: list[Path], work: Path, rounds: int, new_tokens: int, threads: int, log) -> list[dict]:
     rows = []
     for folder in exports:
-        bundle = work / folder.name
-        deploy(DeployConfig(model=str(folder), target="web", out=str(bundle), check="never", threads=threads,
-                            overwrite=True), log=lambda m: None)
-        bundles = {"browser": bundle}
-        _, tok = open_decoder(folder, verify=False)
-        rows.append({"model": folder.name, "folder": folder, "bundles": bundles, "prompt_ids": tok.encode(PROMPT),
-                     "steps": {"python": [], **{b: [] for b in bundles}}, "tokens": {}, "sizes": {}})
+        # A quantized export is measured twice in the browser: weights folded to float32 by the page
+        # (the default bundle) and MatMulNBits as exported (--no-fold-weights).
+        variants = [(folder.name, True)] + ([(f"{folder.name}, MatMulNBits in the browser", False)]
+                                            if is_quantized(folder) else [])
+        for label, fold in variants:
+            bundle = work / (folder.name + ("" if fold else "-matmulnbits"))
+            deploy(DeployConfig(model=str(folder), target="web", out=str(bundle), check="never", threads=threads,
+                                fold_weights=fold, overwrite=True), log=lambda m: None)
+            _, tok = open_decoder(folder, verify=False)
+            rows.append({"model": label, "folder": folder, "bundles": {"browser": bundle},
+                         "prompt_ids": tok.encode(PROMPT), "steps": {"python": [], "browser": []}, "tokens": {}})
     for r in range(rounds):
         for row in rows:  # interleaved: every backend of every model once per round
             step, tokens = python_decode(row["folder"], row["prompt_ids"], new_tokens, threads)
@@ -102,7 +124,7 @@ def run(exports: list[Path], work: Path, rounds: int, new_tokens: int, threads: 
             "python_tok_s": 1 / py, "browser_tok_s": 1 / browser, "browser_vs_python": py / browser,
             "python_rounds_tok_s": [1 / x for x in row["steps"]["python"]],
             "browser_rounds_tok_s": [1 / x for x in row["steps"]["browser"]],
-            "same_tokens": row["tokens"]["browser"] == row["tokens"]["python"],
+            "same_tokens": row["tokens"]["browser"] == reference_tokens(row, new_tokens, threads),
             **{k: metrics[k] for k in ("bundle_bytes", "model_bytes", "wasm_download_bytes", "runtime_wasm_bytes",
                                        "runtime_webgpu_bytes", "onnxruntime_web")},
         })
@@ -123,13 +145,17 @@ def to_markdown(records: list[dict], machine: dict, args, chromium: str) -> str:
         "",
         f"Command: `python -m benchmarks.browser_decode {' '.join(sys.argv[1:])}`",
         "",
-        "| model | ONNX Runtime, Python tok/s | browser (WASM) tok/s | browser / Python | same greedy tokens |",
+        "| model | ONNX Runtime, Python tok/s | browser (WASM) tok/s | browser / Python | same greedy tokens* |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in records:
         lines.append(f"| {r['model']} | {r['python_tok_s']:,.0f} | {r['browser_tok_s']:,.0f} | "
                      f"{r['browser_vs_python']:.2f}x | {'yes' if r['same_tokens'] else 'NO'} |")
-    lines += ["", "Web folder size (`compactgpt deploy --target web`, default settings):", "",
+    lines += ["", "*as ONNX Runtime in Python on the same arithmetic: onnxruntime-web's WASM kernels compute "
+              "MatMulNBits with float activations, so a quantized export is compared with its folded graph "
+              "(an export at accuracy_level 4 quantizes activations to int8 in Python, and its greedy tokens "
+              "part from the browser's).",
+              "", "Web folder size (`compactgpt deploy --target web`, default settings):", "",
               "| model | model files | downloaded by a browser without WebGPU | whole folder (WASM + WebGPU builds) |",
               "| --- | --- | --- | --- |"]
     for r in records:

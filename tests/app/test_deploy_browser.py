@@ -70,9 +70,9 @@ def cli_generate(folder, prompt: str, n: int) -> str:
     return text[len(prompt):-1]
 
 
-# int4: MatMulNBits in the browser as exported (int8 activations, accuracy_level 4); int4-a0: an
-# export with float activations, whose weights the page folds (the default for quantized exports).
-@pytest.mark.parametrize("kind,fold", [("fp32", True), ("int4", False), ("int4-a0", True)])
+# int4-a0: an int4 export with float activations (accuracy_level 0), the arithmetic of onnxruntime-web's
+# WASM kernels, run as folded weights (the default) and as MatMulNBits (--no-fold-weights).
+@pytest.mark.parametrize("kind,fold", [("fp32", True), ("int4-a0", True), ("int4-a0", False)])
 def test_browser_greedy_text_equals_compactgpt_generate(exports, tmp_path, kind, fold):
     bundle = deploy(DeployConfig(model=str(exports[kind]), target="web", out=str(tmp_path / "web"), check="always",
                                  prompt=PROMPT, max_new_tokens=NEW_TOKENS, fold_weights=fold), **QUIET)
@@ -126,11 +126,12 @@ def test_webgpu_backend_generates_the_same_greedy_text(exports, tmp_path, kind):
     assert page["output"] == cli_generate(exports[kind], PROMPT, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8", "fp16", "ort-int8"])
-def test_every_export_kind_runs_in_the_browser(exports, tmp_path, kind):
-    """check="always": the page's greedy tokens equal ONNX Runtime's in Python on the graph the
-    bundle holds (quantized weights folded, int8 activations of the export replaced by float)."""
+@pytest.mark.parametrize("kind,fold", [("int4", True), ("int4", False), ("int8", True), ("fp16", True),
+                                       ("ort-int8", True)])
+def test_every_export_kind_runs_in_the_browser(exports, tmp_path, kind, fold):
+    """check="always": the page's greedy tokens equal ONNX Runtime's in Python on the graph whose
+    arithmetic the page follows (for quantized exports: folded weights, float activations)."""
     bundle = deploy(DeployConfig(model=str(exports[kind]), target="web", out=str(tmp_path / "web"), check="always",
-                                 prompt=PROMPT, max_new_tokens=NEW_TOKENS, webgpu=False), **QUIET)
+                                 prompt=PROMPT, max_new_tokens=NEW_TOKENS, webgpu=False, fold_weights=fold), **QUIET)
     metrics = json.loads((bundle / "manifest.json").read_text())["metrics"]
     assert metrics["browser_tokens_match"] is True and metrics["check_tokens"] > 10

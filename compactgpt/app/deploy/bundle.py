@@ -4,8 +4,9 @@ Each target is a module with the same three functions:
     write(source, out, config, log) -> (files, metrics)   the bundle's files, relative to out
     runtime_missing() -> str | None                        why its runtime cannot run here
     check(out, config, expected, log) -> dict               run it; DeployError on other tokens
-and optionally `reference_graph(out, source, config) -> folder`, the graph its runtime runs when
-the bundle holds a rewritten one. `expected` is what ONNX Runtime in Python generates greedily
+and optionally `reference_graph(out, source, config, scratch) -> folder`, the graph whose arithmetic
+its runtime follows when that is not the export's (a rewritten graph in the bundle, or one the
+target writes into the temporary folder `scratch`). `expected` is what ONNX Runtime in Python generates greedily
 from that graph (`greedy_reference`): for the export itself, the same tokens `compactgpt generate
 --temperature 0` prints. The bundle is written like every
 artifact: marked incomplete until its manifest (stage "deploy", parent = the export) is written.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -93,8 +95,10 @@ def _check(target, source: Path, out: Path, config: DeployConfig, log: Callable[
     """Run the bundle in its runtime against ONNX Runtime in Python on the graph the bundle holds;
     a rewritten graph is also compared with the export (recorded, not an error: it is the
     rewrite's documented arithmetic)."""
-    reference = target.reference_graph(out, source, config) if hasattr(target, "reference_graph") else source
-    prompt_ids, expected, text = greedy_reference(reference, config.prompt, config.max_new_tokens, verify=False)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".reference-") as scratch:
+        reference = (target.reference_graph(out, source, config, Path(scratch))
+                     if hasattr(target, "reference_graph") else source)
+        prompt_ids, expected, text = greedy_reference(reference, config.prompt, config.max_new_tokens, verify=False)
     log(f"checking the bundle in its runtime: {len(expected)} greedy tokens")
     metrics = target.check(out, config, {"prompt_ids": prompt_ids, "new_ids": expected, "text": text}, log)
     metrics.update(checked=True, check_tokens=len(expected))
@@ -103,8 +107,8 @@ def _check(target, source: Path, out: Path, config: DeployConfig, log: Callable[
         metrics["same_tokens_as_export"] = own == expected
         if own != expected:
             first = next((i for i, (a, b) in enumerate(zip(own, expected)) if a != b), min(len(own), len(expected)))
-            log(f"note: the bundle's graph computes with float activations; its greedy tokens leave the export's "
-                f"from token {first} of {len(expected)}")
+            log(f"note: the bundle's runtime computes with float activations, the export with int8 ones "
+                f"(accuracy_level 4); their greedy tokens part at token {first} of {len(expected)}")
     return metrics
 
 

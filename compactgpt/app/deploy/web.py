@@ -147,10 +147,18 @@ def graph_difference(reference: Path, candidate: Path, config) -> float:
     return worst
 
 
-def reference_graph(out: Path, source: Path, config: DeployConfig) -> Path:
-    """The graph the page runs: the bundle's own when it folded the weights, else the export."""
-    info = json.loads((out / "model" / "deploy.json").read_text())
-    return out / "model" if info.get("fold_quantized_weights") else source
+def reference_graph(out: Path, source: Path, config: DeployConfig, scratch: Path) -> Path:
+    """The graph whose arithmetic the page follows. onnxruntime-web's WASM MatMulNBits computes
+    with float activations whatever the export's accuracy_level, exactly as the folded graph
+    does (measured: the same greedy tokens either way); so a quantized export's reference is its
+    folded graph: the bundle's own, or one written into `scratch` for a --no-fold-weights bundle."""
+    if json.loads((out / "model" / "deploy.json").read_text()).get("fold_quantized_weights"):
+        return out / "model"
+    if fold_quantized_weights(source, scratch, log=lambda m: None) is None:
+        return source
+    for name in ("tokenizer.json", "config.json"):
+        place(source / name, scratch / name)
+    return scratch
 
 
 def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], None]) -> tuple[list[str], dict]:
