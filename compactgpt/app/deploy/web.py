@@ -84,12 +84,15 @@ def graph_facts(source: Path) -> dict:
     }
 
 
-def describe(source: Path, facts: dict) -> str:
+def describe(source: Path) -> str:
+    """One line for the page's header: the export's name, shape, block parameters and kind."""
+    config = read_config(source)
     manifest = read_manifest(source)
-    kind = manifest.extra.get("kind", "") if manifest else ""
-    params = facts["n_layer"] * 12 * (facts["n_head"] * facts["head_dim"]) ** 2
-    return (f"{source.name}: GPT {facts['n_layer']}×{facts['n_head'] * facts['head_dim']} "
-            f"(~{params / 1e6:.1f}M block parameters), {kind or 'onnx'}")
+    kind = manifest.extra.get("kind", "onnx") if manifest else "onnx"
+    attention = config.n_embd * config.n_head * config.head_dim * 4
+    block = config.n_layer * (attention + 2 * config.n_embd * config.n_inner)
+    return (f"{source.name}: GPT {config.n_layer}×{config.n_embd}, MLP {config.n_inner} "
+            f"({block / 1e6:.1f}M block parameters), {kind}")
 
 
 def fold_quantized_weights(source: Path, folder: Path, log: Callable[[str], None]) -> list[str] | None:
@@ -187,7 +190,7 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
     facts["external_data"] = next((n for n in graph_files if n != facts["model_file"]), None)
     info = {**facts, "ort_modules": {build: f"ort/{ORT_BUILDS[build][0]}" for build in builds},
             "fold_quantized_weights": folded is not None,
-            "threads": config.threads, "default_prompt": config.prompt, "description": describe(source, facts),
+            "threads": config.threads, "default_prompt": config.prompt, "description": describe(source),
             "onnxruntime_web": jslibs.package_version(modules, "onnxruntime-web")}
     atomic_write_json(out / "model" / "deploy.json", info)
     files.append("model/deploy.json")
