@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from compactgpt.artifacts import begin_write, finish_write, folder_kind, load_model
+from compactgpt.artifacts import begin_write, finish_write, folder_kind, implied_parameters, load_model
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.io import atomic_write_json
 from compactgpt.outputs import claim_output
@@ -227,6 +227,8 @@ def _export_into(config: ExportConfig, src: Path, out: Path, log: Callable[[str]
         "onnx_bytes": sum((out / f).stat().st_size for f in files if f in (MODEL_FILE, DATA_FILE)),
         "initializer_bytes": nbytes,
     }
+    # Bits per parameter on disk: the graph files over the model's parameters (tied matrix once).
+    metrics["bits_per_parameter"] = 8 * metrics["onnx_bytes"] / implied_parameters(model.config)
     finish_write(out, "export", config.to_dict(), parent=src, metrics=metrics, files=files,
                  extra={"kind": kind, "parity": report, "spec": {"inputs": spec.input_names[:3],
                                                                  "past": spec.past_key(0), "opset": config.opset,

@@ -103,6 +103,21 @@ class _Graph:
         return self.op(op_type, inputs, **kw)[0]
 
 
+def _quantized_lookup(g: _Graph, nb: NBitsWeight, inits: list[str], ids: str) -> str:
+    """Embedding rows (B, T, C) gathered from the LM head's own MatMulNBits codes, scales and
+    zero points, dequantized on the fly (GatherBlockQuantized): the tied matrix is in the file
+    once. MatMulNBits keeps its codes as (V, blocks, bytes per block) and GatherBlockQuantized
+    reads (V, bytes per row): the Reshapes only relabel the same bytes."""
+    i64 = np.int64
+    codes, scales, zeros = inits
+    n_blocks = nb.k // nb.block_size
+    data = g.one("Reshape", [codes, g.const("wte_codes_shape", [nb.n, -1], i64)])
+    scales = g.one("Reshape", [scales, g.const("wte_scales_shape", [nb.n, n_blocks], i64)])
+    zeros = g.one("Reshape", [zeros, g.const("wte_zeros_shape", [nb.n, -1], i64)])
+    return g.one("GatherBlockQuantized", [data, ids, scales, zeros], name="transformer.wte", domain=MS_DOMAIN,
+                 gather_axis=0, quantize_axis=1, block_size=nb.block_size, bits=nb.bits)
+
+
 @dataclass
 class BuildOptions:
     """How build_decoder lays out the graph (ExportConfig's dtype, optimize, opset and
@@ -131,14 +146,25 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
     sd["transformer.wte.weight"] = model.transformer.wte.weight.detach().float().cpu().numpy()
     eps = cfg.layer_norm_epsilon
 
+    quantized: dict[str, list[str]] = {}  # projection name -> its MatMulNBits initializers
+
+    def nbits_inits(p: Projection) -> list[str]:
+        """(codes, scales, zero points) of a quantized projection, stored once however many
+        nodes read them (the LM head's also serve the embedding lookup)."""
+        if p.name not in quantized:
+            nb = p.nbits
+            quantized[p.name] = [g.init(p.name + ".qweight", nb.packed),
+                                 g.init(p.name + ".scales", nb.scales.astype(_NP[options.dtype])),
+                                 g.init(p.name + ".qzeros", nb.zero_points)]
+        return quantized[p.name]
+
     def matmul(x: str, p: Projection, with_bias: bool) -> str:
         """x @ W (+ bias when with_bias; otherwise the caller folds the bias into a fused op)."""
         if p.nbits is not None:
             nb = p.nbits
             if nb.order is not None:
                 x = g.one("Gather", [x, g.const(p.name + ".order", nb.order, np.int64)], axis=-1)
-            ins = [x, g.init(p.name + ".qweight", nb.packed), g.init(p.name + ".scales", nb.scales.astype(_NP[options.dtype])),
-                   g.init(p.name + ".qzeros", nb.zero_points)]
+            ins = [x, *nbits_inits(p)]
             if with_bias and p.bias is not None:
                 ins += ["", g.init(p.name + ".bias", p.bias)]
             # SmoothQuant's W8A8 layers were calibrated for int8 activations: level 4 is their
@@ -200,14 +226,16 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
     attn_bias = g.one("Where", [allowed, g.const("zero_f", np.zeros((), np_dt), np_dt),
                                 g.const("min_f", np.array(np.finfo(np_dt).min, np_dt), np_dt)], name="attention_bias")
 
-    # -- embeddings: the tied matrix is stored once, as the LM head's (C, V) ------------------
+    # -- embeddings: the tied matrix is stored once, as the LM head's (C, V) or its codes -----
     head = projections.get("lm_head")
+    wte_t = None
     if head is None or head.nbits is None:
         wte_t = g.init("transformer.wte.weight_t", sd["transformer.wte.weight"].T.copy())
         tok = g.one("Gather", [wte_t, spec.input_ids], axis=1)  # (C, B, T)
         tok = g.one("Transpose", [tok], perm=[1, 2, 0])  # (B, T, C)
-    else:  # a quantized head keeps a float embedding table for the lookup
-        wte_t = None
+    elif head.nbits.order is None:
+        tok = _quantized_lookup(g, head.nbits, nbits_inits(head), spec.input_ids)
+    else:  # activation-ordered codes have permuted columns: the lookup keeps a float table
         tok = g.one("Gather", [g.init("transformer.wte.weight", sd["transformer.wte.weight"]), spec.input_ids], axis=0)
     pos = g.one("Gather", [g.init("transformer.wpe.weight", sd["transformer.wpe.weight"]), spec.position_ids], axis=0)
 

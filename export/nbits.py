@@ -150,74 +150,109 @@ def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
 def dequantize_linear_graph(proto):
     """A copy of an onnx.ModelProto whose MatMulNBits nodes are written as standard ops:
     DequantizeLinear of the same 4-/8-bit codes (blocked along the input axis, opset 21) ->
-    Transpose -> MatMul (-> Add for a bias). The file stays as small as the MatMulNBits graph,
-    and a runtime may fold each DequantizeLinear into a float weight when it loads the graph
-    (ONNX Runtime does with the session option session.disable_quant_qdq=1), trading memory for
-    float kernels where it has no fast MatMulNBits kernel (WebAssembly). The result is
-    MatMulNBits at accuracy_level 0 (float activations). Returns (proto, nodes rewritten); the
-    default-domain opset becomes 21 only when a node was rewritten.
+    Transpose -> MatMul (-> Add for a bias); a GatherBlockQuantized lookup that reads a rewritten
+    head's codes (the tied embedding) becomes a Gather of the same dequantized matrix. The file
+    stays as small as the MatMulNBits graph, and a runtime may fold each DequantizeLinear into a
+    float weight when it loads the graph (ONNX Runtime does with the session option
+    session.disable_quant_qdq=1), trading memory for float kernels where it has no fast
+    MatMulNBits kernel (WebAssembly). The result is MatMulNBits at accuracy_level 0 (float
+    activations). Returns (proto, MatMulNBits nodes rewritten); the default-domain opset becomes
+    21 only when a node was rewritten.
 
     Raises ExportError for a MatMulNBits this rewrite does not express (g_idx input, a block
     size that does not divide K)."""
     import copy
 
-    import onnx
     from onnx import helper, numpy_helper
 
     proto = copy.deepcopy(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    nodes, added, dropped, rewritten = [], [], set(), 0
+    dequantized: dict[str, str] = {}  # MatMulNBits codes initializer -> its (N, K) float weight
+    prologue, nodes, added = [], [], []
     for node in graph.node:
         if node.op_type != "MatMulNBits":
             nodes.append(node)
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        weight, dq_node, tensors = _dequantize_node(node, inits, numpy_helper, helper)
+        added += tensors
+        prologue.append(dq_node)  # first: the embedding lookup, early in the graph, may read it
+        dequantized[node.input[1]] = weight
+        base = node.name or node.input[1]
         inputs = list(node.input) + [""] * (6 - len(node.input))
-        x, qweight, scales, qzeros, g_idx, bias = inputs[:6]
-        if g_idx or k % bs or bits not in (4, 8):
-            raise ExportError(f"MatMulNBits {node.name} ({bits} bits, K={k}, block {bs}"
-                              f"{', g_idx' if g_idx else ''}) cannot be written as DequantizeLinear")
-        n_blocks = k // bs
-        packed = numpy_helper.to_array(inits[qweight]).reshape(n, -1)
-        codes = unpack_nibbles(packed, k) if bits == 4 else packed[:, :k]
-        if qzeros:
-            z = numpy_helper.to_array(inits[qzeros]).reshape(n, -1)
-            zeros = unpack_nibbles(z, n_blocks) if bits == 4 else z[:, :n_blocks]
-        else:  # MatMulNBits' default zero point: the middle of the code range
-            zeros = np.full((n, n_blocks), 1 << (bits - 1), np.uint8)
-        scale = numpy_helper.to_array(inits[scales]).reshape(n, n_blocks)
-
-        def codes_tensor(name: str, values: np.ndarray) -> "onnx.TensorProto":
-            if bits == 8:
-                return numpy_helper.from_array(np.ascontiguousarray(values, np.uint8), name)
-            # ONNX stores 4-bit tensors two to a byte, low nibble first, in row-major order.
-            return helper.make_tensor(name, onnx.TensorProto.UINT4, list(values.shape),
-                                      pack_nibbles(values.reshape(-1)).tobytes(), raw=True)
-
-        base = node.name or qweight
-        added += [codes_tensor(f"{base}.dq_codes", codes), codes_tensor(f"{base}.dq_zeros", zeros),
-                  numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.dq_scales")]
-        dropped |= {qweight, scales, qzeros}
-        weight = f"{base}.dq_weight"
-        nodes += [helper.make_node("DequantizeLinear", [f"{base}.dq_codes", f"{base}.dq_scales", f"{base}.dq_zeros"],
-                                   [weight], name=f"{base}.dequantize", axis=1, block_size=bs),
-                  helper.make_node("Transpose", [weight], [weight + "_t"], name=f"{base}.transpose", perm=[1, 0])]
+        bias = inputs[5]
+        nodes.append(helper.make_node("Transpose", [weight], [weight + "_t"], name=f"{base}.transpose", perm=[1, 0]))
         product = node.output[0] if not bias else f"{base}.dq_product"
-        nodes.append(helper.make_node("MatMul", [x, weight + "_t"], [product], name=base))
+        nodes.append(helper.make_node("MatMul", [inputs[0], weight + "_t"], [product], name=base))
         if bias:
             nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{base}.bias"))
-        rewritten += 1
-    if rewritten:
-        still_used = {i for node in nodes for i in node.input}
-        kept = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        del graph.initializer[:]
-        graph.initializer.extend(kept + added)
-        for opset in proto.opset_import:
-            if opset.domain in ("", "ai.onnx"):
-                opset.version = max(opset.version, 21)  # blocked DequantizeLinear and 4-bit types
-        proto.ir_version = max(proto.ir_version, 10)
-    return proto, rewritten
+    if not dequantized:
+        return proto, 0
+    reshaped = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Reshape"}
+    for i, node in enumerate(nodes):
+        codes = reshaped.get(node.input[0]) if node.op_type == "GatherBlockQuantized" else None
+        if codes in dequantized:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("gather_axis", 0) == 0 and attrs.get("quantize_axis", 1) == 1:
+                nodes[i] = helper.make_node("Gather", [dequantized[codes], node.input[1]], list(node.output),
+                                            name=node.name, axis=0)
+    nodes = _live_nodes(prologue + nodes, {o.name for o in graph.output})
+    used = {i for node in nodes for i in node.input}
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in list(graph.initializer) + added if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)  # blocked DequantizeLinear and 4-bit types
+    proto.ir_version = max(proto.ir_version, 10)
+    return proto, len(dequantized)
+
+
+def _dequantize_node(node, inits: dict, numpy_helper, helper):
+    """(name of the (N, K) float weight, its DequantizeLinear node, the initializers it reads)
+    for one MatMulNBits node."""
+    import onnx
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    qweight, scales, qzeros, g_idx = inputs[1:5]
+    if g_idx or k % bs or bits not in (4, 8):
+        raise ExportError(f"MatMulNBits {node.name} ({bits} bits, K={k}, block {bs}"
+                          f"{', g_idx' if g_idx else ''}) cannot be written as DequantizeLinear")
+    n_blocks = k // bs
+    packed = numpy_helper.to_array(inits[qweight]).reshape(n, -1)
+    codes = unpack_nibbles(packed, k) if bits == 4 else packed[:, :k]
+    if qzeros:
+        z = numpy_helper.to_array(inits[qzeros]).reshape(n, -1)
+        zeros = unpack_nibbles(z, n_blocks) if bits == 4 else z[:, :n_blocks]
+    else:  # MatMulNBits' default zero point: the middle of the code range
+        zeros = np.full((n, n_blocks), 1 << (bits - 1), np.uint8)
+    scale = numpy_helper.to_array(inits[scales]).reshape(n, n_blocks)
+
+    def codes_tensor(name: str, values: np.ndarray):
+        if bits == 8:
+            return numpy_helper.from_array(np.ascontiguousarray(values, np.uint8), name)
+        # ONNX stores 4-bit tensors two to a byte, low nibble first, in row-major order.
+        return helper.make_tensor(name, onnx.TensorProto.UINT4, list(values.shape),
+                                  pack_nibbles(values.reshape(-1)).tobytes(), raw=True)
+
+    base = node.name or qweight
+    tensors = [codes_tensor(f"{base}.dq_codes", codes), codes_tensor(f"{base}.dq_zeros", zeros),
+               numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.dq_scales")]
+    weight = f"{base}.dq_weight"
+    dq = helper.make_node("DequantizeLinear", [f"{base}.dq_codes", f"{base}.dq_scales", f"{base}.dq_zeros"],
+                          [weight], name=f"{base}.dequantize", axis=1, block_size=bs)
+    return weight, dq, tensors
+
+
+def _live_nodes(nodes: list, outputs: set[str]) -> list:
+    """The nodes some graph output depends on, in their order (drops what a rewrite left unread)."""
+    needed, live = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    return live[::-1]

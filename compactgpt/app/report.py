@@ -117,6 +117,8 @@ def build_report(folders: dict[str, str], measurements: dict[str, dict], setting
             **{k: v for k, v in m.items() if k != "folder"},
             "x_faster": speed / base_speed,
             "x_smaller": base["file_bytes"] / m["file_bytes"] if m["file_bytes"] else None,
+            # what a file costs per weight on disk: 32 for float32, about 4.6 for int4 g32 with its scales
+            "bits_per_parameter": 8 * m["file_bytes"] / m["parameters"] if m.get("parameters") else None,
             "perplexity_delta": m["perplexity"] / base["perplexity"] - 1.0,
         })
     front = pareto_front([(r["speed"][0]["decode_tok_s"], r["perplexity"]) for r in rows])
@@ -136,6 +138,10 @@ def build_report(folders: dict[str, str], measurements: dict[str, dict], setting
 
 # ---------------------------------------------------------------------------------------
 # Rendering
+
+
+def _bits(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _mb(n: float | None) -> str:
@@ -165,11 +171,12 @@ def render_markdown(report: dict) -> str:
     else:
         out += [f"No student is within {HEADLINE_PPL_TOLERANCE:.0%} of the teacher's perplexity.", ""]
     out += [f"Baseline: `{report['baseline']}`. Decode speed at batch {batches[0]}; x faster = decode tok/s over the "
-            "baseline's; x smaller = baseline file bytes over the row's; perplexity measured through each "
-            "artifact's own runtime on the same tokens. ◆ = on the Pareto front (perplexity vs decode speed).", ""]
-    out += ["| model | what | runtime | params | file MB | perplexity | Δ ppl | KL vs baseline | decode tok/s | x faster | "
-            "x smaller | TTFT ms | prefill tok/s | peak RSS MiB (model) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "baseline's; x smaller = baseline file bytes over the row's; bits/param = file bits over parameters; "
+            "perplexity measured through each artifact's own runtime on the same tokens. ◆ = on the Pareto front "
+            "(perplexity vs decode speed).", ""]
+    out += ["| model | what | runtime | params | file MB | bits/param | perplexity | Δ ppl | KL vs baseline | decode tok/s | "
+            "x faster | x smaller | TTFT ms | prefill tok/s | peak RSS MiB (model) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["speed"][0]
         mem = r.get("memory", {}).get("peak_rss_mib")
@@ -178,7 +185,7 @@ def render_markdown(report: dict) -> str:
         name = f"**{r['name']}** (baseline)" if r["name"] == report["baseline"] else r["name"]
         out.append(
             f"| {'◆ ' if r['pareto'] else ''}{name} | {r['what']} | {r['runtime']} | {_params(r['parameters'])} | "
-            f"{_mb(r['file_bytes'])} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {'0 (reference)' if r['name'] == report['baseline'] else _kl(r.get('divergence'))} | "
+            f"{_mb(r['file_bytes'])} | {_bits(r.get('bits_per_parameter'))} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {'0 (reference)' if r['name'] == report['baseline'] else _kl(r.get('divergence'))} | "
             f"{sp['decode_tok_s']:.0f} | "
             f"{r['x_faster']:.2f}x | {smaller} | "
             f"{sp['ttft_ms_median']:.1f} | {sp['prefill_tok_s']:.0f} | {mem_s} |")

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compactgpt.artifacts import read_manifest
+from compactgpt.artifacts import implied_parameters, read_manifest
 from compactgpt.errors import ConfigError
 from export import ExportConfig, OnnxDecoder, export_onnx
 from export.config import ExportError
@@ -138,3 +138,27 @@ def test_ort_int8_of_a_quantized_model_is_refused(tokenizer, tmp_path):
     quantized_artifact(tmp_path / "q", tokenizer, RTNConfig(bits=8))
     with pytest.raises(ConfigError, match="already quantized"):
         export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "o"), ort_int8=True))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_head_serves_the_embedding_lookup_from_the_same_codes(bits, tokenizer, tmp_path):
+    """One copy of the tied matrix: the lookup gathers rows of the LM head's own codes
+    (GatherBlockQuantized), so no float (V, C) table is written, and the tokens' embeddings are
+    exactly the quantized model's."""
+    import onnx
+
+    from quantize import RTNConfig
+
+    qmodel = quantized_artifact(tmp_path / "q", tokenizer, RTNConfig(bits=bits, group_size=16, include_embeddings=True))
+    out = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), accuracy_level=0),
+                      log=lambda m: None)
+    graph = onnx.load(str(out / MODEL_FILE)).graph
+    V, C = qmodel.config.vocab_size, qmodel.config.n_embd
+    assert not [t.name for t in graph.initializer if sorted(t.dims) == sorted([V, C])]  # no float table
+    lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in graph.node if n.output[0] == lookup.input[0])
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name == "lm_head")
+    assert reshape.input[0] == head.input[1]  # the head's codes, relabelled, not copied
+    metrics = read_manifest(out).metrics
+    assert metrics["parity_max_logits_diff"] < 1e-4
+    assert metrics["bits_per_parameter"] == 8 * metrics["onnx_bytes"] / implied_parameters(qmodel.config)
