@@ -308,15 +308,27 @@ def plot_sizes(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# Record keys whose values name folders ("data" may be a text source: "val split of FOLDER").
+PATH_KEYS = ("folder", "reference", "data")
+
+
 def relative_folders(record, base: str | Path):
-    """A copy of a JSON-like record whose "folder" entries are relative to `base`, so a report
-    still names the right folders after its run folder is moved or copied to another machine."""
+    """A copy of a JSON-like record whose folder paths (PATH_KEYS, also at the end of a text such
+    as "val split of FOLDER") are relative to `base`, so a report still names the right folders
+    after its run folder is moved or copied to another machine."""
     if isinstance(record, dict):
-        return {k: (os.path.relpath(Path(v).resolve(), Path(base).resolve()) if k == "folder" and isinstance(v, str)
-                    else relative_folders(v, base)) for k, v in record.items()}
+        return {k: (_relative_path(v, base) if k in PATH_KEYS and isinstance(v, str) else relative_folders(v, base))
+                for k, v in record.items()}
     if isinstance(record, list):
         return [relative_folders(v, base) for v in record]
     return record
+
+
+def _relative_path(value: str, base: str | Path) -> str:
+    prefix, sep, path = value.rpartition(" of ")
+    if not (Path(path).is_absolute() or Path(path).exists()):  # plain text or a hub id
+        return value
+    return prefix + sep + os.path.relpath(Path(path).resolve(), Path(base).resolve())
 
 
 def write_report(report: dict, out: str | Path) -> Path:

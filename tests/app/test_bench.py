@@ -251,3 +251,15 @@ def test_classifier_gets_accuracy_in_its_own_table(tmp_path, data_dir, tokenizer
     assert "## Classifiers" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(ConfigError, match="every model is a classifier"):
         bench.run_bench([tmp_path / "clf"], cfg, tmp_path / "out2")
+
+
+def test_reports_name_folders_relative_to_the_report(tmp_path):
+    from compactgpt.app.report import relative_folders
+
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    (tmp_path / "run" / "onnx").mkdir()
+    record = {"folder": str(tmp_path / "run" / "onnx"), "divergence": {"reference": str(tmp_path / "run" / "onnx")},
+              "eval": {"data": f"val split of {tmp_path / 'run' / 'data'}"}, "settings": {"data": "@stdlib"}}
+    rel = relative_folders(record, tmp_path / "run" / "report")
+    assert rel == {"folder": "../onnx", "divergence": {"reference": "../onnx"}, "eval": {"data": "val split of ../data"},
+                   "settings": {"data": "@stdlib"}}
