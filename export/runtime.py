@@ -108,9 +108,15 @@ class OnnxDecoder:
         # step has a new past length, so it only grows (measured: ~2.3 KiB per generated token
         # on the soak model) and never pays off.
         options.enable_mem_pattern = memory_pattern
+        # Decode is one small graph call per token: the intra-op threads spin between calls
+        # instead of sleeping (measured at 12x768, 2 threads: fp32 13.9 vs 16.1 ms per token
+        # with spinning off, int4 4.4 vs 5.6 ms), and the CPU memory arena stays on (no
+        # measurable difference either way; it keeps allocations off the OS's allocator).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.enable_cpu_mem_arena = True
         if threads:
             options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+            options.inter_op_num_threads = 1  # one graph at a time: no parallel branches to run
         options.log_severity_level = 3
         providers = resolve_providers(device, log)
         try:
