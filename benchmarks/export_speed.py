@@ -9,7 +9,8 @@ is prefill + the first pick. Backends, all on the same weights:
   ONNX Runtime loop as CompactGPT's graphs, so only the graph differs
 * CompactGPT ONNX fp32 (fused graph)
 * ONNX Runtime's dynamic int8 of the CompactGPT fp32 export (MatMulInteger baseline)
-* CompactGPT ONNX int8 and int4: RTN weights from quantize/ (LM head included), MatMulNBits
+* CompactGPT ONNX int8 and int4: RTN weights from quantize/ (LM head included), MatMulNBits, and
+  the int8 codes on DynamicQuantizeMatMul (export --int8-kernel dynamic)
 
 Each figure is set against its bandwidth floor: the bytes of weights a decode step reads
 (every initializer except tables only gathered from) divided by the machine's measured read
@@ -127,6 +128,9 @@ def prepare(source: Path, work: Path, threads: int, log) -> dict[str, dict]:
             save_quantized(qdir, qmodel, loaded.tokenizer, config, parent=source)
         export(f"CompactGPT ONNX {label} (RTN, MatMulNBits)", work / f"onnx-{label}", model=str(qdir),
                accuracy_level=4)
+        if bits == 8:  # the same per-channel codes on ONNX Runtime's DynamicQuantizeMatMul
+            export("CompactGPT ONNX int8 (RTN, DynamicQuantizeMatMul)", work / "onnx-int8-dynamic", model=str(qdir),
+                   int8_kernel="dynamic")
     for name, b in backends.items():
         if "folder" in b:
             decoder = OnnxDecoder(b["folder"], threads=threads)

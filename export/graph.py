@@ -103,6 +103,28 @@ class _Graph:
         return self.op(op_type, inputs, **kw)[0]
 
 
+def _dynamic_int8(g: _Graph, x: str, p: Projection, with_bias: bool) -> str:
+    """x @ W with ONNX Runtime's DynamicQuantizeMatMul: activations quantized to uint8 per tensor
+    at run time, weights as signed per-channel int8 (its u8s8 kernels use VNNI where the CPU has
+    it). Raises ExportError for int8 weights that are not per channel."""
+    nb = p.nbits
+    n_blocks = nb.k // nb.block_size
+    scales, zeros = nb.scales.reshape(nb.n, n_blocks), nb.zero_points.reshape(nb.n, n_blocks)
+    if nb.order is not None or not ((scales == scales[:, :1]).all() and (zeros == zeros[:, :1]).all()):
+        raise ExportError(f"{p.name}: --int8-kernel dynamic needs per-channel int8 weights (one scale per output "
+                          "row, no activation order); quantize with --group-size 0, or export with "
+                          "--int8-kernel matmulnbits")
+    # uint8 codes c with zero point z are the signed codes c - 128 with zero point z - 128: the same
+    # weights, in the type the faster kernels read.
+    signed = lambda a: (a.astype(np.int16) - 128).astype(np.int8)  # noqa: E731
+    codes = nb.packed.reshape(nb.n, nb.k)
+    ins = [x, g.init(p.name + ".qweight", np.ascontiguousarray(signed(codes).T), cast=False),
+           g.init(p.name + ".scales", scales[:, 0].copy()), g.init(p.name + ".qzeros", signed(zeros[:, 0]), cast=False)]
+    if with_bias and p.bias is not None:
+        ins.append(g.init(p.name + ".bias", p.bias))
+    return g.one("DynamicQuantizeMatMul", ins, domain=MS_DOMAIN, name=p.name)
+
+
 def _quantized_lookup(g: _Graph, nb: NBitsWeight, inits: list[str], ids: str) -> str:
     """Embedding rows (B, T, C) gathered from the LM head's own MatMulNBits codes, scales and
     zero points, dequantized on the fly (GatherBlockQuantized): the tied matrix is in the file
@@ -127,6 +149,7 @@ class BuildOptions:
     fused: bool = True
     opset: int = DEFAULT_OPSET
     accuracy_level: int = 4
+    int8_kernel: str = "matmulnbits"  # or "dynamic": DynamicQuantizeMatMul for per-channel int8 blocks
     eps: float = 1e-5
     extra_meta: dict = field(default_factory=dict)
     # The tokenizer's size when the embedding has padding rows past it (None: every row is a
@@ -160,6 +183,8 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
 
     def matmul(x: str, p: Projection, with_bias: bool) -> str:
         """x @ W (+ bias when with_bias; otherwise the caller folds the bias into a fused op)."""
+        if p.nbits is not None and p.nbits.bits == 8 and options.int8_kernel == "dynamic" and p.name != "lm_head":
+            return _dynamic_int8(g, x, p, with_bias)  # the head's codes also serve the lookup: it stays MatMulNBits
         if p.nbits is not None:
             nb = p.nbits
             if nb.order is not None:

@@ -162,3 +162,32 @@ def test_a_quantized_head_serves_the_embedding_lookup_from_the_same_codes(bits, 
     metrics = read_manifest(out).metrics
     assert metrics["parity_max_logits_diff"] < 1e-4
     assert metrics["bits_per_parameter"] == 8 * metrics["onnx_bytes"] / implied_parameters(qmodel.config)
+
+
+def test_dynamic_int8_kernel_runs_per_channel_blocks_on_dynamicquantizematmul(tokenizer, tmp_path):
+    import onnx
+
+    from quantize import RTNConfig
+
+    qmodel = quantized_artifact(tmp_path / "q", tokenizer, RTNConfig(bits=8, group_size=0, include_embeddings=True))
+    out = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), int8_kernel="dynamic"),
+                      log=lambda m: None)
+    nodes = onnx.load(str(out / MODEL_FILE)).graph.node
+    dynamic = [n for n in nodes if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(dynamic) == 4 * qmodel.config.n_layer
+    assert [n.name for n in nodes if n.op_type == "MatMulNBits"] == ["lm_head"]  # shared with the lookup
+    # per-tensor int8 activations: held to the quantized tolerance against the PyTorch model
+    assert read_manifest(out).metrics["parity_max_logits_rel_diff"] < 0.05
+    assert OnnxDecoder(out).generate(torch.tensor([[3, 4, 5]]), 8).shape == (1, 11)
+
+
+def test_dynamic_int8_kernel_refuses_what_it_cannot_run(tokenizer, tmp_path):
+    from quantize import RTNConfig
+
+    quantized_artifact(tmp_path / "q", tokenizer, RTNConfig(bits=8, group_size=16))
+    with pytest.raises(ExportError, match="per-channel"):
+        export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), int8_kernel="dynamic"),
+                    log=lambda m: None)
+    for settings in (dict(accuracy_level=0), dict(dtype="fp16"), dict(int8_kernel="fast")):
+        with pytest.raises(ConfigError):
+            ExportConfig(model="m", out="o", **{"int8_kernel": "dynamic", **settings})
