@@ -132,7 +132,7 @@ def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log:
     from .graph import BuildOptions, build_decoder, collect_projections, exact_arithmetic
 
     options = BuildOptions(dtype=config.dtype, fused=config.optimize, opset=config.opset,
-                           accuracy_level=config.accuracy_level, n_tokens=n_tokens,
+                           accuracy_level=config.accuracy_level, int8_kernel=config.int8_kernel, n_tokens=n_tokens,
                            # n_positions: checked against config.json when the folder is opened
                            # (export.verify); the graph shows it only inside the wpe table.
                            extra_meta={"producer": "compactgpt", "source": str(source.resolve()),

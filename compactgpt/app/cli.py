@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import CompactGPTError
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # Ctrl-C: 130; a SIGTERM the training loop turned into a checkpointed stop: 143.
         return getattr(e, "exit_code", 130)
+    except BrokenPipeError:
+        # The reader went away (`compactgpt info X | head`): stop quietly, as Unix tools do; stdout
+        # is pointed at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

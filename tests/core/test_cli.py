@@ -90,3 +90,15 @@ def test_eval_scores_an_onnx_export_like_its_pytorch_model(trained, capsys):
     onnx_result = json.loads(out)
     assert onnx_result["tokens"] == torch_result["tokens"]  # the held-out split found through the parents
     assert onnx_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)
+
+
+def test_a_closed_pipe_ends_quietly(trained):
+    """`compactgpt info X | head -1`: no traceback when the reader stops early."""
+    import subprocess
+    import sys
+
+    reader = subprocess.Popen([sys.executable, "-m", "compactgpt", "info", str(trained / "teacher")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.close()  # the reader is gone before the first line is written
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) in (0, 141) and "Traceback" not in stderr, stderr
