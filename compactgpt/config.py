@@ -34,12 +34,14 @@ VERSION_KEY = "config_version"
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: bool = True,
-           metavar: str | None = None, saved: bool = True) -> Any:
+           metavar: str | None = None, saved: bool = True, added: bool = False) -> Any:
     """A config field with its help text. flag=False keeps it off the command line (set by the
     stage itself or only through the Python API / a config file). saved=False keeps it out of
     `to_dict` (so out of manifests and pipeline fingerprints): for settings of where a stage
-    runs, such as its device, that do not change what it writes."""
-    metadata = {"help": help, "flag": flag, "saved": saved}
+    runs, such as its device, that do not change what it writes. added=True marks a field added
+    after artifacts were made whose default computes what the stage computed before it existed:
+    `fingerprint_dict` leaves it out at that default, so pipeline runs made earlier stay up to date."""
+    metadata = {"help": help, "flag": flag, "saved": saved, "added": added}
     if metavar:
         metadata["metavar"] = metavar
     if default_factory is not MISSING:
@@ -77,6 +79,13 @@ class StageConfig:
         """The saved settings: every field but those declared with `option(saved=False)`."""
         unsaved = {f.name for f in dataclasses.fields(self) if not f.metadata.get("saved", True)}
         return {k: v for k, v in asdict(self).items() if k not in unsaved}
+
+    def fingerprint_dict(self) -> dict:
+        """`to_dict` without the fields declared `added` that hold their default: what decides
+        whether a pipeline stage is up to date."""
+        unchanged = {f.name for f in dataclasses.fields(self)
+                     if f.metadata.get("added") and f.default is not MISSING and getattr(self, f.name) == f.default}
+        return {k: v for k, v in self.to_dict().items() if k not in unchanged}
 
     def versioned_dict(self) -> dict:
         """to_dict with the format version, for settings stored on their own (config.json)."""

@@ -10,11 +10,12 @@ from compactgpt.errors import ConfigError
 from .errors import ExportError, ParityError
 from .spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-__all__ = ["DTYPES", "EXTERNAL_DATA", "INT8_KERNELS", "EXTERNAL_DATA_AUTO_BYTES", "ExportConfig", "ExportError", "ParityError"]
+__all__ = ["DTYPES", "EXTERNAL_DATA", "INT8_KERNELS", "KV_CACHES", "EXTERNAL_DATA_AUTO_BYTES", "ExportConfig", "ExportError", "ParityError"]
 
 DTYPES = ("fp32", "fp16")
 EXTERNAL_DATA = ("auto", "always", "never")
 INT8_KERNELS = ("matmulnbits", "dynamic")
+KV_CACHES = ("copy", "shared")
 # Protobuf refuses messages over 2 GiB; "auto" moves weights to model.onnx.data well before that.
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30
 
@@ -35,10 +36,15 @@ class ExportConfig(StageConfig):
                                  "activations (default; several times faster for single-token decode on CPU)")
     # Measured at 12 x 768 on an AVX-512/VNNI Xeon: 4.56 ms per token against 4.92 for MatMulNBits
     # (2 threads), 8.13 against 9.49 (1 thread); perplexity +0.015%, KL from fp32 0.12e-3 -> 0.17e-3.
-    int8_kernel: str = option("matmulnbits", "int8 weights of the blocks: matmulnbits (default; int8 activations "
+    int8_kernel: str = option("matmulnbits", added=True, help="int8 weights of the blocks: matmulnbits (default; "
+                              "int8 activations "
                               "quantized per block) or dynamic (ONNX Runtime's DynamicQuantizeMatMul: per-tensor "
-                              "activations, signed per-channel weights; 7-14% faster decode on CPU, slightly less "
+                              "activations, signed per-channel weights; 5-14% faster decode on CPU, slightly less "
                               "accurate; needs per-channel int8, quantize --group-size 0)")
+    kv_cache: str = option("copy", added=True, help="copy (default: MultiHeadAttention returns a new present KV "
+                           "each step, any batch "
+                           "padding) or shared (GroupQueryAttention writes into one preallocated buffer bound as past "
+                           "and present: decode step time stays flat as the text grows; rows may not be left-padded)")
     ort_int8: bool = option(False, "baseline: quantize the float export with ONNX Runtime's dynamic int8 "
                             "(MatMulInteger)")
     external_data: str = option("auto", "weights in model.onnx.data: auto (over 1 GiB; default), always, never")
@@ -72,6 +78,10 @@ class ExportConfig(StageConfig):
         if self.int8_kernel == "dynamic" and (self.accuracy_level == 0 or self.dtype != "fp32"):
             raise ConfigError("--int8-kernel dynamic quantizes fp32 activations to int8: it needs --dtype fp32 and "
                               "--accuracy-level 4; use --int8-kernel matmulnbits otherwise")
+        if self.kv_cache not in KV_CACHES:
+            raise ConfigError(f"kv_cache {self.kv_cache!r}: use one of {KV_CACHES}")
+        if self.kv_cache == "shared" and not self.optimize:
+            raise ConfigError("--kv-cache shared rewrites the fused attention: drop --no-optimize")
         if self.external_data not in EXTERNAL_DATA:
             raise ConfigError(f"external_data {self.external_data!r}: use one of {EXTERNAL_DATA}")
         if self.atol <= 0 or self.quant_rtol <= 0:

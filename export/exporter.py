@@ -143,6 +143,10 @@ def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log:
     exact = exact_arithmetic(projections, config.accuracy_level) and not config.ort_int8
     proto = build_decoder(model, projections, options)
     del projections
+    if config.kv_cache == "shared":
+        from .kvshare import share_kv_cache
+
+        proto = share_kv_cache(proto, DecoderSpec.from_config(model.config))
     try:
         # The checker serializes the model: over protobuf's 2 GiB limit it cannot run.
         onnx.checker.check_model(proto) if weight_bytes(proto) < EXTERNAL_DATA_AUTO_BYTES else None
@@ -164,10 +168,12 @@ def validate_export(folder: Path, model, spec: DecoderSpec, config: ExportConfig
     # those exports are held to a relative bound, everything else to the float tolerance.
     if not exact or config.dtype == "fp16":
         rtol = config.quant_rtol if not exact else FP16_RTOL
-        report = validate(model, session, spec, rtol=rtol, np_dtype=np_dtype, n_tokens=n_tokens)
+        report = validate(model, session, spec, rtol=rtol, np_dtype=np_dtype, n_tokens=n_tokens,
+                          left_padding=config.kv_cache != "shared")
         report["tolerance"] = {"max_logits_rel_diff": rtol}
     else:
-        report = validate(model, session, spec, atol=config.atol, np_dtype=np_dtype, n_tokens=n_tokens)
+        report = validate(model, session, spec, atol=config.atol, np_dtype=np_dtype, n_tokens=n_tokens,
+                          left_padding=config.kv_cache != "shared")
         report["tolerance"] = {"atol": config.atol}
     return report
 
@@ -214,7 +220,7 @@ def _export_into(config: ExportConfig, src: Path, out: Path, log: Callable[[str]
     files.append("config.json")
     tokenizer.save(out)
     files += list(TOKENIZER_FILES)
-    atomic_write_json(out / GENAI_CONFIG, genai_config(model.config))
+    atomic_write_json(out / GENAI_CONFIG, genai_config(model.config, share_buffer=config.kv_cache == "shared"))
     files.append(GENAI_CONFIG)
     if config.ort_format:
         log("converting to the ORT format")

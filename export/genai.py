@@ -1,8 +1,9 @@
 """Edge runtimes: the `genai_config.json` onnxruntime-genai reads, and ORT-format conversion.
 
-onnxruntime-genai drives a decoder from names alone, which `export.spec` fixes; the KV cache
-is not shared between past and present here (MultiHeadAttention returns a new present), so
-`past_present_share_buffer` is off. The `.ort` format is what ONNX Runtime's mobile and
+onnxruntime-genai drives a decoder from names alone, which `export.spec` fixes;
+`past_present_share_buffer` is on only for a graph with a shared KV cache (`--kv-cache shared`,
+GroupQueryAttention), where past and present may be one buffer; MultiHeadAttention returns a
+new present. The `.ort` format is what ONNX Runtime's mobile and
 minimal builds load; the conversion also writes the operator list a reduced build needs.
 """
 
@@ -25,8 +26,9 @@ GENAI_MODEL_TYPE = "llama"
 
 
 def genai_config(config: GPTConfig, *, provider: str = "cpu", top_k: int = 50, top_p: float = 0.95,
-                 temperature: float = 1.0) -> dict:
-    """The genai_config.json dict for an export of `config`."""
+                 temperature: float = 1.0, share_buffer: bool = False) -> dict:
+    """The genai_config.json dict for an export of `config`; share_buffer: the graph's past and
+    present may be one buffer (an export with --kv-cache shared)."""
     if provider not in ("cpu", "cuda"):
         raise ConfigError(f"genai provider {provider!r}: use cpu or cuda")
     spec = DecoderSpec.from_config(config)
@@ -71,7 +73,7 @@ def genai_config(config: GPTConfig, *, provider: str = "cpu", top_k: int = 50, t
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": temperature,
             "top_k": top_k,

@@ -196,13 +196,7 @@ def dequantize_linear_graph(proto):
             if attrs.get("gather_axis", 0) == 0 and attrs.get("quantize_axis", 1) == 1:
                 nodes[i] = helper.make_node("Gather", [dequantized[codes], node.input[1]], list(node.output),
                                             name=node.name, axis=0)
-    nodes = _live_nodes(prologue + nodes, {o.name for o in graph.output})
-    used = {i for node in nodes for i in node.input}
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in list(graph.initializer) + added if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    set_nodes(graph, prologue + nodes, added)
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, 21)  # blocked DequantizeLinear and 4-bit types
@@ -248,7 +242,19 @@ def _dequantize_node(node, inits: dict, numpy_helper, helper):
     return weight, dq, tensors
 
 
-def _live_nodes(nodes: list, outputs: set[str]) -> list:
+def set_nodes(graph, nodes: list, added: list) -> None:
+    """Make `nodes` the graph's nodes, keeping only those its outputs depend on and only the
+    initializers (old or `added`) they read: what a rewrite leaves unread is not written."""
+    nodes = live_nodes(nodes, {o.name for o in graph.output})
+    used = {i for node in nodes for i in node.input}
+    kept = [t for t in list(graph.initializer) + list(added) if t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def live_nodes(nodes: list, outputs: set[str]) -> list:
     """The nodes some graph output depends on, in their order (drops what a rewrite left unread)."""
     needed, live = set(outputs), []
     for node in reversed(nodes):

@@ -27,6 +27,7 @@ from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.model import sample_next
 from compactgpt.tokenizer import Tokenizer
 
+from .kvshare import KV_CACHE_KEY
 from .spec import MODEL_FILE, DecoderSpec
 from .verify import check_config_matches_graph, verify_export_files
 
@@ -131,6 +132,9 @@ class OnnxDecoder:
         check_config_matches_graph(self.folder, self.config, self.session)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = _ORT_TYPES.get(inputs[self.spec.past_key(0)].type, np.float32)
+        # A graph exported with --kv-cache shared writes new keys and values into its past buffer.
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.shared_kv = meta.get(KV_CACHE_KEY) == "shared"
         self.io_binding = io_binding
         self.preallocate = preallocate and io_binding
 
@@ -205,6 +209,10 @@ class OnnxDecoder:
                 f"{self.config.n_positions} positions; shorten the prompt or lower max_new_tokens"
             )
         mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if self.shared_kv and not bool(mask.all()):
+            raise ConfigError(f"{self.folder} has a shared KV cache (exported with --kv-cache shared), which reads each "
+                              "row's tokens from its start: it cannot run left-padded rows; generate them one by one, "
+                              "or use an export with --kv-cache copy")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         stops = torch.tensor(list(stop_tokens), dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
@@ -223,8 +231,9 @@ class OnnxDecoder:
             next_pos = next_pos + 1
 
     def new_cache(self, batch: int, capacity: int) -> "KVCache":
-        """An empty KV cache for `batch` rows and up to `capacity` tokens (see KVCache)."""
-        return KVCache(self, batch, capacity)
+        """An empty KV cache for `batch` rows and up to `capacity` tokens (see KVCache; one
+        buffer per KV tensor for a graph with a shared KV cache)."""
+        return KVCache(self, batch, capacity, shared=self.shared_kv)
 
     def _per_step_cache(self) -> Callable[..., np.ndarray]:
         """KVCache.run's contract over `forward`: ONNX Runtime allocates a new present KV each
@@ -263,28 +272,30 @@ class KVCache:
     created (on the CPU), so it stays flat while tokens are generated.
     """
 
-    def __init__(self, decoder: OnnxDecoder, batch: int, capacity: int):
+    def __init__(self, decoder: OnnxDecoder, batch: int, capacity: int, shared: bool = False):
         import onnxruntime as ort
 
         spec = decoder.spec
-        self.decoder, self.batch, self.capacity = decoder, batch, capacity
+        self.decoder, self.batch, self.capacity, self.shared = decoder, batch, capacity, shared
         self.length = 0  # tokens cached so far
         shape = [batch, spec.n_head, capacity, spec.head_dim]
         where = (decoder.device_type, decoder.device_id)
-        # One pair per past/present name, in spec order. On the CPU the buffers are numpy arrays
-        # written once here, so their pages are committed now: resident memory then stays flat
-        # through the generation instead of growing page by page as the cache fills.
+        # One pair per past/present name, in spec order; shared: one buffer bound as both (the
+        # graph appends in place), so the cache costs 1x its size, not 2x. On the CPU the buffers
+        # are numpy arrays written once here, so their pages are committed now: resident memory
+        # then stays flat through the generation instead of growing page by page as it fills.
+        per_name = 1 if shared else 2
+        count = per_name * len(spec.past_names)
         self._arrays = []
         if decoder.device_type == "cpu":
-            for _ in range(2 * len(spec.past_names)):
+            for _ in range(count):
                 array = np.empty(shape, decoder.dtype)
                 array.fill(0)
                 self._arrays.append(array)
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
         else:
-            values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.dtype, *where)
-                      for _ in range(2 * len(spec.past_names))]
-        self.buffers = [(values[2 * i], values[2 * i + 1]) for i in range(len(spec.past_names))]
+            values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.dtype, *where) for _ in range(count)]
+        self.buffers = [(values[per_name * i], values[per_name * i + per_name - 1]) for i in range(len(spec.past_names))]
         self._past = 0  # which buffer of each pair holds the past
         self.mask = np.zeros((batch, capacity), np.int64)
         self._step_logits = np.empty((batch, 1, spec.vocab_size), decoder.dtype)
@@ -309,6 +320,8 @@ class KVCache:
         bind.bind_cpu_input(spec.attention_mask, np.ascontiguousarray(self.mask[:, :P + T]))
         bind.bind_cpu_input(spec.position_ids, np.ascontiguousarray(position_ids, dtype=np.int64))
         past_shape, present_shape = [B, spec.n_head, P, spec.head_dim], [B, spec.n_head, P + T, spec.head_dim]
+        if self.shared:  # one buffer of the full capacity; the attention mask gives the valid length
+            past_shape = present_shape = [B, spec.n_head, self.capacity, spec.head_dim]
         for past_name, present_name, pair in zip(spec.past_names, spec.present_names, self.buffers):
             past, present = pair[self._past], pair[1 - self._past]
             bind.bind_input(past_name, d.device_type, d.device_id, d.dtype, past_shape, past.data_ptr())

@@ -217,15 +217,16 @@ def output_differences(model: GPT, session, spec: DecoderSpec, case: Case, np_dt
 
 
 def validate(model: GPT, session, spec: DecoderSpec, *, atol: float | None = None, rtol: float | None = None,
-             np_dtype=np.float32, n_tokens: int | None = None) -> dict:
+             np_dtype=np.float32, n_tokens: int | None = None, left_padding: bool = True) -> dict:
     """Check the session's signature against the spec, then run every case; raise the
     signature's error, or ParityError naming the first failing case and its worst output.
 
     atol bounds the absolute differences (float exports); rtol bounds max|diff| / max|logits|
     (quantized exports, whose kernels round activations differently). n_tokens: the
     tokenizer's size (default: the model's `vocab_limit`); the logits of padding rows past it
-    must be masked. Returns the report that goes into the manifest: per-case differences and
-    the maxima.
+    must be masked. left_padding: also check batches with a left-padded row (off for a graph
+    that does not support them: a shared KV cache). Returns the report that goes into the
+    manifest: per-case differences and the maxima.
     """
     check_signature(session, spec)
     if n_tokens is None:
@@ -233,7 +234,7 @@ def validate(model: GPT, session, spec: DecoderSpec, *, atol: float | None = Non
     report: dict = {"cases": {}}
     worst_logits = worst_present = worst_rel = 0.0
     for case in CASES:
-        if not fits(case, model.config.n_positions):
+        if not fits(case, model.config.n_positions) or (case.left_pad and not left_padding):
             continue
         d = output_differences(model, session, spec, case, np_dtype, n_tokens)
         rel = d["logits"] / max(d["logits_scale"], 1e-12)

@@ -51,3 +51,21 @@ def test_flags_come_from_the_fields():
     args = parser.parse_args(["--layers", "4", "--no-fast"])
     assert given_args(args, ToyConfig) == {"layers": 4, "fast": False}  # only what was given
     assert field_help(ToyConfig, "rate") == "share of something"
+
+
+def test_an_added_field_at_its_default_leaves_the_fingerprint_alone():
+    from dataclasses import dataclass
+
+    from compactgpt.config import StageConfig, option
+
+    @dataclass
+    class Before(StageConfig):
+        width: int = option(4, "w")
+
+    @dataclass
+    class After(StageConfig):
+        width: int = option(4, "w")
+        kernel: str = option("old", "k", added=True)
+
+    assert After().fingerprint_dict() == Before().to_dict() and "kernel" in After().to_dict()
+    assert After(kernel="new").fingerprint_dict() == {"width": 4, "kernel": "new"}

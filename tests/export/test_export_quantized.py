@@ -188,6 +188,6 @@ def test_dynamic_int8_kernel_refuses_what_it_cannot_run(tokenizer, tmp_path):
     with pytest.raises(ExportError, match="per-channel"):
         export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), int8_kernel="dynamic"),
                     log=lambda m: None)
-    for settings in (dict(accuracy_level=0), dict(dtype="fp16"), dict(int8_kernel="fast")):
+    for bad in (dict(accuracy_level=0), dict(dtype="fp16"), dict(int8_kernel="fast")):
         with pytest.raises(ConfigError):
-            ExportConfig(model="m", out="o", **{"int8_kernel": "dynamic", **settings})
+            ExportConfig(model="m", out="o", **{"int8_kernel": "dynamic", **bad})

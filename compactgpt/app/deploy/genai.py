@@ -21,6 +21,7 @@ from compactgpt.io import atomic_write_json
 from compactgpt.model import GPTConfig
 from compactgpt.tokenizer import Tokenizer
 from export.genai import genai_config
+from export.kvshare import shares_kv_cache
 from export.spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE
 
 from .bundle import same_tokens_or_raise
@@ -103,7 +104,7 @@ def runtime_missing() -> str | None:
 def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], None]) -> tuple[list[str], dict]:
     log(f"linking the graph and tokenizer of {source} into {out}")
     files = copy_files(source, out, (MODEL_FILE, DATA_FILE) + COPIED_FILES)
-    atomic_write_json(out / GENAI_CONFIG, genai_config(read_config(source)))
+    atomic_write_json(out / GENAI_CONFIG, genai_config(read_config(source), share_buffer=shares_kv_cache(source / MODEL_FILE)))
     files.append(GENAI_CONFIG)
     return files, {"bytes": tree_bytes(out, files),
                    "model_bytes": tree_bytes(out, [n for n in files if n in (MODEL_FILE, DATA_FILE)])}

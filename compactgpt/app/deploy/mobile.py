@@ -28,6 +28,7 @@ from compactgpt.artifacts import read_config
 from compactgpt.io import atomic_write_json, atomic_write_text
 from compactgpt.tokenizer import Tokenizer
 from export.genai import genai_config
+from export.kvshare import shares_kv_cache
 from export.spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE, DecoderSpec
 
 from . import genai
@@ -77,7 +78,7 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
                           "(compactgpt quantize --bits 4) and deploy that, or use --target genai")
     operators = check_operator_config(out / ORT_FILE, out / OPS_FILE)
     files = [ORT_FILE, OPS_FILE] + genai.copy_files(source, out, genai.COPIED_FILES)
-    settings = genai_config(read_config(source))
+    settings = genai_config(read_config(source), share_buffer=shares_kv_cache(source / MODEL_FILE))
     settings["model"]["decoder"]["filename"] = ORT_FILE
     atomic_write_json(out / GENAI_CONFIG, settings)
     files.append(GENAI_CONFIG)

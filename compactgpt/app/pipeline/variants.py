@@ -58,6 +58,6 @@ def plan_exports(settings: dict, ctx: Planning) -> list[Stage]:
     for target in targets:
         src = ctx.model(target, "export")
         config = dataclasses.replace(base, model=str(src.folder), out=str(ctx.out / "onnx" / target))
-        stages.append(ctx.add(Stage(f"{target}-onnx", "export", Path(config.out), config.to_dict(), [src.name],
+        stages.append(ctx.add(Stage(f"{target}-onnx", "export", Path(config.out), config.fingerprint_dict(), [src.name],
                                     partial(_run_export, config, ctx.log), model=f"{target}-onnx")))
     return stages
