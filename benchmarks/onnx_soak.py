@@ -9,6 +9,8 @@ A tiny random-weight GPT with 10,240 positions is exported (fp32, fused graph) a
 * per-step: the same with the memory pattern off (`preallocate=False`), to separate the two causes
 * preallocated: the default, `KVCache`: two buffers per KV tensor allocated once, bound by IO
   binding, memory pattern off
+* shared: the export with `--kv-cache shared` (GroupQueryAttention): one buffer per KV tensor
+  bound as both past and present, the new keys and values written into it in place
 
 Each path runs in its own process, so one path's freed memory cannot flatter the other's
 figures. Every 500 tokens the process's resident memory (VmRSS from /proc/self/status) and the
@@ -38,7 +40,9 @@ from compactgpt.machine import describe, machine_info
 SHAPE = dict(vocab_size=320, n_positions=10240, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
 # path -> OnnxDecoder keywords
 PATHS = {"before": dict(preallocate=False, memory_pattern=True), "per-step": dict(preallocate=False),
-         "preallocated": dict(preallocate=True)}
+         "preallocated": dict(preallocate=True), "shared": dict(preallocate=True)}
+# path -> the export it runs: "shared" is the --kv-cache shared graph, the others the copying one
+EXPORTS = {"before": "copy", "per-step": "copy", "preallocated": "copy", "shared": "shared"}
 
 
 def rss_kib() -> int:
@@ -54,8 +58,9 @@ def kv_bytes_per_token(shape: dict, itemsize: int = 4) -> int:
     return shape["n_layer"] * 2 * shape["n_embd"] * itemsize
 
 
-def export_soak_model(work: Path, threads: int) -> Path:
-    """Save a random-weight GPT of SHAPE with a small tokenizer and export it (weights external)."""
+def export_soak_model(work: Path, threads: int) -> dict[str, Path]:
+    """Save a random-weight GPT of SHAPE with a small tokenizer and export it (weights external),
+    with each KV cache layout: {"copy": folder, "shared": folder}."""
     from compactgpt.artifacts import save_model
     from compactgpt.model import GPT, GPTConfig
     from compactgpt.tokenizer import train_bpe
@@ -64,8 +69,9 @@ def export_soak_model(work: Path, threads: int) -> Path:
     torch.manual_seed(0)
     tokenizer = train_bpe(["def f(x):\n    return x + 1\n", "hello world\n"] * 50, vocab_size=300)
     save_model(work / "model", GPT(GPTConfig(**SHAPE)).eval(), tokenizer, stage="pretrain", settings={})
-    return export_onnx(ExportConfig(model=str(work / "model"), out=str(work / "onnx"), external_data="always",
-                                    threads=threads), log=lambda m: None)
+    return {kv: export_onnx(ExportConfig(model=str(work / "model"), out=str(work / f"onnx-{kv}"), kv_cache=kv,
+                                         external_data="always", threads=threads), log=lambda m: None)
+            for kv in ("copy", "shared")}
 
 
 def soak(folder: str, path: str, threads: int, new_tokens: int, prompt_len: int, every: int) -> dict:
@@ -147,7 +153,7 @@ def to_markdown(result: dict) -> str:
         f"- The KV cache itself is {result['kv_bytes_per_token'] / 1024:.2f} KiB/token ({kv_total:.1f} MiB at the end); "
         "the preallocated path commits two buffers of it when the generation starts (past read from one, present "
         "written into the other), so its memory is flat from then on: what it grows while generating stays "
-        "below the KV cache's own size.",
+        "below the KV cache's own size. The shared path commits one buffer and copies nothing per step.",
         f"- Opening check (sha256 of every manifest file, {v['bytes'] / 2**20:.2f} MiB with model.onnx.data): "
         f"{v['seconds'] * 1e3:.1f} ms, {v['mib_per_s']:.0f} MiB/s on one core, so about "
         f"{500 / v['mib_per_s']:.1f} s for a 500 MB (GPT-2 124M fp32) export, once per open; "
@@ -183,11 +189,11 @@ def main() -> None:
         parser.error(f"prompt + new tokens exceed the model's {SHAPE['n_positions']} positions")
     command = "python -m benchmarks.onnx_soak " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_soak_model(Path(tmp), args.threads)
-        verify = time_verify(folder)
+        folders = export_soak_model(Path(tmp), args.threads)
+        verify = time_verify(folders["copy"])
         paths = {}
         for name in PATHS:
-            cmd = [sys.executable, "-m", "benchmarks.onnx_soak", "--worker", name, "--folder", str(folder),
+            cmd = [sys.executable, "-m", "benchmarks.onnx_soak", "--worker", name, "--folder", str(folders[EXPORTS[name]]),
                    "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                    "--prompt-len", str(args.prompt_len), "--every", str(args.every)]
             print(f"running {name} ...", file=sys.stderr)
