@@ -39,7 +39,8 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 DESCRIPTION = ("CompactGPT: train a GPT teacher, compress it into small students, quantize them, export "
-               "them to ONNX and benchmark them. Every verb reads and writes artifact folders.")
+               "them to ONNX, deploy them (browser, transformers.js, onnxruntime-genai, mobile) and benchmark "
+               "them. Every verb reads and writes artifact folders.")
 
 
 def _verb_module(verb: str):
