@@ -159,3 +159,20 @@ def test_shipped_configs_keep_their_fingerprints(tmp_path, name, stages, digest)
     planned = plan(load_config(name), tmp_path, log=quiet)
     assert len(planned) == stages
     assert hashlib.sha256(" ".join(s.fingerprint for s in planned).encode()).hexdigest()[:16] == digest
+
+
+def test_deploy_group_bundles_exports_and_is_skipped_when_up_to_date(tmp_path, corpus_dir):
+    cfg = tiny_config(str(corpus_dir))
+    cfg = {**{k: cfg[k] for k in ("corpus", "teacher")}, "export": {"models": ["teacher"]},
+           "deploy": [{"models": ["teacher-onnx"], "target": "mobile", "check": "always"}],
+           "bench": {**cfg["bench"], "models": ["teacher-onnx"]}}
+    out = tmp_path / "p"
+    stages, first = run_pipeline(cfg, out, log=quiet, progress=False)
+    assert first["deploy/mobile/teacher-onnx"].startswith("ran")
+    bundle = out / "deploy" / "mobile" / "teacher-onnx"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert (bundle / "model.ort").is_file() and manifest["metrics"]["ort_tokens_match"] is True
+    _, again = run_pipeline(cfg, out, log=quiet, progress=False)
+    assert again["deploy/mobile/teacher-onnx"] == "skipped"
+    with pytest.raises(ConfigError, match="not an ONNX export"):
+        plan({**cfg, "deploy": [{"models": ["teacher"], "target": "mobile"}]}, tmp_path / "q", log=quiet)

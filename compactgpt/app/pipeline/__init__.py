@@ -1,5 +1,5 @@
 """`compactgpt pipeline`: corpus -> tokenizer -> teacher (-> finetune) -> students ->
-quantized variants -> ONNX exports -> bench -> report, stage by stage, one artifact folder
+quantized variants -> ONNX exports (-> deployment bundles) -> bench -> report, stage by stage, one artifact folder
 per stage under OUT.
 
 A pipeline config is JSON with one key per stage group (unknown keys are errors):
@@ -10,9 +10,10 @@ A pipeline config is JSON with one key per stage group (unknown keys are errors)
     students  [{"name", "prune": PruneConfig fields | null, "distill": DistillConfig fields}]
     quantize  [{"name", "models": [...], "method", **that method's settings}]
     export    {"models": [...], **ExportConfig fields}
+    deploy    optional [{"models": [...ONNX exports], "target", **DeployConfig fields}]
     bench     {"models": [...], "baseline": NAME, **BenchConfig fields}
 
-Each group has its planner (teacher.py, students.py, variants.py, benchmark.py) that builds
+Each group has its planner (teacher.py, students.py, variants.py, deploy.py, benchmark.py) that builds
 and checks the group's configs and adds its stages to the plan (plan.py); run.py runs them.
 
 Resumable: every stage gets a fingerprint (its settings, minus the folders, plus its

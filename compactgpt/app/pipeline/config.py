@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 
-STAGE_GROUPS = ("corpus", "teacher", "finetune", "students", "quantize", "export", "bench")
+STAGE_GROUPS = ("corpus", "teacher", "finetune", "students", "quantize", "export", "deploy", "bench")
 BUILT_IN = ("default", "gpu", "gpu-124m")
 REQUIRED_GROUPS = ("corpus", "teacher", "bench")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .benchmark import plan_bench
+from .deploy import plan_deploy
 from .stages import Planning, Stage
 from .students import plan_students
 from .teacher import existing_teacher, plan_corpus, plan_finetune, plan_teacher
@@ -26,5 +27,7 @@ def plan(config: dict, out: str | Path, log: Callable[[str], None] = print, prog
     for spec in config.get("quantize") or []:
         plan_quantize(spec, ctx)
     plan_exports(config.get("export") or {}, ctx)
+    for spec in config.get("deploy") or []:
+        plan_deploy(spec, ctx)
     plan_bench(config["bench"], ctx)
     return ctx.seal()
