@@ -48,6 +48,9 @@ async function load() {
   // (served with COOP/COEP headers); elsewhere the page still runs, on one thread.
   const threads = self.crossOriginIsolated ? Number(params.get("threads") || info.threads) : 1;
   ort.env.wasm.numThreads = threads;
+  // Steps run on the page's own thread, awaited between tokens: onnxruntime-web's proxy worker
+  // (env.wasm.proxy) would keep the page responsive during a step but copies the KV cache
+  // between threads every step (measured on the demo's int4 student: about half the tokens/s).
   const options = { executionProviders: [backend], graphOptimizationLevel: "all" };
   if (info.external_data) options.externalData = [{ path: info.external_data, data: `model/${info.external_data}` }];
   // Quantized weights come as DequantizeLinear of their codes: folded to float32 once, here, they
