@@ -15,6 +15,8 @@ artifact: marked incomplete until its manifest (stage "deploy", parent = the exp
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -122,3 +124,24 @@ def same_tokens_or_raise(runtime: str, expected: dict, got_ids: list[int] | None
                           f"{got_ids[first:first + 5]} vs {expected['new_ids'][first:first + 5]}")
     if got_text is not None and got_text != expected["text"]:
         raise DeployError(f"{runtime} generated {got_text!r}, ONNX Runtime in Python {expected['text']!r}")
+
+
+def script_json(cmd: list[str], runtime: str, timeout: float, fix: str = "") -> object:
+    """The JSON value a runtime's helper script prints on its last line of output. DeployError,
+    one line, when the script cannot start (`fix` says what to do), runs past `timeout` seconds,
+    fails, or prints no JSON."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except OSError as e:
+        raise DeployError(f"{cmd[0]} does not run ({e})" + (f"; {fix}" if fix else "")) from None
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"{runtime} did not finish in {timeout:.0f} s; rerun with --check never to skip the "
+                          "check") from None
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise DeployError(f"{runtime} failed: {(result.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+    try:
+        return json.loads(lines[-1])
+    except ValueError:
+        hint = f"; {fix}" if fix else ""
+        raise DeployError(f"{runtime} printed {lines[-1][:200]!r}, not the JSON line expected{hint}") from None

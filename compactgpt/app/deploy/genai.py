@@ -24,7 +24,7 @@ from export.genai import genai_config
 from export.kvshare import shares_kv_cache
 from export.spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE
 
-from .bundle import same_tokens_or_raise
+from .bundle import same_tokens_or_raise, script_json
 from .config import DeployConfig, DeployError
 from .files import place, tree_bytes
 
@@ -142,23 +142,13 @@ def run_genai(folder: Path, config: DeployConfig, prompt_ids: list[int], log: Ca
     # the reference stopped at <|endoftext|>, onnxruntime-genai must stop there too.
     max_length = min(len(prompt_ids) + config.max_new_tokens, bundle_config(folder).n_positions)
     log(f"running onnxruntime-genai ({python})")
+    output = script_json([python, "-c", GENAI_SCRIPT, str(folder), json.dumps(prompt_ids), str(max_length)],
+                         "onnxruntime-genai", CHECK_TIMEOUT_S,
+                         fix=f"set {GENAI_PYTHON_ENV} to a Python with onnxruntime-genai")
     try:
-        result = subprocess.run([python, "-c", GENAI_SCRIPT, str(folder), json.dumps(prompt_ids), str(max_length)],
-                                capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
-    except OSError as e:
-        raise DeployError(f"{python} does not run ({e}); set {GENAI_PYTHON_ENV} to a Python with "
-                          "onnxruntime-genai") from None
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"onnxruntime-genai did not finish {config.max_new_tokens} tokens in {CHECK_TIMEOUT_S} s "
-                          f"on {folder}; rerun with --check never to skip the check") from None
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise DeployError(f"onnxruntime-genai could not run {folder}: {last}")
-    try:
-        ids = [int(t) for t in json.loads(lines[-1])]
+        ids = [int(t) for t in output]
     except (ValueError, TypeError):
-        raise DeployError(f"onnxruntime-genai printed {lines[-1][:200]!r}, not a token list; is {python} "
+        raise DeployError(f"onnxruntime-genai printed {str(output)[:200]!r}, not a token list; is {python} "
                           "a Python with onnxruntime-genai?") from None
     return until_stop(ids, stop_ids(folder))
 

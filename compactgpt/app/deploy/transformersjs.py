@@ -11,7 +11,6 @@ writes that layout around the export's graph, unchanged. The check runs the pipe
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +18,7 @@ from compactgpt.artifacts import read_config
 from compactgpt.io import atomic_write_json
 
 from . import jslibs
+from .bundle import script_json
 from .config import DeployConfig, DeployError
 from .files import place, tree_bytes
 
@@ -97,13 +97,8 @@ def run_transformersjs(folder: str | Path, prompt: str, max_new_tokens: int, tim
     """{"text", "new_ids"}: greedy generation by transformers.js in Node from the bundle folder.
     Raises DeployError when Node or transformers.js fails."""
     modules = jslibs.ensure_installed()
-    result = subprocess.run([jslibs.require_node(), str(DRIVER), str(modules), str(Path(folder).resolve()),
-                             prompt, str(max_new_tokens)], capture_output=True, text=True, timeout=timeout)
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        raise DeployError(f"transformers.js failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return json.loads(lines[-1])
-
+    return script_json([jslibs.require_node(), str(DRIVER), str(modules), str(Path(folder).resolve()), prompt,
+                        str(max_new_tokens)], "transformers.js", timeout)
 
 def check(out: Path, config: DeployConfig, expected: dict, log: Callable[[str], None]) -> dict:
     from .bundle import same_tokens_or_raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +24,7 @@ from compactgpt.io import atomic_write_json
 from compactgpt.tokenizer import Tokenizer
 
 from . import jslibs
+from .bundle import script_json
 from .config import DeployConfig, DeployError
 from .files import place, tree_bytes
 
@@ -226,15 +226,11 @@ def run_page(folder: str | Path, prompt: str, max_new_tokens: int, *, temperatur
     query = urlencode({"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
                        "threads": threads, "backend": backend, **({"no_stop": 1} if no_stop else {})})
     try:
-        result = subprocess.run([jslibs.require_node(), str(DRIVER), str(modules), find_chromium(),
-                                 f"{url_of(server)}index.html?{query}", str(timeout)],
-                                capture_output=True, text=True, timeout=timeout + 60)
+        # The driver gives up waiting on the page after `timeout`; a minute more covers Chromium's start.
+        page = script_json([jslibs.require_node(), str(DRIVER), str(modules), find_chromium(),
+                            f"{url_of(server)}index.html?{query}", str(timeout)], "the browser run", timeout + 60)
     finally:
         server.shutdown()
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        raise DeployError(f"the browser run failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
-    page = json.loads(lines[-1])
     if page["title"] != "done":
         raise DeployError(f"the page reported {page['title']!r}")
     return page
