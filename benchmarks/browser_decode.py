@@ -24,11 +24,11 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.export_speed import time_generation
 from compactgpt.app.deploy import DeployConfig, deploy, web
 from compactgpt.machine import describe, machine_info
 from export import open_decoder
@@ -57,16 +57,8 @@ def is_quantized(folder: Path) -> bool:
 def python_decode(folder: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
     """(median decode step s, tokens) of ONNX Runtime in Python, greedy, no stop token."""
     decoder, _ = open_decoder(folder, threads=threads)
-    stream = decoder.stream(torch.tensor([prompt_ids]), new_tokens, temperature=0.0)
-    tokens, steps = [int(next(stream)[0])], []
-    last = time.perf_counter()
-    for token in stream:
-        now = time.perf_counter()
-        steps.append(now - last)
-        last = now
-        tokens.append(int(token[0]))
-    return statistics.median(steps), tokens
-
+    _, step, tokens = time_generation(decoder.stream, torch.tensor([prompt_ids]), new_tokens)
+    return step, tokens
 
 def browser_decode(bundle: Path, new_tokens: int, threads: int) -> tuple[float, list[int], dict]:
     page = web.run_page(bundle, PROMPT, new_tokens, threads=threads, backend="wasm", no_stop=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.export_speed import onnx_bytes_per_token, read_bandwidth
+from benchmarks.export_speed import onnx_bytes_per_token, read_bandwidth, time_generation
 from compactgpt.machine import describe, machine_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -98,13 +98,7 @@ def median_step(folder: Path, threads: int, new_tokens: int = 64, prompt: int = 
     ids = torch.randint(0, 900, (1, prompt), generator=torch.Generator().manual_seed(0))
     for _ in decoder.stream(ids, 4):
         pass
-    steps, last = [], None
-    for _ in decoder.stream(ids, new_tokens):
-        now = time.perf_counter()
-        if last is not None:
-            steps.append(now - last)
-        last = now
-    return statistics.median(steps)
+    return time_generation(decoder.stream, ids, new_tokens)[1]
 
 
 def step_at_lengths(folder: Path, threads: int, at: tuple[int, ...] = (50, 1000), window: int = 20) -> dict[int, float]:
