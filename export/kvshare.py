@@ -14,8 +14,6 @@ batch whose rows are left-padded is not supported (the runtime refuses one with 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from .errors import ExportError
@@ -26,13 +24,13 @@ KV_CACHE_KEY = "kv_cache"  # graph metadata: "shared" for a graph rewritten here
 
 
 def share_kv_cache(proto, spec: DecoderSpec):
-    """A copy of a fused decoder graph (onnx.ModelProto) with each MultiHeadAttention replaced by
-    Add(bias) + GroupQueryAttention over the same past/present names, and the attention bias it no
-    longer needs removed. Raises ExportError for a graph without MultiHeadAttention (an unfused
-    export: --no-optimize)."""
+    """Rewrite a fused decoder graph (onnx.ModelProto) in place, and return it: each
+    MultiHeadAttention becomes Add(bias) + GroupQueryAttention over the same past/present names,
+    and the attention bias it no longer needs is removed. In place because the exporter's graph
+    holds every weight: a copy would double the memory of the largest exports. Raises ExportError
+    for a graph without MultiHeadAttention (an unfused export: --no-optimize)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    proto = copy.deepcopy(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     if not any(n.op_type == "MultiHeadAttention" for n in graph.node):
