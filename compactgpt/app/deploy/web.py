@@ -63,7 +63,7 @@ def graph_facts(source: Path) -> dict:
     """Names, shapes and dtype of the export's graph as the page feeds it."""
     import onnx
 
-    from export.spec import DATA_FILE, MODEL_FILE, DecoderSpec
+    from export.spec import MODEL_FILE, DecoderSpec
 
     config = read_config(source)
     spec = DecoderSpec.from_config(config)
@@ -74,8 +74,6 @@ def graph_facts(source: Path) -> dict:
         raise DeployError(f"{source} has KV inputs of ONNX type {past_type}; the page feeds float32 or float16")
     tokenizer = Tokenizer.from_folder(source)
     return {
-        "model_file": MODEL_FILE,
-        "external_data": DATA_FILE if (source / DATA_FILE).is_file() else None,
         "n_layer": config.n_layer, "n_head": config.n_head, "head_dim": config.head_dim,
         "n_positions": config.n_positions, "vocab_size": config.vocab_size,
         "n_tokens": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
@@ -176,19 +174,16 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
     for name in (n for build in builds for n in ORT_BUILDS[build]):
         place(ort_dist / name, out / "ort" / name)
         files.append(f"ort/{name}")
-    graph_files = [facts["model_file"]] + ([facts["external_data"]] if facts["external_data"] else [])
+    from export.spec import DATA_FILE, MODEL_FILE
+
     folded = fold_quantized_weights(source, out / "model", log) if config.fold_weights else None
-    if folded is None:
-        for name in graph_files:
-            place(source / name, out / "model" / name)
-    else:
-        graph_files = folded
+    graph_files = folded or [name for name in (MODEL_FILE, DATA_FILE) if (source / name).is_file()]
     model_files = graph_files + ["tokenizer.json", "config.json"]
-    for name in ("tokenizer.json", "config.json"):
+    for name in ([] if folded else graph_files) + ["tokenizer.json", "config.json"]:  # the rest: the export's
         place(source / name, out / "model" / name)
     files += [f"model/{name}" for name in model_files]
-    facts["external_data"] = next((n for n in graph_files if n != facts["model_file"]), None)
-    info = {**facts, "ort_modules": {build: f"ort/{ORT_BUILDS[build][0]}" for build in builds},
+    info = {**facts, "model_file": MODEL_FILE, "external_data": next((n for n in graph_files if n != MODEL_FILE), None),
+            "ort_modules": {build: f"ort/{ORT_BUILDS[build][0]}" for build in builds},
             "fold_quantized_weights": folded is not None,
             "threads": config.threads, "default_prompt": config.prompt, "description": describe(source),
             "onnxruntime_web": jslibs.package_version(modules, "onnxruntime-web")}
