@@ -33,6 +33,10 @@ def test_shared_export_is_validated_and_declares_itself(exports):
     graph = onnx.load(str(exports["shared"] / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert "GroupQueryAttention" in ops and "MultiHeadAttention" not in ops
+    # q, k and v packed in the projection's output: no Split, and the bias added once, before
+    assert "Split" not in ops
+    for node in (n for n in graph.graph.node if n.op_type == "GroupQueryAttention"):
+        assert list(node.input[1:3]) == ["", ""]
     assert {p.key: p.value for p in graph.metadata_props}["kv_cache"] == "shared"
     manifest = read_manifest(exports["shared"])
     assert manifest.metrics["parity_max_logits_diff"] < 1e-4
@@ -71,3 +75,28 @@ def test_shared_cache_refuses_left_padding_and_the_unfused_graph(exports):
         next(OnnxDecoder(exports["shared"]).stream(ids, 3, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]])))
     with pytest.raises(ConfigError, match="no-optimize"):
         ExportConfig(model="m", out="o", kv_cache="shared", optimize=False)
+
+
+@pytest.mark.parametrize("kernel", ["int4 MatMulNBits", "int8 DynamicQuantizeMatMul"])
+def test_quantized_projections_take_the_attention_bias_into_their_kernel(tmp_path, kernel):
+    """The shared rewrite hands the q/k/v bias to the projection's own bias input (no Add), and
+    the graph still generates what the copying graph of the same quantized model generates."""
+    from compactgpt.tokenizer import train_bpe
+    from quantize import RTNConfig, quantize_folder
+
+    tok = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
+    save_model(tmp_path / "m", random_gpt(4, n_positions=128), tok, stage="pretrain", settings={})
+    bits, group, settings = (4, 16, {}) if kernel.startswith("int4") else (8, 0, {"int8_kernel": "dynamic"})
+    quantize_folder(tmp_path / "m", tmp_path / "q", RTNConfig(bits=bits, group_size=group, include_embeddings=True),
+                    progress=False, log=lambda m: None)
+    out = {kind: export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / kind), kv_cache=kind,
+                                          **settings), **QUIET) for kind in ("copy", "shared")}
+    nodes = onnx.load(str(out["shared"] / "model.onnx")).graph.node
+    op = kernel.split()[1]
+    c_attn = [n for n in nodes if n.op_type == op and n.name.endswith("attn.c_attn")]
+    assert c_attn and all(n.input[4 if op == "DynamicQuantizeMatMul" else 5].endswith(".bias") for n in c_attn)
+    assert not [n for n in nodes if n.op_type in ("Add", "Split")]
+    ids = torch.randint(0, 280, (2, 5), generator=torch.Generator().manual_seed(0))
+    copy, shared = OnnxDecoder(out["copy"]), OnnxDecoder(out["shared"])
+    assert torch.allclose(shared.logits(ids), copy.logits(ids), atol=1e-4)
+    assert torch.equal(shared.generate(ids, 40), copy.generate(ids, 40))
