@@ -262,7 +262,15 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
         tok = _quantized_lookup(g, head.nbits, nbits_inits(head), spec.input_ids)
     else:  # activation-ordered codes have permuted columns: the lookup keeps a float table
         tok = g.one("Gather", [g.init("transformer.wte.weight", sd["transformer.wte.weight"]), spec.input_ids], axis=0)
-    pos = g.one("Gather", [g.init("transformer.wpe.weight", sd["transformer.wpe.weight"]), spec.position_ids], axis=0)
+    wpe = sd["transformer.wpe.weight"]
+    if options.dtype == "fp32" and np.array_equal(wpe.astype(np.float16).astype(np.float32), wpe):
+        # A table of float16 numbers (quantized embeddings round it so): stored in float16,
+        # rows cast after the lookup, the same values at half the bytes.
+        pos = g.one("Gather", [g.init("transformer.wpe.weight", wpe.astype(np.float16), cast=False), spec.position_ids],
+                    axis=0)
+        pos = g.one("Cast", [pos], to=TensorProto.FLOAT)
+    else:
+        pos = g.one("Gather", [g.init("transformer.wpe.weight", wpe), spec.position_ids], axis=0)
 
     scale = 1.0 / math.sqrt(hs)
     # x: normalized input of the current sublayer; resid: the residual stream it adds to.
@@ -302,11 +310,24 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
         nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "transformer.ln_f"
         x, resid = skip_ln(m, resid, nxt, bias_of(m_proj) if options.fused else None)
 
-    if head is not None and head.nbits is not None:
-        logits = matmul(x, head, with_bias=True)
+    padded = options.n_tokens is not None and options.n_tokens < cfg.vocab_size
+    if head is not None and head.nbits is not None and padded and options.dtype == "fp32":
+        # The padding mask as the head's bias: float32 logits are far smaller than half an ulp
+        # of the lowest float32 (2^103), so logit + lowest rounds to lowest exactly, as the Where
+        # below gives, and the head's kernel adds it for free (a Where over V logits cost 74 us
+        # of a 6.2 ms int4 124M step on one thread). float16's lowest (-65504) has an ulp of 32:
+        # it keeps the Where.
+        lowest = np.where(np.arange(cfg.vocab_size) >= options.n_tokens, np.finfo(np.float32).min, 0)
+        bias = lowest if head.bias is None else lowest + head.bias
+        matmul(x, Projection(head.name, bias.astype(np.float32), nbits=head.nbits, act_bits=head.act_bits),
+               with_bias=True)
+        padded = False
+    elif head is not None and head.nbits is not None:
+        matmul(x, head, with_bias=True)
     else:
-        logits = g.one("MatMul", [x, wte_t], name="lm_head")  # (B, T, V)
-    if options.n_tokens is not None and options.n_tokens < cfg.vocab_size:
+        g.one("MatMul", [x, wte_t], name="lm_head")  # (B, T, V)
+    logits = g.nodes[-1].output[0]
+    if padded:
         # Padding rows: replaced (not offset) by the dtype's lowest value, as PyTorch's
         # mask_padded_vocab does, so parity holds exactly there and nothing is ever -inf/NaN.
         padding = g.const("vocab_padding", np.arange(cfg.vocab_size) >= options.n_tokens, np.bool_)  # (V,)

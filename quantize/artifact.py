@@ -92,14 +92,17 @@ def quantization_config(config: QuantConfig, layout: str, act_bits: int | None) 
 
 
 def _float_tensors(model: GPT, skip: set[str]) -> dict[str, torch.Tensor]:
-    """Float parameters in GPT-2 names and layouts, leaving out the quantized layers' own tensors."""
+    """Float parameters in GPT-2 names and layouts, leaving out the quantized layers' own tensors.
+    The position table is float16 next to quantized embeddings (quantize_embeddings rounded it)."""
     out = {}
+    half_positions = isinstance(model.transformer.wte, QuantEmbedding)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" or any(name.startswith(s + ".") and not name == s + ".bias" for s in skip):
             continue
         if name.endswith(HF_TRANSPOSED):
             tensor = tensor.t()
-        out[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+        dtype = torch.float16 if half_positions and name == "transformer.wpe.weight" else torch.float32
+        out[name] = tensor.detach().to("cpu", dtype).contiguous()
     return out
 
 

@@ -159,6 +159,8 @@ def test_a_quantized_head_serves_the_embedding_lookup_from_the_same_codes(bits, 
     reshape = next(n for n in graph.node if n.output[0] == lookup.input[0])
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name == "lm_head")
     assert reshape.input[0] == head.input[1]  # the head's codes, relabelled, not copied
+    wpe = next(t for t in graph.initializer if t.name == "transformer.wpe.weight")
+    assert wpe.data_type == onnx.TensorProto.FLOAT16  # float16 numbers since quantization: half the bytes
     metrics = read_manifest(out).metrics
     assert metrics["parity_max_logits_diff"] < 1e-4
     assert metrics["bits_per_parameter"] == 8 * metrics["onnx_bytes"] / implied_parameters(qmodel.config)

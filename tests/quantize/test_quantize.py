@@ -260,6 +260,12 @@ def test_saved_and_loaded_quantized_models_give_identical_logits(config, byte_to
             assert m.act_bits == (8 if config.method == "smoothquant" and m is not layers.get("lm_head") else None)
         hf = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
         assert hf["quant_method"] == "gptq" and hf["bits"] == config.bits
+        # Beside quantized embeddings the position table is rounded to float16 and stored so.
+        from safetensors.torch import load_file
+
+        stored = load_file(str(tmp_path / "q" / "model.safetensors"))["transformer.wpe.weight"]
+        assert stored.dtype == (torch.float16 if config.include_embeddings else torch.float32)
+        assert torch.equal(stored.float(), loaded.model.transformer.wpe.weight)
 
 
 def test_int4_artifact_packs_two_values_per_byte(byte_tokenizer, tmp_path):
