@@ -80,6 +80,9 @@ def quantization_config(config: QuantConfig, layout: str, act_bits: int | None) 
             "desc_act": False,  # groups are contiguous (static groups), so no g_idx reordering
             "true_sequential": True,
             "lm_head": config.include_embeddings,
+            # Per-module overrides as GPTQModel writes them (a regex on the module name): the head's bits.
+            **({"dynamic": {"+:^lm_head$": {"bits": config.head_bits}}}
+               if config.include_embeddings and config.bits_for("lm_head") != config.bits else {}),
             "compactgpt": own,
         }
     if isinstance(config, BnbInt8Config):
@@ -187,7 +190,7 @@ def check_quantized_weights(path: Path, gpt_config: GPTConfig, config: QuantConf
                                 "weights and config come from different models; quantize again")
         entries = {k[len(name) + 1:]: v for k, v in header.items() if k.startswith(name + ".")}
         if layout == "gptq":
-            check_gptq_header(path, name, entries, config.bits, lin.in_features, lin.out_features)
+            check_gptq_header(path, name, entries, config.bits_for(name), lin.in_features, lin.out_features)
         else:
             bnb_layers.check_bnb_header(path, name, entries, isinstance(config, BnbInt8Config),
                                         lin.in_features, lin.out_features)
@@ -248,7 +251,7 @@ def load_quantized(folder: str | Path, verify: bool = True, device: str | torch.
         if layout == "gptq":
             # On the device before the modules are built: the tied embedding and LM head then
             # share one QuantizedWeight there too (the move below keeps weights already in place).
-            qw = from_gptq_tensors(t, config.bits, name).to(device)
+            qw = from_gptq_tensors(t, config.bits_for(name), name).to(device)
             if name == "lm_head":
                 model.lm_head = QuantLinear(qw, None)
                 model.transformer.wte = QuantEmbedding(qw)

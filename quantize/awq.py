@@ -214,4 +214,5 @@ def _awq(model, config: AWQConfig, calibration, progress: bool) -> None:
         h = _rows(model.transformer.ln_f(xs), AWQ_CLIP_ROWS)
         w = model.transformer.wte.weight
         quantize_embeddings(model, search_clip(h, w, group_size=config.group_for(w.shape[1], "lm_head"),
-                                               max_shrink=config.max_shrink, **hooks.search))
+                                               max_shrink=config.max_shrink,
+                                               **{**hooks.search, "bits": config.bits_for("lm_head")}))

@@ -47,6 +47,10 @@ class QuantConfig(StageConfig):
                                    "asymmetric zero point per group")
     include_embeddings: bool = option(False, "also quantize the tied token embedding / LM head (a large share "
                                              "of a small model)")
+    # llama.cpp's Q4_K_M keeps its output matrix at 6 bits for the same reason: every logit comes
+    # from it, and it is a large share of a small model's error.
+    head_bits: int = option(0, added=True, help="bits of the tied embedding / LM head with --include-embeddings "
+                            "(0 = --bits; 8 beside 4-bit blocks keeps the matrix every logit comes from at int8)")
 
     def validate(self) -> None:
         if self.bits not in self.supported_bits:
@@ -58,9 +62,19 @@ class QuantConfig(StageConfig):
             raise ConfigError(f"{self.method}: group_size must be 0 (per channel) or positive, got {self.group_size}")
         if self.group_size and self.group_size % 2:
             raise ConfigError(f"{self.method}: group_size={self.group_size} must be even (int4 packs two per byte)")
+        if self.head_bits and self.head_bits not in self.supported_bits:
+            raise ConfigError(f"{self.method}: head_bits={self.head_bits} is not supported; use 0 (= bits) or "
+                              f"{' or '.join(map(str, self.supported_bits))}")
+        if self.head_bits and not self.include_embeddings:
+            raise ConfigError(f"{self.method}: head_bits sets the bits of the quantized embedding / LM head; add "
+                              "--include-embeddings, or drop --head-bits")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **super().to_dict()}
+
+    def bits_for(self, name: str) -> int:
+        """The bits of one quantized layer: head_bits for the LM head when set, else bits."""
+        return self.head_bits if name == "lm_head" and self.head_bits else self.bits
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""

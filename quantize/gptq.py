@@ -141,8 +141,8 @@ class _GPTQBlocks(BlockHooks):
         self.done = {}
 
 
-def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, group_size: int) -> QuantizedWeight:
-    return gptq_quantize(w, H, config.bits, group_size, config.symmetric, config.damp_percent, config.act_order,
+def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, group_size: int, bits: int | None = None) -> QuantizedWeight:
+    return gptq_quantize(w, H, bits or config.bits, group_size, config.symmetric, config.damp_percent, config.act_order,
                          config.block_columns)
 
 
@@ -153,4 +153,4 @@ def _gptq(model, config: GPTQConfig, calibration, progress: bool) -> None:
     if config.include_embeddings:
         w = model.transformer.wte.weight
         H = accumulate_hessian(None, model.transformer.ln_f(xs))
-        quantize_embeddings(model, _solve(w, H, config, config.group_for(w.shape[1], "lm_head")))
+        quantize_embeddings(model, _solve(w, H, config, config.group_for(w.shape[1], "lm_head"), config.bits_for("lm_head")))

@@ -84,5 +84,5 @@ def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
                                                  config.symmetric))
     if config.include_embeddings:
         w = model.transformer.wte.weight
-        quantize_embeddings(model, rtn_quantize(w, config.bits, config.group_for(w.shape[1], "lm_head"),
+        quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),
                                                 config.symmetric))

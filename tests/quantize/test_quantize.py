@@ -223,6 +223,8 @@ def calibration(n=8, T=32, seed=0) -> CalibrationData:
 CONFIGS = [
     RTNConfig(bits=8),
     RTNConfig(bits=4, group_size=16, symmetric=False, include_embeddings=True),
+    RTNConfig(bits=4, group_size=16, include_embeddings=True, head_bits=8),
+    GPTQConfig(bits=4, group_size=16, include_embeddings=True, head_bits=8),
     GPTQConfig(bits=4, group_size=16, include_embeddings=True),
     GPTQConfig(bits=8, group_size=0, act_order=False),
     AWQConfig(bits=4, group_size=16, n_grid=4, include_embeddings=True),
@@ -232,7 +234,8 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-g{c.group_size}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-g{c.group_size}"
+                         + (f"-head{c.head_bits}" if c.head_bits else ""))
 def test_saved_and_loaded_quantized_models_give_identical_logits(config, byte_tokenizer, tmp_path):
     model = random_gpt(0)
     ids = torch.randint(0, 320, (2, 24))
@@ -252,6 +255,7 @@ def test_saved_and_loaded_quantized_models_give_identical_logits(config, byte_to
                     for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
         assert set(layers) - {"lm_head"} == expected
         assert ("lm_head" in layers) == config.include_embeddings
+        assert {name: m.qweight.bits for name, m in layers.items()} == {name: config.bits_for(name) for name in layers}
         if config.include_embeddings:
             assert isinstance(loaded.model.transformer.wte, QuantEmbedding)
             assert loaded.model.transformer.wte.qweight is layers["lm_head"].qweight
@@ -260,6 +264,7 @@ def test_saved_and_loaded_quantized_models_give_identical_logits(config, byte_to
             assert m.act_bits == (8 if config.method == "smoothquant" and m is not layers.get("lm_head") else None)
         hf = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
         assert hf["quant_method"] == "gptq" and hf["bits"] == config.bits
+        assert hf.get("dynamic") == ({"+:^lm_head$": {"bits": 8}} if config.head_bits == 8 else None)
         # Beside quantized embeddings the position table is rounded to float16 and stored so.
         from safetensors.torch import load_file
 
@@ -298,6 +303,15 @@ def test_gptq_improves_a_trained_like_model_over_rtn():
 
 # ---------------------------------------------------------------------------------------
 # Bad input
+
+
+def test_head_bits_need_quantized_embeddings_and_a_supported_width():
+    with pytest.raises(ConfigError, match="--include-embeddings"):
+        RTNConfig(bits=4, head_bits=8)
+    with pytest.raises(ConfigError, match="head_bits=6"):
+        RTNConfig(bits=4, include_embeddings=True, head_bits=6)
+    with pytest.raises(ConfigError, match="head_bits=4"):
+        SmoothQuantConfig(include_embeddings=True, head_bits=4)
 
 
 def test_group_size_that_does_not_divide_the_width_is_refused():

@@ -42,7 +42,7 @@ def plan_quantize(spec: dict, ctx: Planning) -> list[Stage]:
         src = ctx.model(target, f"quantize {qname}", known="known so far")
         name = f"{target}-{qname}"
         stages.append(ctx.add(Stage(name, "quantize", ctx.out / "quantized" / name,
-                                    {**config.to_dict(), "calib_data": calib}, [src.name],
+                                    {**config.fingerprint_dict(), "calib_data": calib}, [src.name],
                                     partial(_run_quantize, config, src.folder, calib, ctx.log, ctx.progress),
                                     model=name)))
     return stages
