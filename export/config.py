@@ -36,11 +36,11 @@ class ExportConfig(StageConfig):
                                  "activations (default; several times faster for single-token decode on CPU)")
     # Measured at 12 x 768 on an AVX-512/VNNI Xeon: 4.56 ms per token against 4.92 for MatMulNBits
     # (2 threads), 8.13 against 9.49 (1 thread); perplexity +0.015%, KL from fp32 0.12e-3 -> 0.17e-3.
-    int8_kernel: str = option("matmulnbits", added=True, help="int8 weights of the blocks: matmulnbits (default; "
-                              "int8 activations "
-                              "quantized per block) or dynamic (ONNX Runtime's DynamicQuantizeMatMul: per-tensor "
-                              "activations, signed per-channel weights; 5-14% faster decode on CPU, slightly less "
-                              "accurate; needs per-channel int8, quantize --group-size 0)")
+    int8_kernel: str = option("matmulnbits", added=True, help="kernel of int8 weights (blocks and a quantized LM "
+                              "head): matmulnbits (default; int8 activations quantized per block) or dynamic (ONNX "
+                              "Runtime's DynamicQuantizeMatMul: per-tensor activations, signed per-channel weights, the "
+                              "lookup reading the head's codes; 5-14% faster decode on CPU, slightly less accurate; "
+                              "needs per-channel int8, quantize --group-size 0)")
     kv_cache: str = option("copy", added=True, help="copy (default: MultiHeadAttention returns a new present KV "
                            "each step, any batch "
                            "padding) or shared (GroupQueryAttention writes into one preallocated buffer bound as past "

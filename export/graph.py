@@ -103,10 +103,10 @@ class _Graph:
         return self.op(op_type, inputs, **kw)[0]
 
 
-def _dynamic_int8(g: _Graph, x: str, p: Projection, with_bias: bool) -> str:
-    """x @ W with ONNX Runtime's DynamicQuantizeMatMul: activations quantized to uint8 per tensor
-    at run time, weights as signed per-channel int8 (its u8s8 kernels use VNNI where the CPU has
-    it). Raises ExportError for int8 weights that are not per channel."""
+def _dynamic_int8_inits(g: _Graph, p: Projection) -> list[str]:
+    """(codes (K, N) int8, scales (N,), zero points (N,) int8) of a per-channel int8 projection as
+    ONNX Runtime's DynamicQuantizeMatMul reads them: signed codes for its u8s8 kernels (VNNI where
+    the CPU has it). Raises ExportError for int8 weights that are not per channel."""
     nb = p.nbits
     n_blocks = nb.k // nb.block_size
     scales, zeros = nb.scales.reshape(nb.n, n_blocks), nb.zero_points.reshape(nb.n, n_blocks)
@@ -118,11 +118,28 @@ def _dynamic_int8(g: _Graph, x: str, p: Projection, with_bias: bool) -> str:
     # weights, in the type the faster kernels read.
     signed = lambda a: (a.astype(np.int16) - 128).astype(np.int8)  # noqa: E731
     codes = nb.packed.reshape(nb.n, nb.k)
-    ins = [x, g.init(p.name + ".qweight", np.ascontiguousarray(signed(codes).T), cast=False),
-           g.init(p.name + ".scales", scales[:, 0].copy()), g.init(p.name + ".qzeros", signed(zeros[:, 0]), cast=False)]
+    return [g.init(p.name + ".qweight", np.ascontiguousarray(signed(codes).T), cast=False),
+            g.init(p.name + ".scales", scales[:, 0].copy()), g.init(p.name + ".qzeros", signed(zeros[:, 0]), cast=False)]
+
+
+def _dynamic_int8(g: _Graph, x: str, p: Projection, inits: list[str], with_bias: bool) -> str:
+    """x @ W with ONNX Runtime's DynamicQuantizeMatMul: activations quantized to uint8 per tensor
+    at run time, weights from `_dynamic_int8_inits`."""
+    ins = [x, *inits]
     if with_bias and p.bias is not None:
         ins.append(g.init(p.name + ".bias", p.bias))
     return g.one("DynamicQuantizeMatMul", ins, domain=MS_DOMAIN, name=p.name)
+
+
+def _int8_lookup(g: _Graph, inits: list[str], ids: str) -> str:
+    """Embedding rows (B, T, C) read from the LM head's DynamicQuantizeMatMul codes (C, V): the
+    token's column, (code - zero point) * scale, as PyTorch's dequantized table holds it, so the
+    tied matrix is in the file once."""
+    codes, scales, zeros = inits
+    column = g.one("Cast", [g.one("Gather", [codes, ids], axis=1)], to=TensorProto.FLOAT)  # (C, B, T)
+    zero = g.one("Cast", [g.one("Gather", [zeros, ids], axis=0)], to=TensorProto.FLOAT)  # (B, T)
+    rows = g.one("Mul", [g.one("Sub", [column, zero]), g.one("Gather", [scales, ids], axis=0)])
+    return g.one("Transpose", [rows], perm=[1, 2, 0], name="transformer.wte")
 
 
 def _quantized_lookup(g: _Graph, nb: NBitsWeight, inits: list[str], ids: str) -> str:
@@ -181,10 +198,22 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
                                  g.init(p.name + ".qzeros", nb.zero_points)]
         return quantized[p.name]
 
+    dynamic: dict[str, list[str]] = {}  # projection name -> its DynamicQuantizeMatMul initializers
+
+    def on_dynamic_int8(p: Projection | None) -> bool:
+        return p is not None and p.nbits is not None and p.nbits.bits == 8 and options.int8_kernel == "dynamic"
+
+    def dynamic_inits(p: Projection) -> list[str]:
+        """(codes, scales, zero points) of a DynamicQuantizeMatMul projection, stored once (the
+        LM head's also serve the embedding lookup)."""
+        if p.name not in dynamic:
+            dynamic[p.name] = _dynamic_int8_inits(g, p)
+        return dynamic[p.name]
+
     def matmul(x: str, p: Projection, with_bias: bool) -> str:
         """x @ W (+ bias when with_bias; otherwise the caller folds the bias into a fused op)."""
-        if p.nbits is not None and p.nbits.bits == 8 and options.int8_kernel == "dynamic" and p.name != "lm_head":
-            return _dynamic_int8(g, x, p, with_bias)  # the head's codes also serve the lookup: it stays MatMulNBits
+        if on_dynamic_int8(p):
+            return _dynamic_int8(g, x, p, dynamic_inits(p), with_bias)
         if p.nbits is not None:
             nb = p.nbits
             if nb.order is not None:
@@ -258,6 +287,8 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
         wte_t = g.init("transformer.wte.weight_t", sd["transformer.wte.weight"].T.copy())
         tok = g.one("Gather", [wte_t, spec.input_ids], axis=1)  # (C, B, T)
         tok = g.one("Transpose", [tok], perm=[1, 2, 0])  # (B, T, C)
+    elif on_dynamic_int8(head):
+        tok = _int8_lookup(g, dynamic_inits(head), spec.input_ids)
     elif head.nbits.order is None:
         tok = _quantized_lookup(g, head.nbits, nbits_inits(head), spec.input_ids)
     else:  # activation-ordered codes have permuted columns: the lookup keeps a float table

@@ -168,18 +168,36 @@ def test_a_quantized_head_serves_the_embedding_lookup_from_the_same_codes(bits, 
 
 def test_dynamic_int8_kernel_runs_per_channel_blocks_on_dynamicquantizematmul(tokenizer, tmp_path):
     import onnx
+    import onnxruntime as ort
 
     from quantize import RTNConfig
 
     qmodel = quantized_artifact(tmp_path / "q", tokenizer, RTNConfig(bits=8, group_size=0, include_embeddings=True))
     out = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), int8_kernel="dynamic"),
                       log=lambda m: None)
-    nodes = onnx.load(str(out / MODEL_FILE)).graph.node
-    dynamic = [n for n in nodes if n.op_type == "DynamicQuantizeMatMul"]
-    assert len(dynamic) == 4 * qmodel.config.n_layer
-    assert [n.name for n in nodes if n.op_type == "MatMulNBits"] == ["lm_head"]  # shared with the lookup
+    graph = onnx.load(str(out / MODEL_FILE)).graph
+    dynamic = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(dynamic) == 4 * qmodel.config.n_layer + 1 and dynamic[-1].name == "lm_head"
+    assert not [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    # the lookup gathers the head's own int8 codes: no float (V, C) table in the file
+    V, C = qmodel.config.vocab_size, qmodel.config.n_embd
+    assert not [t.name for t in graph.initializer if sorted(t.dims) == sorted([V, C]) and t.data_type == 1]
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == dynamic[-1].input[1]]
+    assert len(gathers) == 1
     # per-tensor int8 activations: held to the quantized tolerance against the PyTorch model
     assert read_manifest(out).metrics["parity_max_logits_rel_diff"] < 0.05
+    # the lookup itself is exact: the first layer's input equals PyTorch's dequantized rows
+    ids = torch.tensor([[3, 4, 5, 300]])
+    lookup = next(n for n in graph.node if n.name == "transformer.wte").output[0]
+    proto = onnx.load(str(out / MODEL_FILE))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(lookup, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    spec = DecoderSpec.from_config(qmodel.config)
+    feeds = {spec.input_ids: ids.numpy(), spec.attention_mask: np.ones((1, 4), np.int64),
+             spec.position_ids: np.arange(4)[None]}
+    feeds.update({name: np.zeros((1, spec.n_head, 0, spec.head_dim), np.float32) for name in spec.past_names})
+    rows = session.run([lookup], feeds)[0]
+    assert np.array_equal(rows, qmodel.transformer.wte(ids).detach().numpy())
     assert OnnxDecoder(out).generate(torch.tensor([[3, 4, 5]]), 8).shape == (1, 11)
 
 
@@ -193,3 +211,42 @@ def test_dynamic_int8_kernel_refuses_what_it_cannot_run(tokenizer, tmp_path):
     for bad in (dict(accuracy_level=0), dict(dtype="fp16"), dict(int8_kernel="fast")):
         with pytest.raises(ConfigError):
             ExportConfig(model="m", out="o", **{"int8_kernel": "dynamic", **bad})
+
+
+
+def test_an_int8_head_beside_int4_blocks_exports_one_8_bit_copy_for_head_and_lookup(tokenizer, tmp_path):
+    import onnx
+
+    from quantize import RTNConfig
+
+    qmodel = quantized_artifact(tmp_path / "q", tokenizer,
+                                RTNConfig(bits=4, group_size=16, include_embeddings=True, head_bits=8))
+    out = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), accuracy_level=0),
+                      log=lambda m: None)
+    nodes = onnx.load(str(out / MODEL_FILE)).graph.node
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert bits.pop("lm_head") == 8 and bits.pop("transformer.wte") == 8
+    assert set(bits.values()) == {4} and len(bits) == 4 * qmodel.config.n_layer
+    assert read_manifest(out).metrics["parity_max_logits_diff"] < 1e-4
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(OnnxDecoder(out).generate(ids, 8), qmodel.generate(ids, 8))
+
+@pytest.mark.slow
+def test_int4_g32_export_of_the_124m_shape_stores_at_most_5_3_bits_per_parameter(tmp_path):
+    """12 x 768, vocabulary 8192, embeddings included: one copy of the tied matrix (head and
+    lookup from the same codes) and a float16 position table keep the file near its 4.5 bits
+    of codes and block scales (measured 5.26; 7.58 with a float lookup table)."""
+    from compactgpt.artifacts import save_model
+    from compactgpt.model import GPT, GPTConfig
+    from compactgpt.tokenizer import train_bpe
+    from quantize import RTNConfig, quantize_folder
+
+    torch.manual_seed(0)
+    tok = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
+    config = GPTConfig(vocab_size=8192, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+    save_model(tmp_path / "m", GPT(config).eval(), tok, stage="pretrain", settings={})
+    quantize_folder(tmp_path / "m", tmp_path / "q", RTNConfig(bits=4, group_size=32, include_embeddings=True),
+                    progress=False, log=lambda m: None)
+    out = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx")), log=lambda m: None)
+    assert read_manifest(out).metrics["bits_per_parameter"] <= 5.3
