@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,6 +32,7 @@ from benchmarks.export_speed import onnx_bytes_per_token, read_bandwidth, time_g
 from compactgpt.machine import describe, machine_info
 
 RESULTS = Path(__file__).parent / "results"
+HUGE_TUNABLE = "glibc.malloc.hugetlb=1"
 SHAPES = {
     # The GPT-2 vocabulary padded to a multiple of 64: quantized rows pack evenly.
     "gpt2-124m": dict(vocab_size=50304, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
@@ -165,8 +167,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     p.add_argument("--work", type=Path, default=Path("runs/decode_bandwidth"), help="exports (reused when present)")
-    p.add_argument("--out", type=Path, default=RESULTS / "decode_bandwidth")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results path without suffix (default: results/decode_bandwidth[_hugepages])")
+    p.add_argument("--huge-pages", action="store_true", help="rerun this process with glibc's malloc asking for "
+                   "transparent huge pages (GLIBC_TUNABLES, see benchmarks/hugepages.py), so every variant's "
+                   "weights sit on them")
     args = p.parse_args()
+    if args.huge_pages and HUGE_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+        env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), HUGE_TUNABLE]))}
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.decode_bandwidth", *sys.argv[1:]], env)
+    args.out = args.out or RESULTS / ("decode_bandwidth_hugepages" if args.huge_pages else "decode_bandwidth")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     # The 124M shape keeps the work folder's top level (exports from earlier runs stay valid).
     works = {shape: args.work if shape == "gpt2-124m" else args.work / shape for shape in args.shapes}
@@ -202,7 +212,7 @@ def main() -> None:
                      "mb_per_token": bytes_per_token[(shape, name)] / 1e6, "floor_fraction": floor / step,
                      "bits_per_parameter": bits_per_parameter(folders[(shape, name)], SHAPES[shape]),
                      "rounds_ms": [x * 1e3 for x in xs]})
-    result = {"machine": machine_info(), "shapes": {k: SHAPES[k] for k in args.shapes},
+    result = {"machine": machine_info(), "shapes": {k: SHAPES[k] for k in args.shapes}, "huge_pages": args.huge_pages,
               "bandwidth_gb_s": {t: b / 1e9 for t, b in bw.items()}, "rows": rows,
               "step_ms_at_length": {v: {k: {n: x * 1e3 for n, x in by_n.items()} for k, by_n in kinds.items()}
                                     for v, kinds in lengths.items()},
@@ -220,7 +230,8 @@ def to_markdown(result: dict, rounds: int) -> str:
         "# CPU decode against the memory-bandwidth floor",
         "",
         f"Machine: {describe(result['machine'])}. Read bandwidth measured in the same run: {bw[1]:.1f} GB/s "
-        f"(1 thread), {bw[2]:.1f} GB/s (2 threads).",
+        f"(1 thread), {bw[2]:.1f} GB/s (2 threads)."
+        + (f" Weights on transparent huge pages (`GLIBC_TUNABLES={HUGE_TUNABLE}`)." if result.get("huge_pages") else ""),
         f"Random weights; batch 1, greedy, a 16-token prompt, median decode step of 64 tokens; {rounds} rounds "
         "interleaving every shape, variant and thread count; every export with the shared KV cache. Floor = bytes "
         "a step reads (every weight, the embedding tables once per token row) / read bandwidth. Bits/param: the "

@@ -50,12 +50,19 @@ def exports(data_dir, tmp_path_factory):
     for bits in (4, 8):
         quantize_folder(root / "teacher", root / f"int{bits}", RTNConfig(bits=bits, group_size=16), progress=False,
                         **QUIET)
+    # Embeddings quantized too: the lookup reads the head's codes, the position table is float16.
+    for bits, group in ((4, 16), (8, 0)):
+        quantize_folder(root / "teacher", root / f"int{bits}-emb",
+                        RTNConfig(bits=bits, group_size=group, include_embeddings=True), progress=False, **QUIET)
     teacher = str(root / "teacher")
     exports = {name: export_onnx(ExportConfig(out=str(root / f"{name}-onnx"), **settings), **QUIET)
                for name, settings in {"fp32": dict(model=teacher), "int4": dict(model=str(root / "int4")),
                                       "int4-a0": dict(model=str(root / "int4"), accuracy_level=0),
                                       "int8": dict(model=str(root / "int8")), "fp16": dict(model=teacher, dtype="fp16"),
-                                      "ort-int8": dict(model=teacher, ort_int8=True)}.items()}
+                                      "ort-int8": dict(model=teacher, ort_int8=True),
+                                      "int4-emb-shared": dict(model=str(root / "int4-emb"), kv_cache="shared"),
+                                      "int8-emb-dynamic": dict(model=str(root / "int8-emb"), kv_cache="shared",
+                                                               int8_kernel="dynamic")}.items()}
     return exports
 
 
@@ -127,7 +134,8 @@ def test_webgpu_backend_generates_the_same_greedy_text(exports, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,fold", [("int4", True), ("int4", False), ("int8", True), ("fp16", True),
-                                       ("ort-int8", True)])
+                                       ("ort-int8", True), ("int4-emb-shared", True), ("int4-emb-shared", False),
+                                       ("int8-emb-dynamic", True)])
 def test_every_export_kind_runs_in_the_browser(exports, tmp_path, kind, fold):
     """check="always": the page's greedy tokens equal ONNX Runtime's in Python on the graph whose
     arithmetic the page follows (for quantized exports: folded weights, float activations)."""
