@@ -34,12 +34,14 @@ class ExportConfig(StageConfig):
     # 4 is the default because int8 activations make single-token decode several times faster on CPU.
     accuracy_level: int = option(4, "MatMulNBits compute type for quantized weights: 0 float activations, 4 int8 "
                                  "activations (default; several times faster for single-token decode on CPU)")
-    # Measured at 12 x 768 on an AVX-512/VNNI Xeon: 4.56 ms per token against 4.92 for MatMulNBits
-    # (2 threads), 8.13 against 9.49 (1 thread); perplexity +0.015%, KL from fp32 0.12e-3 -> 0.17e-3.
+    # Measured at 12 x 768 on an AVX-512/VNNI Xeon (benchmarks/results/decode_bandwidth.md): as fast
+    # as ONNX Runtime's own dynamic int8 (the same kernel), at par or up to 9% faster than MatMulNBits
+    # depending on the run; on the default teacher (decode_quality.md) perplexity +0.017%, KL from
+    # fp32 0.14e-3 -> 0.23e-3: opt-in.
     int8_kernel: str = option("matmulnbits", added=True, help="kernel of int8 weights (blocks and a quantized LM "
                               "head): matmulnbits (default; int8 activations quantized per block) or dynamic (ONNX "
                               "Runtime's DynamicQuantizeMatMul: per-tensor activations, signed per-channel weights, the "
-                              "lookup reading the head's codes; 5-14% faster decode on CPU, slightly less accurate; "
+                              "lookup reading the head's codes; 0-9% faster decode on CPU, slightly less accurate; "
                               "needs per-channel int8, quantize --group-size 0)")
     kv_cache: str = option("copy", added=True, help="copy (default: MultiHeadAttention returns a new present KV "
                            "each step, any batch "
