@@ -19,7 +19,6 @@ of one long generation (fp32, 124M shape, 2 threads) for the shared and the copy
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.export_speed import onnx_bytes_per_token, read_bandwidth, time_generation
+from benchmarks import write_results
 from compactgpt.machine import describe, machine_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -217,11 +217,7 @@ def main() -> None:
               "step_ms_at_length": {v: {k: {n: x * 1e3 for n, x in by_n.items()} for k, by_n in kinds.items()}
                                     for v, kinds in lengths.items()},
               "command": "python -m benchmarks.decode_bandwidth " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result, args.rounds)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, result, to_markdown(result, args.rounds))
 
 
 def to_markdown(result: dict, rounds: int) -> str:

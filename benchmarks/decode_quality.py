@@ -14,13 +14,13 @@ relative change of both numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import write_results
 from compactgpt.machine import describe, machine_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,11 +94,7 @@ def main() -> None:
     result = {"machine": machine_info(), "model": str(args.model), "tokens": int(tokens.numel()), "window": window,
               "rows": list(rows.values()),
               "command": "python -m benchmarks.decode_quality " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, result, to_markdown(result))
 
 
 def to_markdown(result: dict) -> str:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import write_results
 from benchmarks.decode_bandwidth import HUGE_TUNABLE as TUNABLE
 from compactgpt.machine import describe, machine_info
 
@@ -78,11 +79,7 @@ def main() -> None:
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     result = {"machine": machine_info(), "thp": thp.read_text().strip() if thp.is_file() else None, "rows": rows,
               "command": "python -m benchmarks.hugepages " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = to_markdown(result, args.rounds)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, result, to_markdown(result, args.rounds))
 
 
 def to_markdown(result: dict, rounds: int) -> str:
