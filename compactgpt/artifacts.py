@@ -111,7 +111,37 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         raise ArtifactError(f"{path} is not valid JSON ({e}); rerun the stage that wrote {folder}") from e
     if d.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a CompactGPT manifest (format={d.get('format')!r})")
-    return Manifest.from_dict(d)
+    manifest = Manifest.from_dict(d)
+    # Settings stored relative to the folder (see _write_manifest) read as the paths they name now.
+    for key in d.get(RELATIVE_PATHS, []):
+        if isinstance(manifest.settings.get(key), str):
+            manifest.settings[key] = os.path.normpath(os.path.join(os.path.abspath(folder), manifest.settings[key]))
+    return manifest
+
+
+# Manifest key: the settings whose paths the file stores relative to the artifact's folder.
+RELATIVE_PATHS = "relative_paths"
+
+
+def _write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write the manifest, every absolute path among its settings (the folders a pipeline or a
+    user named) stored relative to the artifact's folder: the file names no directory of the
+    machine that wrote it, and the paths still hold when the run folder moves as a whole.
+    read_manifest turns them back into paths."""
+    d = manifest.to_dict()
+    settings, relative = dict(d["settings"]), []
+    here = os.path.abspath(folder)
+    for key, value in settings.items():
+        if isinstance(value, str) and os.path.isabs(value):
+            try:
+                settings[key] = Path(os.path.relpath(value, here)).as_posix()
+            except ValueError:  # another drive (Windows): no relative path exists
+                continue
+            relative.append(key)
+    d["settings"] = settings
+    if relative:
+        d[RELATIVE_PATHS] = relative
+    atomic_write_json(folder / MANIFEST, d)
 
 
 def check_complete(folder: Path) -> None:
@@ -223,7 +253,7 @@ def finish_write(
         if "/" not in name and name not in (MANIFEST, INCOMPLETE):
             (folder / name).unlink(missing_ok=True)
     _remove_stray_temporaries(folder)
-    atomic_write_json(folder / MANIFEST, manifest.to_dict())
+    _write_manifest(folder, manifest)
     (folder / INCOMPLETE).unlink(missing_ok=True)
     return manifest
 
@@ -235,7 +265,7 @@ def update_metrics(folder: str | Path, metrics: dict) -> Manifest:
     if manifest is None:
         raise ArtifactError(f"{folder} has no {MANIFEST}; only CompactGPT artifacts record metrics")
     manifest.metrics.update(metrics)
-    atomic_write_json(folder / MANIFEST, manifest.to_dict())
+    _write_manifest(folder, manifest)
     return manifest
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,29 @@ def test_round_trip_keeps_logits_and_records_the_manifest(tmp_path, byte_tokeniz
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["n_inner"] == 128
 
+
+
+def test_manifest_stores_absolute_setting_paths_relative_to_the_folder(tmp_path, byte_tokenizer):
+    """No directory of the machine that wrote it in the file; the paths still hold after the run
+    folder moves as a whole."""
+    from compactgpt.artifacts import update_metrics
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    settings = {"data": str((run / "data").absolute()), "out": str((run / "teacher").absolute()),
+                "source": "@stdlib", "typed": "runs/data", "lr": 1e-3}
+    save_model(run / "teacher", random_gpt(0), byte_tokenizer, stage="pretrain", settings=settings)
+    update_metrics(run / "teacher", {"val_perplexity": 9.5})  # rewrites the manifest the same way
+    raw = json.loads((run / "teacher" / "manifest.json").read_text())
+    assert str(tmp_path) not in json.dumps(raw)
+    assert raw["settings"] == {**settings, "data": "../data", "out": "."}
+    assert read_manifest(run / "teacher").settings == settings
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    m = read_manifest(moved / "teacher")
+    assert m.settings["data"] == str(moved / "data") and Path(m.settings["data"]).is_dir()
+    assert m.settings["typed"] == "runs/data" and m.metrics["val_perplexity"] == 9.5
 
 def test_parent_is_recorded_with_its_hash(tmp_path, byte_tokenizer):
     _, parent = saved(tmp_path, byte_tokenizer)
