@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from compactgpt.app.cli import main
 

@@ -7,7 +7,6 @@ import torch
 from compactgpt.data import (STDLIB, DataConfig, Document, TokenShards, decode_text, prepare_data,
                              read_documents, split_documents)
 from compactgpt.errors import DataError
-from compactgpt.tokenizer import Tokenizer
 
 
 def test_folder_glob_and_jsonl_sources(tmp_path):

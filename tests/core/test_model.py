@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from compactgpt.artifacts import load_model, save_model
-from compactgpt.model import GPT, GPTConfig, sample_next
+from compactgpt.model import GPTConfig, sample_next
 
 from conftest import random_gpt, tiny_config
 
