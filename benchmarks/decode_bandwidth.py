@@ -111,23 +111,6 @@ def build(work: Path, shape: dict, log) -> dict[str, Path]:
     return folders
 
 
-def streaming_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the better of a 1 GiB float32 sum and a 1 GiB float32
-    matrix-vector product (what a decode step does), medians of `repeats`. One probe alone
-    under-reads on one thread (measured 13.7 GB/s by the sum while ONNX Runtime's fp32 decode
-    read 15.2)."""
-    torch.set_num_threads(threads)
-    w = torch.ones(int(gib * 2**30) // 4 // 4096, 4096)
-    v = torch.ones(4096)
-    torch.mv(w, v)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mv(w, v)
-        times.append(time.perf_counter() - t)
-    return max(read_bandwidth(threads, gib, repeats), w.numel() * 4 / statistics.median(times))
-
-
 def median_step(folder: Path, threads: int, new_tokens: int = 64, prompt: int = 16) -> float:
     """Median decode step (seconds) of one greedy run after a short warm-up."""
     from export import OnnxDecoder
@@ -186,7 +169,7 @@ def main() -> None:
     steps = {(key, t): [] for key in folders for t in (1, 2)}
     for r in range(args.rounds):
         for t in (1, 2):
-            bandwidth[t].append(streaming_bandwidth(t))
+            bandwidth[t].append(read_bandwidth(t))
             for key, folder in folders.items():
                 steps[(key, t)].append(median_step(folder, t))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
