@@ -60,6 +60,7 @@ def python_decode(folder: Path, prompt_ids: list[int], new_tokens: int, threads:
     _, step, tokens = time_generation(decoder.stream, torch.tensor([prompt_ids]), new_tokens)
     return step, tokens
 
+
 def browser_decode(bundle: Path, new_tokens: int, threads: int) -> tuple[float, list[int], dict]:
     page = web.run_page(bundle, PROMPT, new_tokens, threads=threads, backend="wasm", no_stop=True)
     state = page["state"]

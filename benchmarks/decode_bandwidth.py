@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.export_speed import onnx_bytes_per_token, read_bandwidth, time_generation
 from benchmarks import write_results
+from benchmarks.export_speed import onnx_bytes_per_token, read_bandwidth, time_generation
 from compactgpt.machine import describe, machine_info
 
 RESULTS = Path(__file__).parent / "results"

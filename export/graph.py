@@ -341,29 +341,29 @@ def build_decoder(model: GPT, projections: dict[str, Projection], options: Build
         nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "transformer.ln_f"
         x, resid = skip_ln(m, resid, nxt, bias_of(m_proj) if options.fused else None)
 
-    padded = options.n_tokens is not None and options.n_tokens < cfg.vocab_size
-    if head is not None and head.nbits is not None and padded and options.dtype == "fp32":
-        # The padding mask as the head's bias: float32 logits are far smaller than half an ulp
-        # of the lowest float32 (2^103), so logit + lowest rounds to lowest exactly, as the Where
-        # below gives, and the head's kernel adds it for free (a Where over V logits cost 74 us
-        # of a 6.2 ms int4 124M step on one thread). float16's lowest (-65504) has an ulp of 32:
-        # it keeps the Where.
-        lowest = np.where(np.arange(cfg.vocab_size) >= options.n_tokens, np.finfo(np.float32).min, 0)
-        bias = lowest if head.bias is None else lowest + head.bias
-        matmul(x, Projection(head.name, bias.astype(np.float32), nbits=head.nbits, act_bits=head.act_bits),
-               with_bias=True)
-        padded = False
-    elif head is not None and head.nbits is not None:
+    # Embedding rows past the tokenizer (None: every row is a token).
+    padding = (np.arange(cfg.vocab_size) >= options.n_tokens
+               if options.n_tokens is not None and options.n_tokens < cfg.vocab_size else None)
+    # The padding mask as a quantized head's bias: float32 logits are far smaller than half an
+    # ulp of the lowest float32 (2^103), so logit + lowest rounds to lowest exactly, as the Where
+    # below gives, and the head's kernel adds it for free (a Where over V logits cost 74 us of a
+    # 6.2 ms int4 124M step on one thread). float16's lowest (-65504) has an ulp of 32: it keeps
+    # the Where.
+    mask_in_head = padding is not None and head is not None and head.nbits is not None and options.dtype == "fp32"
+    if head is not None and head.nbits is not None:
+        if mask_in_head:
+            lowest = np.where(padding, np.finfo(np.float32).min, 0)
+            bias = (lowest if head.bias is None else lowest + head.bias).astype(np.float32)
+            head = Projection(head.name, bias, nbits=head.nbits, act_bits=head.act_bits)
         matmul(x, head, with_bias=True)
     else:
         g.one("MatMul", [x, wte_t], name="lm_head")  # (B, T, V)
-    logits = g.nodes[-1].output[0]
-    if padded:
+    if padding is not None and not mask_in_head:
         # Padding rows: replaced (not offset) by the dtype's lowest value, as PyTorch's
         # mask_padded_vocab does, so parity holds exactly there and nothing is ever -inf/NaN.
-        padding = g.const("vocab_padding", np.arange(cfg.vocab_size) >= options.n_tokens, np.bool_)  # (V,)
         lowest = g.const("vocab_padding_value", np.array(np.finfo(np_dt).min, np_dt), np_dt)
-        g.op("Where", [padding, lowest, logits], name="vocab_mask", outputs=[spec.logits])
+        g.op("Where", [g.const("vocab_padding", padding, np.bool_), lowest, g.nodes[-1].output[0]], name="vocab_mask",
+             outputs=[spec.logits])
     else:
         g.nodes[-1].output[0] = spec.logits  # the head's own output is the graph's logits
 

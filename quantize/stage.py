@@ -119,7 +119,7 @@ def _quantize_into(model, out, config: QuantConfig, calib_data, progress: bool, 
 
 def _summary(out: str | Path, config: QuantConfig, seconds: float, metrics: dict) -> str:
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-    head = f" (LM head {config.head_bits}-bit)" if config.include_embeddings and config.head_bits not in (0, config.bits) else ""
+    head = f" (LM head {config.bits_for('lm_head')}-bit)" if config.bits_for("lm_head") != config.bits else ""
     line = f"wrote {out}: {config.method} {config.bits}-bit{head} in {seconds:.1f}s, weights {size / 1e6:.2f} MB"
     if "val_perplexity" in metrics:
         delta = 100 * (metrics["val_perplexity"] / metrics["float_val_perplexity"] - 1)

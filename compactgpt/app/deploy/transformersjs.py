@@ -100,6 +100,7 @@ def run_transformersjs(folder: str | Path, prompt: str, max_new_tokens: int, tim
     return script_json([jslibs.require_node(), str(DRIVER), str(modules), str(Path(folder).resolve()), prompt,
                         str(max_new_tokens)], "transformers.js", timeout)
 
+
 def check(out: Path, config: DeployConfig, expected: dict, log: Callable[[str], None]) -> dict:
     from .bundle import same_tokens_or_raise
 
