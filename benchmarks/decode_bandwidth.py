@@ -79,7 +79,7 @@ def build(work: Path, shape: dict, log) -> dict[str, Path]:
     from compactgpt.model import GPT, GPTConfig
     from compactgpt.tokenizer import train_bpe
     from export import ExportConfig, export_onnx
-    from quantize import RTNConfig, quantize_folder
+    from quantize import QuantizeConfig, RTNConfig, quantize_folder
 
     source = work / "model"
     if not (source / "manifest.json").is_file():
@@ -102,8 +102,9 @@ def build(work: Path, shape: dict, log) -> dict[str, Path]:
             model = work / (f"rtn-{bits}-g{group}" + (f"-head{head_bits}" if head_bits else ""))
             if not (model / "manifest.json").is_file():
                 log(f"quantizing int{bits} g{group}")
-                quantize_folder(source, model, RTNConfig(bits=bits, group_size=group, include_embeddings=True,
-                                                         head_bits=head_bits), progress=False, log=log)
+                method = RTNConfig(bits=bits, group_size=group, include_embeddings=True, head_bits=head_bits)
+                quantize_folder(QuantizeConfig(model=str(source), out=str(model), method=method, progress=False),
+                                log=log)
         if not (out / "manifest.json").is_file():
             log(f"exporting {name}")
             export_onnx(ExportConfig(model=str(model), out=str(out), kv_cache="shared", **settings), log=log)

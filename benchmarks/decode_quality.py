@@ -38,7 +38,7 @@ QUANTS = {
 def exports(model: Path, work: Path, log) -> dict[str, tuple[Path, str | None]]:
     """name -> (export folder, the variant it replaces); reused when present."""
     from export import ExportConfig, export_onnx
-    from quantize import RTNConfig, quantize_folder
+    from quantize import QuantizeConfig, RTNConfig, quantize_folder
 
     out = {}
     for quant, variants in QUANTS.items():
@@ -48,8 +48,9 @@ def exports(model: Path, work: Path, log) -> dict[str, tuple[Path, str | None]]:
             source = work / f"rtn-{bits}-g{group}-head{head or bits}"
             if not (source / "manifest.json").is_file():
                 log(f"quantizing {source.name}")
-                quantize_folder(model, source, RTNConfig(bits=bits, group_size=group, include_embeddings=True,
-                                                         head_bits=head), progress=False, log=log)
+                method = RTNConfig(bits=bits, group_size=group, include_embeddings=True, head_bits=head)
+                quantize_folder(QuantizeConfig(model=str(model), out=str(source), method=method, progress=False),
+                                log=log)
         for name, (settings, replaces) in variants.items():
             folder = work / name.replace(" ", "-").replace(",", "")
             if not (folder / "manifest.json").is_file():

@@ -60,10 +60,10 @@ def run_corpus(args) -> dict:
     log = lambda m: print(m, file=sys.stderr)
     pruned = work / "pruned"
     record: dict = {}
-    prune_cfg = PruneConfig(model=args.teacher, out=str(pruned), data=args.data, calib_windows=args.calib_windows,
+    prune_cfg = PruneConfig(model=args.teacher, out=str(pruned), data=args.data, calib_samples=args.calib_samples,
                             depth_metric=args.depth_metric, **parse_prune(args.prune))
     t0 = time.perf_counter()
-    prune(prune_cfg, log=log, progress=False)
+    prune(prune_cfg.replace(progress=False), log=log)
     record["prune_seconds"] = round(time.perf_counter() - t0, 1)
     pm = read_manifest(pruned)
     record["pruned_only"] = {k: pm.metrics[k] for k in ("val_perplexity", "teacher_val_perplexity", "perplexity_delta",
@@ -85,7 +85,7 @@ def run_corpus(args) -> dict:
     for arm in args.arms.split(","):
         cfg = DistillConfig(out=str(work / arm), **common, **arms[arm])
         t0 = time.perf_counter()
-        distill(cfg, log=log, progress=False, overwrite=True)
+        distill(cfg.replace(progress=False, overwrite=True), log=log)
         wall = time.perf_counter() - t0
         m = read_manifest(work / arm).metrics
         record["arms"][arm] = {
@@ -108,7 +108,7 @@ def run_corpus(args) -> dict:
     record["settings"] = {"budget": args.budget, "steps": steps, "batch_size": args.batch_size,
                           "block_size": args.block_size, "prune": args.prune, "depth_metric": args.depth_metric,
                           "temperature": args.temperature, "ce_weight_in_kd_arms": args.ce_weight,
-                          "calib_windows": args.calib_windows, "seed": args.seed}
+                          "calib_samples": args.calib_samples, "seed": args.seed}
     return record
 
 
@@ -126,7 +126,7 @@ def run_sparsity(args) -> dict:
     for method, pattern in SPARSITY_RUNS:
         out = work / f"{method}-{pattern.replace(':', 'of')}"
         sparsify(SparsifyConfig(model=args.teacher, out=str(out), data=args.data, method=method, pattern=pattern,
-                                sparsity=0.5, calib_windows=args.calib_windows), log=log, progress=False)
+                                sparsity=0.5, calib_samples=args.calib_samples, progress=False), log=log)
         m = read_manifest(out).metrics
         rows.append({"method": method, "pattern": pattern, "sparsity": m["sparsity"], "val_perplexity": m["val_perplexity"],
                      "dense_val_perplexity": m["dense_val_perplexity"], "perplexity_delta": m["perplexity_delta"]})
@@ -135,7 +135,7 @@ def run_sparsity(args) -> dict:
                         block_size=args.block_size, batch_size=args.batch_size, max_steps=steps, warmup_steps=args.warmup,
                         eval_interval=steps, checkpoint_interval=steps, eval_batches=20, lr=args.lr_pruned,
                         min_lr=args.lr_pruned / 10, seed=args.seed, temperature=args.temperature)
-    distill(cfg, log=log, progress=False, overwrite=True)
+    distill(cfg.replace(progress=False, overwrite=True), log=log)
     m = read_manifest(recovered).metrics
     rows.append({"method": "wanda", "pattern": "2:4", "recovery": f"KD, {m['train_tokens']:,} tokens "
                  f"({m['token_fraction_of_teacher']:.0%} of the teacher's), mask held", "sparsity": m["sparsity"],
@@ -163,7 +163,9 @@ def render(results: dict) -> str:
                   f"validation perplexity **{t['val_perplexity']:.2f}**.", "",
                   f"Budget: {s['budget']:.0%} of the teacher's tokens = {s['steps']} steps x {s['batch_size']} x "
                   f"{s['block_size']} tokens. Pruning: `{s['prune']}` (depth metric {s['depth_metric']}, "
-                  f"{s['calib_windows']} calibration windows); KD arms: forward KL at T={s['temperature']}, "
+                  # results written before the rename name it calib_windows
+                  f"{s.get('calib_samples', s.get('calib_windows'))} calibration windows); "
+                  f"KD arms: forward KL at T={s['temperature']}, "
                   f"CE weight {s['ce_weight_in_kd_arms']}.", "",
                   "| arm | student | loss | lr | tokens (share of teacher's) | params (non-emb, share of teacher's) "
                   "| val ppl | vs teacher | vs (a) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -217,7 +219,7 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight in the KD arms")
     p.add_argument("--depth-metric", default="loss")
-    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows of pruning and Wanda")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="runs/bench_distill", help="where the students are written")

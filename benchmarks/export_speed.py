@@ -180,7 +180,7 @@ def perplexities(source: Path, backends: dict, work: Path, n_tokens: int, log) -
     model records its data; None for random weights."""
     from compactgpt.errors import ConfigError
     from compactgpt.evaluation import model_logits_fn, perplexity
-    from compactgpt.lineage import heldout_tokens
+    from compactgpt.calibration import heldout_tokens
     from export import OnnxDecoder
     from quantize import load_quantized
 

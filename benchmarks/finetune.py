@@ -66,16 +66,29 @@ def run_one(name: str, teacher: Path, data_root: Path, work: Path, seed: int,
     config = FinetuneConfig(model=str(teacher), data=str(data), out=str(work / name), seed=seed, device="cpu",
                             **settings)
     t0 = time.perf_counter()
-    metrics = finetune(config, log=lambda m: print(m, file=sys.stderr), progress=True, overwrite=True)
+    finetune(config.replace(overwrite=True), log=lambda m: print(m, file=sys.stderr))
     wall = time.perf_counter() - t0
     manifest = json.loads((work / name / "manifest.json").read_text())
     return {"settings": {k: v for k, v in config.to_dict().items() if k not in ("model", "data", "out")},
-            "data": str(data), "metrics": metrics, "samples": manifest["extra"].get("samples"),
+            "data": str(data), "metrics": manifest["metrics"], "samples": manifest["extra"].get("samples"),
             "wall_seconds": round(wall, 1)}
 
 
 def fmt(v, digits=4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def run_table(runs: dict, names: tuple[str, ...], columns: str, cells) -> list[str]:
+    """A markdown table with one row per run present: its name, trainable parameters, the
+    `columns` (" | "-separated) filled by `cells(metrics)`, and training seconds."""
+    n = columns.count("|") + 1
+    lines = [f"| run | trainable params | {columns} | train s |", "| --- | ---: |" + " ---: |" * (n + 1)]
+    for name in names:
+        if name in runs:
+            m = runs[name]["metrics"]
+            lines.append(f"| {name} | {m['trainable_parameters']:,} ({100 * m['trainable_fraction']:.2f}%) | "
+                         + " | ".join(cells(m)) + f" | {m['train_seconds']} |")
+    return lines
 
 
 def render(record: dict) -> str:
@@ -86,16 +99,12 @@ def render(record: dict) -> str:
               f"Machine: {record['machine_text']}.", ""]
     runs = record["runs"]
     if "instruct" in runs or "instruct-lora" in runs:
-        lines += ["## Instruction tuning (held-out response perplexity, lower is better)", "",
-                  "| run | trainable params | before ppl | after ppl | before loss | after loss | held-out examples | train s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name in ("instruct", "instruct-lora"):
-            if name in runs:
-                m = runs[name]["metrics"]
-                lines.append(f"| {name} | {m['trainable_parameters']:,} ({100 * m['trainable_fraction']:.2f}%) | "
-                             f"{fmt(m['before_val_response_ppl'], 2)} | {fmt(m['val_response_ppl'], 2)} | "
-                             f"{fmt(m['before_val_response_loss'])} | {fmt(m['val_response_loss'])} | "
-                             f"{m['val_examples'] if 'val_examples' in m else '-'} | {m['train_seconds']} |")
+        lines += ["## Instruction tuning (held-out response perplexity, lower is better)", ""]
+        lines += run_table(runs, ("instruct", "instruct-lora"),
+                           "before ppl | after ppl | before loss | after loss | held-out examples",
+                           lambda m: [fmt(m['before_val_response_ppl'], 2), fmt(m['val_response_ppl'], 2),
+                                      fmt(m['before_val_response_loss']), fmt(m['val_response_loss']),
+                                      str(m.get('val_examples', '-'))])
         lines.append("")
     if "lm" in runs:
         m = runs["lm"]["metrics"]
@@ -108,16 +117,11 @@ def render(record: dict) -> str:
                          f"{fmt(m['before_general_val_ppl'], 2)} | {fmt(m['general_val_ppl'], 2)} |")
         lines += ["", f"{m['steps']} steps, {m['train_tokens']:,} tokens, {m['train_seconds']} s.", ""]
     if "classify" in runs or "classify-lora" in runs:
-        lines += ["## SMS spam classification (stratified held-out split)", "",
-                  "| run | trainable params | accuracy | macro F1 | spam recall | spam precision | majority baseline | train s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name in ("classify", "classify-lora"):
-            if name in runs:
-                m = runs[name]["metrics"]
-                lines.append(f"| {name} | {m['trainable_parameters']:,} ({100 * m['trainable_fraction']:.2f}%) | "
-                             f"{fmt(m['val_accuracy'])} | {fmt(m['val_macro_f1'])} | {fmt(m.get('val_recall_spam'))} | "
-                             f"{fmt(m.get('val_precision_spam'))} | {fmt(m['majority_baseline_accuracy'])} | "
-                             f"{m['train_seconds']} |")
+        lines += ["## SMS spam classification (stratified held-out split)", ""]
+        lines += run_table(runs, ("classify", "classify-lora"),
+                           "accuracy | macro F1 | spam recall | spam precision | majority baseline",
+                           lambda m: [fmt(m['val_accuracy']), fmt(m['val_macro_f1']), fmt(m.get('val_recall_spam')),
+                                      fmt(m.get('val_precision_spam')), fmt(m['majority_baseline_accuracy'])])
         if "classify" in runs and "classify-lora" in runs:
             gap = 100 * (runs["classify"]["metrics"]["val_accuracy"] - runs["classify-lora"]["metrics"]["val_accuracy"])
             side = "below" if gap >= 0 else "above"

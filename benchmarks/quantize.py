@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from compactgpt.artifacts import WEIGHTS, load_model
-from compactgpt.errors import CompactGPTError
+from compactgpt.errors import CompactGPTError, WriteError
 from compactgpt.evaluation import compare_models, model_logits_fn, perplexity
-from compactgpt.lineage import ancestors, heldout_tokens, training_data_folder
+from compactgpt.calibration import data_folder_tokens, heldout_tokens
+from compactgpt.lineage import ancestors
 from compactgpt.machine import describe, machine_info
-from quantize import config_for, load_calibration, load_quantized, quantize_folder, validation_tokens
+from quantize import QuantizeConfig, config_for, load_quantized, quantize_folder, resolve_calibration
 from quantize.calibrate import BlockHooks, walk_blocks
 from quantize.handlers import BLOCK_LAYERS
 
@@ -84,9 +85,19 @@ def trained_on(folder: Path) -> str:
     return ""
 
 
+def pretraining_val(loaded) -> tuple[torch.Tensor, str]:
+    """The val split of the data folder the model's family was pretrained on (its first
+    ancestor that is one), else the model's own held-out text."""
+    for path, m in ancestors(loaded.folder):
+        if m is not None and m.stage == "data":
+            return data_folder_tokens(path, loaded.tokenizer, loaded.folder), f"val split of {path}"
+    return heldout_tokens(loaded.folder, loaded.manifest, loaded.tokenizer)
+
+
 def eval_sets(loaded, shared: Path, max_tokens: int) -> dict[str, tuple[torch.Tensor, str]]:
-    """name -> (tokens, description): the model's validation split, plus public sets it was trained on."""
-    tokens, source = validation_tokens(loaded)
+    """name -> (tokens, description): the family's pretraining validation split, plus public
+    sets the model was trained on."""
+    tokens, source = pretraining_val(loaded)
     sets = {"val": (tokens[:max_tokens] if max_tokens else tokens, source)}
     data = trained_on(loaded.folder)
     for key, folder in EXTRA_DATA.items():
@@ -145,8 +156,7 @@ def channel_spread(model_dir: Path, calib_samples: int = 32) -> dict[str, float]
     values near 1 leave it little to gain over round-to-nearest."""
     loaded = load_model(model_dir)
     model = loaded.model.eval()
-    calib = load_calibration(training_data_folder(model_dir), loaded.tokenizer, calib_samples,
-                             model.config.n_positions)
+    calib = resolve_calibration(loaded, config_for("gptq", calib_samples=calib_samples))
     hooks = _ChannelSpread()
     walk_blocks(model, calib, hooks)
     return {layer: sum(v) / len(v) for layer, v in hooks.spread.items()}
@@ -166,7 +176,8 @@ def run_row(key: str, model_dir: Path, work: Path, sets, calib_samples: int) -> 
     if config.calibrated and "calib_samples" not in settings:
         config = config.replace(calib_samples=calib_samples)
     out = work / model_dir.name / key
-    quantize_folder(model_dir, out, config, progress=True, log=lambda line: print(line, file=sys.stderr))
+    quantize_folder(QuantizeConfig(model=str(model_dir), out=str(out), method=config),
+                    log=lambda line: print(line, file=sys.stderr))
     q = load_quantized(out)
     t0 = time.perf_counter()
     ppl = score(q.model, sets, q.model.config.n_positions, reference=load_model(model_dir).model.eval())
@@ -312,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{model_dir.name}] {key} ...", file=sys.stderr, flush=True)
             try:
                 row = run_row(key, model_dir, Path(args.work), sets, args.calib_samples)
+            except WriteError:
+                raise  # a full disk is no refusal of the method
             except CompactGPTError as e:  # a method this model's shape does not allow: recorded, not fatal
                 print(f"[{model_dir.name}] {key}: {e}", file=sys.stderr, flush=True)
                 entry.setdefault("refused", {})[key] = {"label": ROWS[key][0], "error": str(e), "command": command}

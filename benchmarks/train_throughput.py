@@ -82,7 +82,7 @@ def make_steps(shape, device: torch.device, compile_models: bool, seed: int = 0)
     return {
         "compactgpt": stepper(ours(), lambda m: lm_loss(m, (x, y))[0]),
         "transformers": stepper(hf, lambda m: m(input_ids=x, labels=x).loss),  # shifts labels itself
-        "compactgpt, full logits": stepper(ours(), lambda m: F.cross_entropy(m(x).float().flatten(0, 1), y.flatten())),
+        "compactgpt, full logits": stepper(ours(), lambda m: F.cross_entropy(m(x).logits.float().flatten(0, 1), y.flatten())),
     }, B * T
 
 

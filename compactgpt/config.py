@@ -34,9 +34,11 @@ VERSION_KEY = "config_version"
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: bool = True,
-           metavar: str | None = None, saved: bool = True, added: bool = False) -> Any:
+           metavar: str | None = None, saved: bool = True, added: bool = False, parse: Any = None) -> Any:
     """A config field with its help text. flag=False keeps it off the command line (set by the
-    stage itself or only through the Python API / a config file). saved=False keeps it out of
+    stage itself or only through the Python API / a config file). parse: the flag's argparse
+    type, where a bad value should be refused while the flags are parsed (e.g. positive_int);
+    by default the field's type. saved=False keeps it out of
     `to_dict` (so out of manifests and pipeline fingerprints): for settings of where a stage
     runs, such as its device, that do not change what it writes. added=True marks a field added
     after artifacts were made whose default computes what the stage computed before it existed:
@@ -44,9 +46,29 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     metadata = {"help": help, "flag": flag, "saved": saved, "added": added}
     if metavar:
         metadata["metavar"] = metavar
+    if parse is not None:
+        metadata["type"] = parse
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+# How a stage runs, not what it writes: each stage's config holds those it takes as unsaved
+# fields (run_option), so one config describes a whole run while the manifest and the
+# pipeline's fingerprint stay the same whatever they are. Name -> (default, help).
+RUN_SETTINGS: dict[str, tuple[Any, str]] = {
+    "threads": (None, "CPU threads for this run (default: PyTorch's own count)"),
+    "overwrite": (False, "replace an artifact already in --out (never an input folder)"),
+    "resume": (False, "continue from OUT/checkpoint with its settings (starts fresh when there is none yet)"),
+    "progress": (True, "progress bars on a terminal (--no-progress: none)"),
+}
+
+
+def run_option(name: str, help: str = "") -> Any:
+    """The unsaved field of run setting `name` (RUN_SETTINGS), with its shared help text or
+    `help`. `threads` is checked as the flag is parsed (an integer of 1 or more)."""
+    default, text = RUN_SETTINGS[name]
+    return option(default, help or text, saved=False, parse=threads if name == "threads" else None)
 
 
 @dataclass
@@ -55,6 +77,10 @@ class StageConfig:
 
     # Bumped when a field changes meaning; settings saved by a newer version are refused.
     config_version: ClassVar[int] = 1
+    # Fields renamed after artifacts were made: {current name: the name saved before}.
+    # from_dict reads the old name (settings saved before the rename), and fingerprint_dict
+    # writes it, so pipeline runs made before the rename stay up to date.
+    renamed: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         self.check_numbers()
@@ -63,14 +89,16 @@ class StageConfig:
     def check_numbers(self) -> None:
         """ConfigError for a NaN or infinite number in any field (comparisons with NaN are all
         false, so range checks in `validate` would let it through) and for a `seed` outside
-        0..2**63-1 (numpy's generators refuse negative seeds, torch's overflow past 2**64).
-        Called on creation, before `validate`."""
+        0..2**63-1 (numpy's generators refuse negative seeds, torch's overflow past 2**64) or
+        `threads` below 1. Called on creation, before `validate`."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
             if f.name == "seed" and isinstance(value, int) and not 0 <= value < 2**63:
                 raise ConfigError(f"seed must be an integer from 0 to 2**63-1, got {value}")
+            if f.name == "threads" and isinstance(value, int) and value < 1:
+                raise ConfigError(f"threads must be 1 or more (None: PyTorch's own count), got {value}")
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad setting and the fix; called on creation."""
@@ -81,11 +109,12 @@ class StageConfig:
         return {k: v for k, v in asdict(self).items() if k not in unsaved}
 
     def fingerprint_dict(self) -> dict:
-        """`to_dict` without the fields declared `added` that hold their default: what decides
-        whether a pipeline stage is up to date."""
+        """`to_dict` without the fields declared `added` that hold their default, under the
+        names fields had before a rename (`renamed`): what decides whether a pipeline stage
+        is up to date."""
         unchanged = {f.name for f in dataclasses.fields(self)
                      if f.metadata.get("added") and f.default is not MISSING and getattr(self, f.name) == f.default}
-        return {k: v for k, v in self.to_dict().items() if k not in unchanged}
+        return {self.renamed.get(k, k): v for k, v in self.to_dict().items() if k not in unchanged}
 
     def versioned_dict(self) -> dict:
         """to_dict with the format version, for settings stored on their own (config.json)."""
@@ -98,6 +127,11 @@ class StageConfig:
         values = dict(values)
         version = values.pop(VERSION_KEY, 1)
         label = where or cls.__name__
+        for new, old in cls.renamed.items():
+            if old in values:
+                if new in values:
+                    raise ConfigError(f"{label}: {old!r} is the old name of {new!r}; give only {new!r}")
+                values[new] = values.pop(old)
         if not isinstance(version, int) or version > cls.config_version:
             raise ConfigError(
                 f"{label}: settings of format version {version!r}, but this CompactGPT reads version "
@@ -206,7 +240,7 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         if f.name in skip or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp = _flag_type(hints[f.name])
+        tp = f.metadata.get("type") or _flag_type(hints[f.name])
         text = f.metadata.get("help", "")
         if show_defaults and f.default is not MISSING and f.default not in (None, ""):
             text = f"{text} (default {f.default})" if text else f"default {f.default}"
@@ -215,7 +249,9 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             metavar = f.metadata.get("metavar") or f.name.upper()
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=text, metavar=metavar)
+            # A list field (e.g. bench's models) takes one or more values: --models A B.
+            nargs = "+" if typing.get_origin(hints[f.name]) is list else None
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=text, metavar=metavar, nargs=nargs)
 
 
 def given_args(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict:

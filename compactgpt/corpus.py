@@ -10,6 +10,11 @@ A spec is one source or several joined by commas (`@stdlib,@site-packages,notes/
   text column; needs pyarrow);
 - `hf:owner/name[:split[:column]]`: a Hugging Face hub data set (needs `datasets`).
 
+A file that is not text (a NUL byte in its first block, or mostly bytes that are not UTF-8
+there: a library, an image, an archive) is refused when it is the file a spec names, and skipped
+and counted when a folder or glob holds it. Text with a few undecodable bytes is read, those
+bytes replaced with U+FFFD and counted.
+
 Documents come out of `iter_documents` one at a time in a fixed order, so a corpus far larger
 than memory streams through. Files are deduplicated by the sha256 of their bytes (the first in
 order wins) for `@site-packages` and for combined specs, where vendored copies abound; a single
@@ -44,6 +49,10 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "t
 # Test suites of installed packages are as repetitive as the standard library's.
 _SITE_SKIP = {"test", "tests", "testing", "__pycache__"}
 _SURROGATE = re.compile("[\udc80-\udcff]")
+# The first bytes of a file decide whether it is text, as git and grep decide: a NUL byte there,
+# or more than this share of bytes that are not UTF-8 (Latin-1 prose has a few per line at most).
+_SNIFF_BYTES = 8192
+_MAX_UNDECODABLE = 0.3
 
 
 @dataclass
@@ -61,6 +70,7 @@ class ReadStats:
     replaced_bytes: int = 0  # undecodable bytes replaced by U+FFFD
     files_with_replacements: int = 0
     duplicates: int = 0  # files skipped because an earlier file had the same bytes
+    not_text: int = 0  # files of a folder or glob skipped as binary (see not_text)
     packages: int = 0  # distinct packages among the documents (@site-packages)
 
 
@@ -69,6 +79,17 @@ def decode_text(data: bytes) -> tuple[str, int]:
     text = data.decode("utf-8", errors="surrogateescape")
     text, bad = _SURROGATE.subn("\ufffd", text)
     return text, bad
+
+
+def not_text(data: bytes) -> str | None:
+    """Why a file's bytes are not text, or None when they are (see the module docstring)."""
+    head = data[:_SNIFF_BYTES]
+    if b"\0" in head:
+        return "it holds NUL bytes"
+    _, bad = decode_text(head)
+    if bad > _MAX_UNDECODABLE * len(head):
+        return f"{bad} of its first {len(head)} bytes are not UTF-8"
+    return None
 
 
 def stdlib_root() -> Path:
@@ -138,7 +159,7 @@ def _files_of(spec: str) -> list[tuple[str, Path, str | None]]:
     if spec == SITE_PACKAGES:
         return site_packages_files()
     path = Path(spec).expanduser()
-    if any(ch in spec for ch in "*?["):
+    if _is_glob(spec):
         matches = sorted(Path(p) for p in _glob.glob(spec, recursive=True) if Path(p).is_file())
         if not matches:
             raise DataError(f"the glob {spec!r} matches no files; check the pattern and the current folder")
@@ -163,6 +184,15 @@ def _files_of(spec: str) -> list[tuple[str, Path, str | None]]:
                     f"file, {STDLIB}, {SITE_PACKAGES} or {HUB_PREFIX}owner/name")
 
 
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
+def _names_one_file(spec: str) -> bool:
+    """Whether a source is a file named directly (not @stdlib, a folder or a glob)."""
+    return spec not in (STDLIB, SITE_PACKAGES) and not _is_glob(spec) and Path(spec).expanduser().is_file()
+
+
 def source_files(spec: str) -> list[tuple[str, Path, str | None]]:
     """(name, path, package) of every file of every source in spec (hub sources have none)."""
     return [entry for part in split_spec(spec) if not part.startswith(HUB_PREFIX) for entry in _files_of(part)]
@@ -177,7 +207,7 @@ def iter_documents(spec: str | None, text_field: str = "text", stats: ReadStats 
     packages: set[str] = set()
     for part in split_spec(spec):
         docs = _hub_documents(part, text_field) if part.startswith(HUB_PREFIX) else \
-            _files_documents(_files_of(part), text_field, stats, seen)
+            _files_documents(_files_of(part), text_field, stats, seen, given=_names_one_file(part))
         for doc in docs:
             stats.documents += 1
             stats.characters += len(doc.text)
@@ -187,13 +217,24 @@ def iter_documents(spec: str | None, text_field: str = "text", stats: ReadStats 
             yield doc
 
 
-def _files_documents(files, text_field: str, stats: ReadStats, seen: set[bytes] | None) -> Iterator[Document]:
+def _files_documents(files, text_field: str, stats: ReadStats, seen: set[bytes] | None,
+                     given: bool = False) -> Iterator[Document]:
+    """Documents of files; given: the one file a source names, refused (not skipped) when it
+    is not text."""
     for name, path, package in files:
-        stats.files += 1
         if path.suffix.lower() == ".parquet":
+            stats.files += 1
             yield from _parquet_documents(name, path, text_field)
             continue
         data = path.read_bytes()
+        why = not_text(data)
+        if why is not None:
+            if given:
+                raise DataError(f"{path} is not a text file ({why}); pass a UTF-8 text file, a folder or glob of "
+                                "them, a JSONL or a Parquet file")
+            stats.not_text += 1
+            continue
+        stats.files += 1
         text, bad = decode_text(data)
         if bad:
             stats.replaced_bytes += bad
@@ -224,7 +265,8 @@ def read_documents(spec: str | None, text_field: str = "text") -> tuple[list[Doc
 
 
 def empty_corpus(spec: str, stats: ReadStats) -> DataError:
-    return DataError(f"the corpus {spec} is empty: {stats.files} file(s) read, no text in them; "
+    skipped = f" ({stats.not_text} more skipped as not text)" if stats.not_text else ""
+    return DataError(f"the corpus {spec} is empty: {stats.files} file(s) read{skipped}, no text in them; "
                      "pass files that contain text")
 
 

@@ -8,6 +8,9 @@ never assumed to be on the CPU.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -45,3 +48,17 @@ def device_of(module: nn.Module) -> torch.device:
     for b in module.buffers():
         return b.device
     return torch.device("cpu")
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's intra-op CPU threads set to `threads` inside the block (None: left as they are),
+    and restored after it, so a stage called from Python leaves its caller's setting alone."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)

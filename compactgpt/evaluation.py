@@ -170,7 +170,7 @@ def model_logits_fn(model: torch.nn.Module, device: str | torch.device | None = 
     device = device if device is not None else device_of(model)
 
     def fn(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids.to(device))
+        return model(ids.to(device)).logits
 
     return fn
 
@@ -184,7 +184,7 @@ def mean_loss(model: torch.nn.Module, batches, device, autocast_ctx) -> float:
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast_ctx:
-            logits = model(x)
+            logits = model(x).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     model.train(was_training)

@@ -1,6 +1,6 @@
-"""Atomic file writes: write to a temporary name beside the target, then rename.
-
-A crash leaves either the old file or the new one, never half of one."""
+"""Files written atomically (to a temporary name beside the target, then renamed: a crash
+leaves either the old file or the new one, never half of one), and JSON read back with one
+typed error for a file that is missing, unreadable or not what it should be."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from .errors import ArtifactError, write_fault
 
 
 def current_umask() -> int:
@@ -42,8 +44,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        fault = write_fault(e, path.parent)
+        if fault is not None and fault.errno is not None:
+            # Named after the file being written, not its temporary (nor a writer library's own).
+            raise OSError(fault.errno, fault.strerror, str(path)) from e
         raise
 
 
@@ -61,3 +67,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str, fix: str, expect: type | tuple[type, ...] = (dict, list)) -> Any:
+    """The JSON value stored in path, which should hold `what` (e.g. "a manifest"): a dict or a
+    list unless `expect` names other types. Raises ArtifactError in one line naming the file,
+    what is wrong with it (missing, unreadable, not valid JSON, another kind of value) and `fix`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: it should hold {what}; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} could not be read ({e}); {fix}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, expect):
+        raise ArtifactError(f"{path} holds a JSON {type(value).__name__}, not {what}; {fix}")
+    return value

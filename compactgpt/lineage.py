@@ -1,23 +1,25 @@
 """Where an artifact came from: its ancestors through the manifests' parent links, the data
-its family was trained on, the held-out text it is scored on, and whether two artifacts
-speak the same tokenizer.
+its family was trained on (`training_data`), and whether two artifacts speak the same
+tokenizer.
 
-Every stage that needs "the teacher's training data" or "the text this model was held out
-on" asks here, so the walk up the parents (export -> quantized -> student -> teacher ->
-data) is written once, with one depth rule.
+Every stage that needs "the teacher's training data" asks here, so the walk up the parents
+(export -> quantized -> student -> teacher -> data) is written once, with one depth rule
+and one rule for which recorded data counts. Reading tokens from that data (calibration
+windows, held-out text) is `compactgpt.calibration`'s.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import torch
-
-from .artifacts import Manifest, read_manifest, resolved_parent
+from .artifacts import MANIFEST, Manifest, read_manifest, resolved_parent
 from .data import is_data_folder
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 from .tokenizer import Tokenizer
 
 # Longer than any real chain (data -> teacher -> finetune -> prune -> distill -> quantize ->
@@ -40,13 +42,76 @@ def ancestors(folder: str | Path) -> Iterator[tuple[Path, Manifest | None]]:
         path = resolved_parent(path, manifest)
 
 
-def training_data_folder(folder: str | Path) -> Path | None:
-    """The prepared data folder the folder's family was pretrained on (the first ancestor
-    that is a data folder), or None when the chain names none."""
-    for path, manifest in ancestors(folder):
-        if manifest is not None and manifest.stage == "data":
-            return path
+@dataclass(frozen=True)
+class TrainingData:
+    """Data a model was (or is to be) trained on: a prepared data folder, or a raw-text
+    source with the settings that split it (JSONL field, held-out share)."""
+
+    path: str  # usable from here: a recorded relative path is resolved against its folder
+    prepared: bool
+    text_field: str = "text"
+    val_fraction: float = 0.05
+
+
+def training_data(folder: str | Path, manifest: Manifest | None = None, flag: str = "--data") -> TrainingData | None:
+    """The data the model in `folder` was trained on, as its family's manifests record it.
+
+    The one rule for every stage: walking from the model up its parents, the first folder
+    that records data decides: its parent when that is a prepared data folder, else its
+    `data` setting (a prepared data folder, or raw text split as that stage split it, with
+    its `text_field` and `val_fraction`; a finetuning `task` other than lm trained on
+    examples, not running text, and is passed over). So a model finetuned on domain text is
+    calibrated and scored on that text, and a pretrained one on its data folder. `manifest` is the
+    folder's own when the caller has read it already. Returns None when the chain records
+    no data (or an ancestor cannot be read). Raises ConfigError, naming the path as the
+    manifest records it and `flag`, when the recorded data is not there (a folder copied or
+    moved without the data it names)."""
+    try:
+        for path, m in _chain(folder, manifest):
+            if m is None:
+                return None
+            parent = resolved_parent(path, m)
+            if parent is not None and is_data_folder(parent):
+                return TrainingData(str(parent), True)
+            data = m.settings.get("data")
+            if not isinstance(data, str) or not data or m.settings.get("task", "lm") != "lm":
+                continue  # nothing recorded, or examples (instructions, labelled text) rather than running text
+            if is_data_folder(data):
+                return TrainingData(data, True)
+            if _absent(data):
+                raise ConfigError(
+                    f"{path} records its training data as {_as_recorded(path, data)!r}, which is not there "
+                    f"({data}): the folder was moved or copied without it; pass {flag} with that data or other text"
+                )
+            return TrainingData(data, False, m.settings.get("text_field", "text"), m.settings.get("val_fraction", 0.05))
+    except ArtifactError:
+        return None  # an ancestor that cannot be read: the data must be given explicitly
     return None
+
+
+def _chain(folder: str | Path, manifest: Manifest | None) -> Iterator[tuple[Path, Manifest | None]]:
+    """ancestors(folder), starting from `manifest` when the caller read the folder's already."""
+    if manifest is None:
+        yield from ancestors(folder)
+        return
+    yield Path(folder), manifest
+    parent = resolved_parent(folder, manifest)
+    if parent is not None:
+        yield from ancestors(parent)
+
+
+def _absent(source: str) -> bool:
+    """True for a path that names nothing here (a text source like @stdlib is not a path)."""
+    return os.path.isabs(source) and not glob.glob(source)
+
+
+def _as_recorded(folder: Path, value: str) -> str:
+    """A setting as the manifest file holds it (relative to the folder when written so)."""
+    try:
+        settings = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8")).get("settings", {})
+        return str(settings.get("data", value))
+    except (OSError, ValueError):
+        return value
 
 
 def same_tokenizer(a: Tokenizer | str | Path, b: Tokenizer | str | Path) -> bool:
@@ -65,78 +130,3 @@ def require_same_tokenizer(a: Tokenizer | str | Path, b: Tokenizer | str | Path,
     """ConfigError(problem) unless a and b share a tokenizer; `problem` names both and the fix."""
     if not same_tokenizer(a, b):
         raise ConfigError(problem)
-
-
-def data_folder_tokens(folder: str | Path, tokenizer: Tokenizer | str | Path, owner: str | Path, split: str = "val",
-                       problem: str | None = None) -> torch.Tensor:
-    """A split of a prepared data folder as int64 ids, after checking it was tokenized with
-    `tokenizer` (the tokenizer of the model `owner`, or a folder holding it); `problem`
-    replaces the default error message, for callers with another fix to name."""
-    from .data import TokenShards
-
-    require_same_tokenizer(
-        folder, tokenizer,
-        problem or f"{folder} was tokenized with a different tokenizer than {owner}'s; pass the raw text as "
-        "--data so it is tokenized with the model's own tokenizer",
-    )
-    return torch.from_numpy(TokenShards(folder, split).all_tokens().astype(np.int64))
-
-
-def text_tokens(source: str | Path, tokenizer: Tokenizer, text_field: str = "text") -> torch.Tensor:
-    """A text source (file, folder, glob, JSONL) encoded with documents joined by <|endoftext|>."""
-    from .data import read_documents
-
-    docs, _ = read_documents(str(source), text_field)
-    return _joined(docs, tokenizer)
-
-
-def _joined(docs, tokenizer: Tokenizer) -> torch.Tensor:
-    """The documents' ids with <|endoftext|> between documents (none after the last)."""
-    ids: list[int] = []
-    for i, d in enumerate(docs):
-        if i:
-            ids.append(tokenizer.eot_id)
-        ids.extend(tokenizer.encode(d.text))
-    return torch.tensor(ids)
-
-
-def heldout_tokens(folder: str | Path, manifest: Manifest | None, tokenizer: Tokenizer,
-                   data: str | Path | None = None, text_field: str = "text") -> tuple[torch.Tensor, str]:
-    """The token ids to score a model on, and where they come from.
-
-    With `data`: that text, or the val split of a prepared data folder. Without: the
-    held-out text of the nearest ancestor that records its training data: the val split of
-    a data folder, or the validation documents of a raw-text source (e.g. the domain text a
-    finetuned model was trained on, split as the finetune split it). Raises ConfigError when
-    the chain records no training data.
-    """
-    if data is not None:
-        if is_data_folder(data):
-            return data_folder_tokens(data, tokenizer, folder), f"val split of {data}"
-        return text_tokens(data, tokenizer, text_field), str(data)
-    chain = [(folder, manifest)] if manifest is not None else []
-    if chain:
-        parent = resolved_parent(folder, manifest)
-        if parent is not None and parent.is_dir():
-            chain += list(ancestors(parent))
-    for path, m in chain:
-        if m is None:
-            break
-        parent = resolved_parent(path, m)
-        if parent is not None and is_data_folder(parent):
-            return data_folder_tokens(parent, tokenizer, folder), f"val split of {parent}"
-        recorded = m.settings.get("data")
-        if recorded:
-            if is_data_folder(recorded):
-                return data_folder_tokens(recorded, tokenizer, folder), f"val split of {recorded}"
-            return _raw_validation_tokens(m, tokenizer), "validation split of " + str(recorded)
-    raise ConfigError(f"{folder} records no training data to hold out from; pass --data with the text to score")
-
-
-def _raw_validation_tokens(manifest: Manifest, tokenizer: Tokenizer) -> torch.Tensor:
-    """The validation documents of a raw-text source, split as the stage that read it split them."""
-    from .data import read_documents, split_documents
-
-    docs, _ = read_documents(manifest.settings["data"], manifest.settings.get("text_field", "text"))
-    _, val = split_documents(docs, manifest.settings.get("val_fraction", 0.05))
-    return _joined(val, tokenizer)

@@ -15,17 +15,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .sampling import stream_tokens, with_prompt
 
 # Projections stored as (out, in) here and (in, out) in GPT-2's Conv1D layout.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # One (key, value) pair per layer, each (B, nh, P, hs).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class GPTOutput(NamedTuple):
+    """What `GPT.forward` returns, whatever it was asked for; a field not asked for is None."""
+
+    logits: torch.Tensor | None  # (B, T, V); None when `targets` asked for the loss alone
+    past_key_values: KVCache | None = None  # with use_cache: the cache after the new tokens
+    hidden_states: list[torch.Tensor] | None = None  # with output_hidden_states: n_layer + 1 of (B, T, C)
+    loss: torch.Tensor | None = None  # with targets: the mean next-token cross-entropy, a scalar
 
 
 @dataclass
@@ -255,15 +266,18 @@ class GPT(nn.Module):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         targets: torch.Tensor | None = None,
-    ):
-        """Logits for every position, and the updated KV cache when use_cache is set.
-        With `targets` (B, T) (ignored positions -100): only the mean next-token cross-entropy,
-        computed chunk by chunk so the full (B, T, V) float logits never exist (training).
+    ) -> GPTOutput:
+        """A GPTOutput: logits for every position, plus what the flags ask for.
 
         input_ids: (B, T) token ids; attention_mask: (B, P+T) 1/0 over past and new tokens;
         position_ids: (B, T), default P..P+T-1; past_key_values: per-layer (k, v), (B, nh, P, hs).
-        Returns logits (B, T, V), then present KV (if use_cache), then the list of
-        hidden states (if output_hidden_states): the embeddings, each block's output, ln_f's output.
+        use_cache fills `past_key_values` (the cache after the new tokens); output_hidden_states
+        fills `hidden_states`: the embeddings, each block's output, ln_f's output (for the last).
+        targets (B, T) (ignored positions -100) fills `loss` with the mean next-token
+        cross-entropy, computed chunk by chunk so the full (B, T, V) float logits never exist,
+        and leaves `logits` None (training). The loss is computed here rather than by another
+        method so that it runs through the module's call: DDP's gradient sync, FSDP's gathers
+        and torch.compile all hook that call, and a wrapped model has no other method.
         """
         B, T = input_ids.shape
         n_past = past_key_values[0][0].shape[2] if past_key_values else 0
@@ -285,118 +299,47 @@ class GPT(nn.Module):
             if hidden is not None:
                 hidden.append(x)
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if hidden is not None:
             hidden[-1] = x  # transformers reports the last block after ln_f
+        cache = presents if use_cache else None
+        if targets is not None:
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            return GPTOutput(None, cache, hidden, loss)
         logits = self.lm_head(x)  # (B, T, V)
         if self.vocab_limit is not None and not self.training:
             # Only what reads predictions is masked; training leaves the padding rows alone:
             # no target points at them (cross-entropy pushes them down anyway), and the fused
             # `targets` loss never builds these logits, so both training losses stay equal.
             logits = mask_padded_vocab(logits, self.vocab_limit)
-        out = (logits,)
-        if use_cache:
-            out += (presents,)
-        if hidden is not None:
-            out += (hidden,)
-        return out[0] if len(out) == 1 else out
+        return GPTOutput(logits, cache, hidden)
 
     @torch.no_grad()
-    def stream(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_tokens: Sequence[int] = (),
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next tokens (B,) one step at a time, reusing the KV cache.
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling) -> Iterator[torch.Tensor]:
+        """Yield the next tokens (B,) one step at a time, reusing the KV cache, in eval mode.
 
-        temperature 0 is greedy decoding. Prompts of different lengths are left-padded with
-        attention_mask marking real tokens. A sequence that produced a stop token keeps
-        producing it; the stream ends when all sequences have stopped.
+        The loop and its settings (temperature, top_k, top_p, repetition_penalty, stop_tokens,
+        attention_mask for left-padded prompts, generator) are `compactgpt.sampling.stream_tokens`'s,
+        shared with the ONNX runtime. Raises ConfigError as it does.
         """
-        B, T = input_ids.shape
-        if T + max_new_tokens > self.config.n_positions:
-            raise ValueError(
-                f"prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                f"{self.config.n_positions} positions; shorten the prompt or lower max_new_tokens"
-            )
+        cache: KVCache | None = None
+
+        def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            nonlocal cache
+            out = self(ids, mask, positions, cache, use_cache=True)
+            cache = out.past_key_values
+            return out.logits[:, -1, :]
+
         was_training = self.training
         self.eval()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        padded = bool((attention_mask == 0).any())
-        # Left padding shifts positions so that each prompt's first real token is position 0.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits, past = self(
-            input_ids, attention_mask if padded else None, position_ids, use_cache=True
-        )
-        next_pos = position_ids[:, -1:] + 1
         try:
-            for _ in range(max_new_tokens):
-                token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-                if len(stops):
-                    token = torch.where(done, stops[0], token)
-                    done |= torch.isin(token, stops)
-                yield token
-                if bool(done.all()):
-                    break
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-                logits, past = self(
-                    token[:, None], attention_mask if padded else None, next_pos, past, use_cache=True
-                )
-                next_pos = next_pos + 1
+            yield from stream_tokens(step, input_ids, max_new_tokens, self.config.n_positions, **sampling)
         finally:
             self.train(was_training)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
         """The prompt followed by up to max_new_tokens generated tokens, (B, T + n)."""
-        new = list(self.stream(input_ids, max_new_tokens, **kwargs))
-        if not new:
-            return input_ids
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row of logits (B, V): greedy at temperature 0, else sample.
-
-    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability
-    reaches p (always at least the most likely token).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return with_prompt(input_ids, self.stream(input_ids, max_new_tokens, **sampling))
 
 
 # ---------------------------------------------------------------------------------------

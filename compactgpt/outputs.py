@@ -16,6 +16,12 @@ The lock is held until the returned `OutputClaim` is released (it is a context m
 removed then; a lock left by a process that died is taken over. The lock is fcntl.flock on the
 lock file, so the kernel drops it with its process; the JSON in the file names the holder for
 the error message only.
+
+Every stage writes inside its claim, so the claim is also where a failed write gets its one
+answer: a full disk, a quota, a read-only disk or a missing permission (an OSError, or the
+safetensors / torch error wrapping one) leaving the `with` block becomes a WriteError naming
+the file, what was kept (the folder stays marked incomplete; a training stage's last
+checkpoint) and the fix, which the CLI prints as one line. Read errors pass unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .artifacts import INCOMPLETE, MANIFEST, read_marker
-from .errors import ConfigError
+from .errors import ConfigError, WriteError, fault_fix, write_fault
 
 try:  # flock is POSIX; elsewhere the lock falls back to the holder's pid (see _held_elsewhere)
     import fcntl
@@ -68,10 +74,11 @@ def find_checkpoint(out: str | Path) -> Path | None:
 
 class OutputClaim:
     """A claimed output folder; `release()` (or leaving the `with` block) drops the lock, and
-    removes the folder again when the claim created it and the stage wrote nothing."""
+    removes the folder again when the claim created it and the stage wrote nothing. A write
+    fault leaving the `with` block is raised as a WriteError (see write_error)."""
 
-    def __init__(self, out: Path, fd: int | None, created: bool) -> None:
-        self.out, self._fd, self._created = out, fd, created
+    def __init__(self, out: Path, fd: int | None, created: bool, trains: bool = False) -> None:
+        self.out, self._fd, self._created, self.trains = out, fd, created, trains
 
     def release(self) -> None:
         if self._fd is not None:
@@ -90,8 +97,13 @@ class OutputClaim:
     def __enter__(self) -> Path:
         return self.out
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            error = write_error(exc, self.out, self.trains) if exc is not None else None
+        finally:  # what was kept is read before the release, which may remove an empty folder
+            self.release()
+        if error is not None:
+            raise error from exc
 
 
 def claim_output(out: str | Path, *, stage: str, inputs: InputPaths | None = None, overwrite: bool = False,
@@ -102,7 +114,8 @@ def claim_output(out: str | Path, *, stage: str, inputs: InputPaths | None = Non
     id, @stdlib, a glob) are skipped. overwrite: take over a folder holding another artifact
     or checkpoint. resume / trains: a training stage continuing (or entitled to continue) its
     own checkpoint. lock=False checks without locking (the torchrun ranks other than 0).
-    Returns the claim, to be released when the stage ends (also on error). Raises ConfigError.
+    Returns the claim, to be released when the stage ends (also on error): best as a `with`
+    block, which raises a write fault leaving it as a WriteError. Raises ConfigError.
     """
     out = Path(out)
     _refuse_inputs(out, inputs or {})
@@ -110,12 +123,49 @@ def claim_output(out: str | Path, *, stage: str, inputs: InputPaths | None = Non
     claim = OutputClaim(out, None, False)
     if lock:
         claim = _lock(out, stage)
+    claim.trains = trains
     try:
         _refuse_occupied(out, stage, overwrite, resume, trains)
     except BaseException:
         claim.release()
         raise
     return claim
+
+
+def write_error(exc: BaseException, out: str | Path | None = None, trains: bool = False) -> WriteError | None:
+    """exc as a WriteError when it is a write fault (compactgpt.errors.write_fault), else None.
+
+    out: the folder being written, None when unknown (then only a fault no read can cause
+    counts, and the message names the file alone). trains: a training stage, whose last
+    checkpoint in out survives and is continued with --resume."""
+    fault = write_fault(exc, out)
+    if fault is None:
+        return None
+    if fault.filename:
+        path = os.fsdecode(fault.filename)
+    else:  # the writer did not say which file
+        path = f"into {out}" if out is not None else "a file"
+    reason = fault.strerror or "the write failed"
+    if out is None:
+        return WriteError(path, reason, "every finished artifact is kept", fault_fix(fault))
+    kept, resume = _what_was_kept(Path(out), trains)
+    return WriteError(path, reason, kept, fault_fix(fault), resume)
+
+
+def _what_was_kept(out: Path, trains: bool) -> tuple[str, bool]:
+    """What a write cut short left in out, in words, and whether --resume continues it."""
+    if (out / INCOMPLETE).exists():
+        kept = f"{out} stays marked incomplete and will not load"
+    elif (out / MANIFEST).is_file():
+        kept = f"the artifact already in {out} is unchanged"
+    else:
+        kept = f"{out} holds no finished artifact"
+    if not trains:
+        return kept, False
+    checkpoint = find_checkpoint(out)
+    if checkpoint is None:
+        return f"{kept}, and no checkpoint had been saved yet", False
+    return f"{kept}, and its last checkpoint ({checkpoint}) is kept", True
 
 
 def _paths(value) -> list[Path]:

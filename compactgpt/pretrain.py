@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from .artifacts import read_manifest, save_model
-from .config import option
+from .config import StageConfig, option, run_option
 from .data import STDLIB, DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
+from .device import DEVICE_HELP, cpu_threads, resolve_device
 from .errors import ConfigError
 from .evaluation import mean_loss, model_logits_fn, perplexity
 from .model import GPT, GPTConfig
@@ -36,7 +37,7 @@ class TrainConfig(LoopConfig):
     data: str = option(STDLIB, "training text: a file, folder, glob, JSONL file, prepared data folder, or @stdlib "
                        "(the Python standard library's sources; the default)")
     out: str = option("runs/teacher", "artifact folder to write (checkpoints go in OUT/checkpoint)")
-    preset: str = option("small", "model and schedule preset: tiny (tests), small (CPU, ~15 min), gpt2-124m (GPU)")
+    preset: str = option("small", "model and schedule preset: tiny (tests), small (CPU), gpt2-124m (GPU)")
     vocab_size: int = option(8192, "BPE vocabulary size when the data is tokenized here")
     val_fraction: float = option(0.05, "share of documents held out for validation")
     text_field: str = option("text", "JSONL field that holds the text")
@@ -48,6 +49,12 @@ class TrainConfig(LoopConfig):
     n_positions: int = option(256, "longest context (learned positions)")
     dropout: float = option(0.0, "dropout rate")
     eval_batches: int = option(40, "validation windows per evaluation")
+    # How the run goes, not what it writes: unsaved (compactgpt.config.RUN_SETTINGS).
+    overwrite: bool = run_option("overwrite", "discard an existing checkpoint in OUT and start over")
+    resume: bool = run_option("resume")
+    threads: int | None = run_option("threads")
+    progress: bool = run_option("progress", "progress bar on a terminal (--no-progress: none; logs still go to "
+                                "OUT/log.jsonl)")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         # Round the embedding up to a multiple of 64 rows: faster matmuls, same tokens.
@@ -92,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128, block_size=64, vocab_size=512,
                  batch_size=8, max_steps=50, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=25,
                  checkpoint_interval=25, log_interval=5, eval_batches=8),
-    # The CPU default: about 15 minutes on 2 cores, writes recognisable Python.
+    # The CPU default: a short run on a few cores that writes recognisable Python.
     "small": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, block_size=256, vocab_size=8192,
                   batch_size=16, max_steps=700, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                   eval_interval=100, checkpoint_interval=100, log_interval=10, eval_batches=40),
@@ -129,23 +136,23 @@ def prepare_or_reuse_data(config: TrainConfig, rt: TrainRuntime, log) -> Path:
     if rt.is_main and not prepared_matches(folder, data_cfg):
         log(f"preparing data from {config.data} (tokenizer of {config.vocab_size} tokens)...")
         # OUT/data belongs to this run (OUT is claimed): a stale copy is replaced.
-        prepare_data(data_cfg, folder, log=log, overwrite=True)
+        prepare_data(data_cfg.replace(out=str(folder), overwrite=True), log=log)
     if rt.distributed:
         torch.distributed.barrier()
     return folder
 
 
-def pretrain(config: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
-             on_step: Callable[[int], None] | None = None, overwrite: bool = False,
-             resume: bool = False) -> Path:
+def pretrain(config: TrainConfig, log: Callable[[str], None] = print,
+             on_step: Callable[[int], None] | None = None) -> Path:
     """Train a GPT from scratch on config.data and write a model artifact to config.out.
 
-    Returns the artifact folder. Raises ConfigError when out holds a checkpoint and neither
-    resume nor overwrite is given (no run silently replaces earlier work).
+    on_step: called after every optimizer step (tests interrupt runs with it). Returns the
+    artifact folder. Raises ConfigError when out holds a checkpoint and neither config.resume
+    nor config.overwrite is set (no run silently replaces earlier work).
     """
     out = Path(config.out)
-    with training_stage(config, out, resume=resume, overwrite=overwrite, inputs={"--data": config.data},
-                        stage=STAGE) as rt:
+    with cpu_threads(config.threads), training_stage(config, out, resume=config.resume, overwrite=config.overwrite,
+                                                     inputs={"--data": config.data}, stage=STAGE) as rt:
         out.mkdir(parents=True, exist_ok=True)
         data_dir = prepare_or_reuse_data(config, rt, log)
         tokenizer = Tokenizer.from_folder(data_dir)
@@ -170,9 +177,9 @@ def pretrain(config: TrainConfig, log: Callable[[str], None] = print, progress: 
                 f"{val.n_tokens:,} val tokens; device {rt.device}")
         result = run_loop(
             model, config, out, WindowBatches(train, config.batch_size, config.block_size), lm_loss, evaluate,
-            runtime=rt, fingerprint=fingerprint, resume=resume,
+            runtime=rt, fingerprint=fingerprint, resume=config.resume,
             flops_per_token=flops_per_token(model_config, config.block_size), log=log,
-            progress=progress, on_step=on_step, desc="pretrain",
+            progress=config.progress, on_step=on_step, desc="pretrain",
         )
         if rt.is_main:
             _save_teacher(config, out, model, tokenizer, data_dir, val, result.metrics, rt, log)
@@ -205,28 +212,57 @@ def _save_teacher(config: TrainConfig, out: Path, model: GPT, tokenizer: Tokeniz
 ADOPT_STAGE = "import"
 
 
-def adopt_teacher(source: str | Path, out: str | Path, data: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Use an existing GPT-2 model (a folder, or a hub id where a network exists) as the
-    teacher instead of pretraining one: it is written to `out` as a CompactGPT artifact whose
-    lineage is `data`, a data folder tokenized with the model's own tokenizer, on which later
-    stages distill, calibrate and evaluate; its validation perplexity there is recorded.
+@dataclass
+class AdoptConfig(StageConfig):
+    """Settings of the import stage (an existing model as the teacher); model and data are saved
+    in the artifact."""
 
-    Raises ArtifactError for a folder that is not a GPT-2 model, ConfigError when `data` was
-    tokenized with another tokenizer.
+    model: str = option("", "GPT-2 model to use as the teacher: a folder, or a hub id where a network exists")
+    data: str = option("", "data folder tokenized with the model's own tokenizer: the teacher's lineage, on which "
+                       "later stages distill, calibrate and evaluate")
+    # The folder written is the artifact itself: not one of its settings.
+    out: str = option("", "artifact folder to write", saved=False)
+    device: str = option("auto", f"where the model is scored: {DEVICE_HELP}", saved=False)
+    overwrite: bool = run_option("overwrite")
+    threads: int | None = run_option("threads")
+    progress: bool = run_option("progress")
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"the import stage needs {name}: set AdoptConfig.{name}")
+        resolve_device(self.device)  # a device this machine lacks is refused before any work
+
+
+def adopt_teacher(config: AdoptConfig, log: Callable[[str], None] = print) -> Path:
+    """Use an existing GPT-2 model (a folder, or a hub id where a network exists) as the
+    teacher instead of pretraining one: it is written to config.out as a CompactGPT artifact
+    whose lineage is config.data, a data folder tokenized with the model's own tokenizer, on
+    which later stages distill, calibrate and evaluate; its validation perplexity there is
+    recorded.
+
+    Returns the folder. Raises ArtifactError for a folder that is not a GPT-2 model,
+    ConfigError when the data was tokenized with another tokenizer or for an out that
+    claim_output refuses (an input folder, another artifact unless config.overwrite).
     """
     from .artifacts import load_model, parent_record, resolve_model_path
-    from .lineage import data_folder_tokens
+    from .calibration import data_folder_tokens
+    from .outputs import claim_output
 
+    source, data, out = config.model, config.data, Path(config.out)
     folder = resolve_model_path(source)
-    loaded = load_model(folder)
-    tokens = data_folder_tokens(data, loaded.tokenizer, folder)
-    n_positions = loaded.model.config.n_positions
-    ppl = perplexity(model_logits_fn(loaded.model), tokens, max_length=n_positions, stride=n_positions // 2)
-    model = loaded.model
-    metrics = {"val_perplexity": ppl.perplexity, "val_tokens_scored": ppl.tokens,
-               "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(True)}
-    save_model(out, model, loaded.tokenizer, stage=ADOPT_STAGE, settings={"model": str(source), "data": str(data)},
-               parent=data, metrics=metrics, extra={"source": parent_record(folder, relative_to=out)})
+    with cpu_threads(config.threads), claim_output(out, stage=ADOPT_STAGE, inputs={"--model": folder, "--data": data},
+                                                   overwrite=config.overwrite):
+        loaded = load_model(folder, device=resolve_device(config.device))
+        tokens = data_folder_tokens(data, loaded.tokenizer, folder)
+        n_positions = loaded.model.config.n_positions
+        ppl = perplexity(model_logits_fn(loaded.model), tokens, max_length=n_positions, stride=n_positions // 2,
+                         progress=config.progress)
+        model = loaded.model
+        metrics = {"val_perplexity": ppl.perplexity, "val_tokens_scored": ppl.tokens,
+                   "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(True)}
+        save_model(out, model.cpu(), loaded.tokenizer, stage=ADOPT_STAGE, settings=config.to_dict(), parent=data,
+                   metrics=metrics, extra={"source": parent_record(folder, relative_to=out)})
     log(f"wrote {out}: {source} as the teacher ({model.num_parameters():,} parameters), val perplexity "
         f"{ppl.perplexity:.2f} over {ppl.tokens:,} tokens of {data}")
-    return Path(out)
+    return out

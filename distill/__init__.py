@@ -7,11 +7,12 @@ distillation on CompactGPT's training loop.
     distill(DistillConfig(teacher="runs/teacher", student="runs/pruned", out="runs/student", max_steps=70))
 """
 
+from compactgpt.calibration import CalibrationConfig
+
 from .distill import DistillConfig, distill
 from .losses import DIVERGENCES, distillation_loss, forward_kl, hidden_state_loss, reverse_kl
 from .prune import PrunePlan, PruneConfig, apply_plan, make_plan, prune, target_shape
 from .sparsity import METHODS, SparsifyConfig, sparsify
-from .tokens import CalibrationConfig
 
 __all__ = [
     "DistillConfig", "distill", "DIVERGENCES", "distillation_loss", "forward_kl", "reverse_kl",

@@ -27,19 +27,20 @@ import torch
 import torch.nn as nn
 
 from compactgpt.artifacts import LoadedModel, load_model, parent_record, resolve_model_path, save_model
-from compactgpt.config import field_help, option
-from compactgpt.data import DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
+from compactgpt.calibration import check_data_tokenizer, data_source, first_tokens
+from compactgpt.config import field_help, option, run_option
+from compactgpt.data import DataConfig, TokenShards, prepare_data, prepared_matches
+from compactgpt.device import cpu_threads
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import mean_loss
+from compactgpt.lineage import require_same_tokenizer
 from compactgpt.model import GPT, GPTConfig
-from compactgpt.tokenizer import Tokenizer
 from compactgpt.training import (LoopConfig, LoopResult, TrainRuntime, WindowBatches, flops_per_token, run_loop,
                                  training_stage)
 
 from .losses import DIVERGENCES, distillation_loss
 from .prune import eval_perplexity, parameter_summary
 from .sparsity import MaskKeeper, masks_from_zeros, sparsity_report
-from .tokens import check_same_tokenizer, eval_slice, training_data_of
 
 
 def _loop_option(default, name: str):
@@ -60,7 +61,9 @@ class DistillConfig(LoopConfig):
     out: str = option("runs/student", "student folder to write (checkpoints go in OUT/checkpoint)")
     text_field: str = option("text", "JSONL field that holds the text")
     val_fraction: float = option(0.05, "held-out share of documents when --data is text")
-    block_size: int = option(256, "tokens per training window (<= both models' n_positions)")
+    # 0 follows the models: a teacher with a short context is never an error by default.
+    block_size: int = option(0, "tokens per training window (at most both models' n_positions; 0 = the shorter "
+                             "of the two)")
     kd_weight: float = option(1.0, "weight of the divergence between softened teacher and student logits "
                               "(default 1)")
     ce_weight: float = option(0.0, "weight of cross-entropy on the data (default 0); --kd-weight 0 --ce-weight 1 "
@@ -80,6 +83,12 @@ class DistillConfig(LoopConfig):
     warmup_steps: int = _loop_option(20, "warmup_steps")
     eval_interval: int = _loop_option(100, "eval_interval")
     checkpoint_interval: int = _loop_option(100, "checkpoint_interval")
+    # How the run goes, not what it writes: unsaved (compactgpt.config.RUN_SETTINGS).
+    overwrite: bool = run_option("overwrite", "discard an existing checkpoint in OUT and start over")
+    resume: bool = run_option("resume", "continue from OUT/checkpoint (same settings)")
+    threads: int | None = run_option("threads")
+    progress: bool = run_option("progress", "progress bar on a terminal (--no-progress: none; logs still go to "
+                                "OUT/log.jsonl)")
 
     def validate(self) -> None:
         super().validate()
@@ -97,8 +106,9 @@ class DistillConfig(LoopConfig):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"--divergence {self.divergence!r} is unknown; choose one of {sorted(DIVERGENCES)}")
-        if self.block_size <= 1 or self.eval_batches <= 0 or self.eval_tokens < 0:
-            raise ConfigError("--block-size must be > 1, --eval-batches > 0, --eval-tokens >= 0")
+        if self.block_size < 0 or self.block_size == 1 or self.eval_batches <= 0 or self.eval_tokens < 0:
+            raise ConfigError("--block-size must be 0 (the models' n_positions) or > 1, --eval-batches > 0, "
+                              "--eval-tokens >= 0")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
 
@@ -149,7 +159,7 @@ def build_student(spec: str, teacher: LoadedModel, seed: int) -> tuple[GPT, Path
     path = Path(spec)
     if path.is_dir():
         loaded = load_model(path)
-        check_same_tokenizer(loaded.tokenizer, teacher.tokenizer, f"the student {path}", f"the teacher {teacher.folder}")
+        _check_student_tokenizer(loaded, teacher)
         return loaded.model, path, loaded
     overrides = parse_student_shape(spec)
     values = {**teacher.model.config.to_dict(), **overrides}
@@ -164,6 +174,31 @@ def build_student(spec: str, teacher: LoadedModel, seed: int) -> tuple[GPT, Path
                           f"({teacher.tokenizer.vocab_size} tokens); the student needs a row for every token")
     torch.manual_seed(seed)  # the initial weights depend on the seed alone
     return GPT(cfg).limit_vocab(teacher.tokenizer.vocab_size), None, None
+
+
+def _check_student_tokenizer(student: LoadedModel, teacher: LoadedModel) -> None:
+    """ConfigError unless both use the same tokenizer: distillation compares distributions
+    over token ids, which only means something when the ids mean the same strings."""
+    a, b = student.tokenizer, teacher.tokenizer
+    require_same_tokenizer(
+        a, b,
+        f"the student {student.folder} and the teacher {teacher.folder} use different tokenizers ({a.vocab_size:,} "
+        f"vs {b.vocab_size:,} tokens or different merges): their token ids do not mean the same text. Build the "
+        "student from this teacher (compactgpt prune, or a student config), or tokenize the data with the "
+        "teacher's tokenizer (compactgpt tokenize --tokenizer TEACHER)",
+    )
+
+
+def training_window(block_size: int, teacher_positions: int, student_positions: int) -> int:
+    """Tokens per training window: `block_size`, or for 0 the longest context both models
+    take (the pipeline's planner derives its fingerprint from this too). Raises ConfigError
+    for a given size longer than either model's positions."""
+    longest = min(teacher_positions, student_positions)
+    if block_size > longest:
+        name = "teacher" if teacher_positions == longest else "student"
+        raise ConfigError(f"--block-size {block_size} exceeds the {name}'s {longest} positions; pass --block-size "
+                          f"{longest} or less (0 = the longest both models take)")
+    return block_size or longest
 
 
 def hidden_layer_map(student: GPT, teacher: GPT, plan: dict | None) -> list[tuple[int, int]]:
@@ -202,12 +237,12 @@ class DistillModule(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, with_hidden: bool = False):
         if not with_hidden:
-            return self.student(input_ids), None
-        logits, hidden = self.student(input_ids, output_hidden_states=True)
-        states = [hidden[s] for s, _ in self.pairs]
+            return self.student(input_ids).logits, None
+        out = self.student(input_ids, output_hidden_states=True)
+        states = [out.hidden_states[s] for s, _ in self.pairs]
         if self.proj is not None:
             states = [p(h) for p, h in zip(self.proj, states)]
-        return logits, states
+        return out.logits, states
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,22 +250,20 @@ class DistillModule(nn.Module):
 
 
 def resolve_data(config: DistillConfig, teacher: LoadedModel, out: Path, is_main: bool, distributed: bool, log) -> Path:
-    """A data folder tokenized with the teacher's tokenizer: the given one (checked), or text
-    prepared under OUT/data (reused while unchanged)."""
-    data = config.data or training_data_of(teacher.folder)
-    if data is None:
-        raise ConfigError(f"{teacher.folder} records no training data; pass --data with text or a prepared data folder")
-    if is_data_folder(data):
-        check_same_tokenizer(Tokenizer.from_folder(data), teacher.tokenizer, f"the data folder {data}",
-                             f"the teacher {teacher.folder}")
-        return Path(data)
-    cfg = DataConfig(source=data, vocab_size=teacher.tokenizer.vocab_size, val_fraction=config.val_fraction,
-                     text_field=config.text_field)
+    """A data folder tokenized with the teacher's tokenizer, from --data or else the teacher's
+    own training data (`compactgpt.calibration.data_source`, the rule every stage shares):
+    a prepared folder (checked), or text prepared under OUT/data (reused while unchanged)."""
+    source = data_source(config.data, teacher.folder, config.text_field, config.val_fraction)
+    if source.prepared:
+        check_data_tokenizer(source.path, teacher.tokenizer, teacher.folder)
+        return Path(source.path)
+    cfg = DataConfig(source=source.path, vocab_size=teacher.tokenizer.vocab_size, val_fraction=source.val_fraction,
+                     text_field=source.text_field)
     folder = out / "data"
     if is_main and not prepared_matches(folder, cfg):
-        log(f"tokenizing {data} with the teacher's tokenizer...")
+        log(f"tokenizing {source.path} with the teacher's tokenizer...")
         # OUT/data belongs to this run (OUT is claimed): a stale copy is replaced.
-        prepare_data(cfg, folder, tokenizer=teacher.tokenizer, log=log, overwrite=True)
+        prepare_data(cfg.replace(out=str(folder), tokenizer=str(teacher.folder), overwrite=True), log=log)
     if distributed:
         torch.distributed.barrier()
     return folder
@@ -250,19 +283,18 @@ class Models:
     student_dir: Path | None  # None for a student initialised at random
     plan: dict | None  # the pruning plan a pruned student was sliced by
     sparse: dict | None  # the sparsity record of a sparse student: its zeros are held
+    block_size: int  # tokens per training window (training_window)
 
 
 def load_models(config: DistillConfig) -> Models:
-    """The teacher and the student of config, checked to fit config.block_size."""
+    """The teacher and the student of config, and the training window that fits both."""
     teacher_dir = resolve_model_path(config.teacher)
     teacher = load_model(teacher_dir)
     student, student_dir, s_loaded = build_student(config.student, teacher, config.seed)
-    for name, m in (("teacher", teacher.model), ("student", student)):
-        if config.block_size > m.config.n_positions:
-            raise ConfigError(f"--block-size {config.block_size} exceeds the {name}'s {m.config.n_positions} "
-                              f"positions; pass --block-size {m.config.n_positions} or less")
+    block_size = training_window(config.block_size, teacher.model.config.n_positions, student.config.n_positions)
     extra = s_loaded.manifest.extra if (s_loaded and s_loaded.manifest) else {}
-    return Models(teacher, teacher_dir, student, student_dir, extra.get("pruning_plan"), extra.get("sparsity"))
+    return Models(teacher, teacher_dir, student, student_dir, extra.get("pruning_plan"), extra.get("sparsity"),
+                  block_size)
 
 
 def objective(config: DistillConfig, teacher: GPT, pairs: list[tuple[int, int]], vocab: int | None,
@@ -281,9 +313,9 @@ def objective(config: DistillConfig, teacher: GPT, pairs: list[tuple[int, int]],
         if config.uses_teacher:
             with torch.no_grad():  # frozen teacher, eval mode: no graph, no dropout
                 t_out = teacher(x, output_hidden_states=with_hidden)
-            t_logits, t_hidden = t_out if with_hidden else (t_out, None)
+            t_logits = t_out.logits
             if with_hidden:
-                t_states = [t_hidden[t] for _, t in pairs]
+                t_states = [t_out.hidden_states[t] for _, t in pairs]
         if vocab is not None:
             s_logits = s_logits[..., :vocab]
             t_logits = t_logits[..., :vocab] if t_logits is not None else None
@@ -321,7 +353,7 @@ def save_student(config: DistillConfig, out: Path, models: Models, result: LoopR
     with a manifest naming the teacher, the pruning plan, the losses and the tokens spent."""
     student, teacher, plan = models.student, models.teacher.model, models.plan
     student.eval()
-    vtokens = eval_slice(val.all_tokens(), config.eval_tokens)
+    vtokens = first_tokens(val, config.eval_tokens)
     s_ppl = eval_perplexity(student, vtokens, device)
     t_ppl = eval_perplexity(teacher, vtokens, device)
     t_manifest = models.teacher.manifest
@@ -349,21 +381,21 @@ def save_student(config: DistillConfig, out: Path, models: Models, result: LoopR
         f"{tokens:,} tokens" + (f" ({metrics['token_fraction_of_teacher']:.1%} of the teacher's)" if t_tokens else ""))
 
 
-def distill(config: DistillConfig, log: Callable[[str], None] = print, progress: bool = True,
-            overwrite: bool = False, resume: bool = False) -> Path:
+def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Path:
     """Train config.student on config.teacher's outputs and write the student to config.out.
 
     Returns the folder. Raises ConfigError on a tokenizer mismatch between teacher, student
     and data, on a block size longer than either model's context, on an --out that is the
-    teacher or the student, and when OUT holds a checkpoint and neither resume nor overwrite
-    is given.
+    teacher or the student, and when OUT holds a checkpoint and neither config.resume nor
+    config.overwrite is set.
     """
     out = Path(config.out)
     student_folder = config.student if Path(config.student).is_dir() else None
-    with training_stage(config, out, resume=resume, overwrite=overwrite,
-                        inputs={"--teacher": config.teacher, "--student": student_folder, "--data": config.data},
-                        stage="distill") as rt:
+    inputs = {"--teacher": config.teacher, "--student": student_folder, "--data": config.data}
+    with cpu_threads(config.threads), training_stage(config, out, resume=config.resume, overwrite=config.overwrite,
+                                                     inputs=inputs, stage="distill") as rt:
         models = load_models(config)
+        config = config.replace(block_size=models.block_size)  # 0 resolved: saved and fingerprinted as run
         if models.sparse and rt.fsdp:
             # The masks hold the zeros of the plain student, but FSDP trains a sharded copy.
             raise ConfigError("a sparse student cannot be distilled with --parallel fsdp (its zeros would not "
@@ -398,8 +430,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print, progress:
             flops += flops_per_token(teacher.config, config.block_size) / 3  # forward only
         try:
             result = run_loop(module, config, out, WindowBatches(train, config.batch_size, config.block_size), loss_fn,
-                              evaluate, runtime=rt, fingerprint=fingerprint, resume=resume, flops_per_token=flops,
-                              log=log, progress=progress, on_step=keeper, desc="distill")
+                              evaluate, runtime=rt, fingerprint=fingerprint, resume=config.resume,
+                              flops_per_token=flops, log=log, progress=config.progress, on_step=keeper,
+                              desc="distill")
         finally:
             if keeper is not None:
                 keeper.remove()

@@ -22,15 +22,18 @@ from typing import Callable
 import torch
 
 from compactgpt.artifacts import load_model, parent_record, resolve_model_path, save_model
-from compactgpt.config import option
-from compactgpt.device import device_of, resolve_device
+from compactgpt.calibration import CalibrationConfig, calibration_windows, data_tokens
+from compactgpt.config import option, run_option
+from compactgpt.device import cpu_threads, device_of, resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.evaluation import model_logits_fn, perplexity
 from compactgpt.model import GPT, GPTConfig
 from compactgpt.outputs import claim_output
 
 from .importance import DEPTH_METRICS, ActivationStats, collect_stats, top_k_indices
-from .tokens import CalibrationConfig, calibration_batches, eval_slice, split_tokens
+
+# Calibration windows per forward pass: the activations of one batch stay small.
+CALIBRATION_BATCH = 8
 
 SHAPE_RULE = (
     "GPT-2 ties attention width to residual width (n_embd = n_head x head_dim) and pruning keeps "
@@ -52,8 +55,10 @@ class PruneConfig(CalibrationConfig):
     mlp: int | None = option(None, "MLP neurons to keep per block")
     depth_metric: str = option("loss", "block ranking: loss (loss increase when the block is skipped) or cosine "
                                "(1 - cos between the block's input and output)")
-    # Whether to take over a folder already holding an artifact is not a setting of the result.
-    overwrite: bool = option(False, "replace an artifact already in --out (never the --model folder)", saved=False)
+    # How the run goes, not what it writes: unsaved (compactgpt.config.RUN_SETTINGS).
+    overwrite: bool = run_option("overwrite")
+    threads: int | None = run_option("threads")
+    progress: bool = run_option("progress")
 
     def validate(self) -> None:
         if not self.model:
@@ -67,8 +72,6 @@ class PruneConfig(CalibrationConfig):
                 raise ConfigError(f"--{name} must be a positive count, got {v}")
         if self.depth_metric not in DEPTH_METRICS:
             raise ConfigError(f"--depth-metric {self.depth_metric!r} is unknown; choose one of {sorted(DEPTH_METRICS)}")
-        if self.calib_windows <= 0 or self.block_size < 0 or self.eval_tokens < 0:
-            raise ConfigError("--calib-windows must be positive; --block-size and --eval-tokens >= 0")
 
 
 @dataclass
@@ -240,40 +243,38 @@ def eval_perplexity(model: GPT, tokens: torch.Tensor, device: str | torch.device
     return perplexity(model_logits_fn(model, device), tokens, max_length=n, stride=n // 2).perplexity
 
 
-def prune(config: PruneConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+def prune(config: PruneConfig, log: Callable[[str], None] = print) -> Path:
     """Prune config.model to the shape asked for and write the student to config.out.
 
     Returns the folder. The manifest records the plan (every kept index), the importance
     scores of blocks and heads, parameter counts and perplexity before and after. Raises
     ConfigError, before any work, for an --out that claim_output refuses (the model folder or a
-    folder above it, another artifact without --overwrite, a run already writing it).
+    folder above it, another artifact without config.overwrite, a run already writing it).
     """
     config.validate()
-    with claim_output(config.out, stage="prune", inputs={"--model": config.model, "--data": config.data},
-                      overwrite=config.overwrite):
-        return _prune(config, log, progress)
+    with cpu_threads(config.threads), claim_output(config.out, stage="prune", overwrite=config.overwrite,
+                                                   inputs={"--model": config.model, "--data": config.data}):
+        return _prune(config, log)
 
 
-def _prune(config: PruneConfig, log: Callable[[str], None], progress: bool) -> Path:
+def _prune(config: PruneConfig, log: Callable[[str], None]) -> Path:
     device = resolve_device(config.device)
     teacher_dir = resolve_model_path(config.model)
     loaded = load_model(teacher_dir, device=device)  # calibration batches are moved to it where used
     teacher = loaded.model
     shape = target_shape(teacher.config, config.layers, config.heads, config.embd, config.mlp)
-    block = config.block_size or teacher.config.n_positions
-    if block > teacher.config.n_positions:
-        raise ConfigError(f"--block-size {block} exceeds the model's {teacher.config.n_positions} positions")
-    tokens = split_tokens(config.data, loaded, config.text_field, config.val_fraction)
-    batches = calibration_batches(tokens.train, config.calib_windows, block, seed=config.seed)
+    tokens = data_tokens(config.data, loaded, config.text_field, config.val_fraction)
+    batches = list(calibration_windows(tokens.train, config.calib_samples, config.calib_seq_len,
+                                       teacher.config.n_positions, config.seed).split(CALIBRATION_BATCH))
     log(f"calibrating on {sum(b.numel() for b in batches):,} tokens of {tokens.source}")
-    stats = collect_stats(teacher, batches, progress=progress)
+    stats = collect_stats(teacher, batches, progress=config.progress)
     depth = None
     if shape.n_layer < teacher.config.n_layer:
-        depth = DEPTH_METRICS[config.depth_metric](teacher, batches, stats, progress)
+        depth = DEPTH_METRICS[config.depth_metric](teacher, batches, stats, config.progress)
     plan = make_plan(stats, depth, shape)
     student = apply_plan(teacher, plan).eval()
 
-    val = eval_slice(tokens.val, config.eval_tokens)
+    val = tokens.validation(config.eval_tokens)
     log(f"evaluating teacher and student on {val.numel():,} validation tokens")
     t_ppl = eval_perplexity(teacher, val)
     s_ppl = eval_perplexity(student, val)

@@ -12,10 +12,10 @@ A sparse artifact stores its zeros in an ordinary dense GPT-2 folder. `compactgp
 reads the manifest's sparsity record and holds the zeros through recovery training (gradient
 and weight masking), so the pattern survives fine-tuning.
 
-Speed: none on this CPU, whose dense kernels multiply zeros like any number. 2:4 gives up to
-~1.5-2x matmul throughput on NVIDIA Ampere and later GPUs through semi-structured sparse
-kernels (torch.sparse.to_sparse_semi_structured / cuSPARSELt); unstructured sparsity pays
-off only in sparse-aware runtimes at high sparsity, or as smaller compressed files.
+Speed: none on a CPU, whose dense kernels multiply zeros like any number. 2:4 runs faster
+matmuls on NVIDIA Ampere and later GPUs through semi-structured sparse kernels
+(torch.sparse.to_sparse_semi_structured / cuSPARSELt); unstructured sparsity pays off only in
+sparse-aware runtimes at high sparsity, or as smaller compressed files.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import torch
 import torch.nn as nn
 
 from compactgpt.artifacts import load_model, parent_record, resolve_model_path, save_model
-from compactgpt.config import option
-from compactgpt.device import resolve_device
+from compactgpt.calibration import CalibrationConfig, calibration_windows, data_tokens
+from compactgpt.config import option, run_option
+from compactgpt.device import cpu_threads, resolve_device
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
 from compactgpt.outputs import claim_output
 
 from .importance import block_linears, collect_stats
-from .prune import eval_perplexity
-from .tokens import CalibrationConfig, calibration_batches, eval_slice, split_tokens
+from .prune import CALIBRATION_BATCH, eval_perplexity
 
 # ---------------------------------------------------------------------------------------
 # Pure scores and masks
@@ -199,8 +199,10 @@ class SparsifyConfig(CalibrationConfig):
                          "or magnitude (|W|, compared over the whole matrix)")
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4 (keep N of every M consecutive "
                           "weights; 2:4 runs on sparse tensor cores of NVIDIA Ampere and later)")
-    # Whether to take over a folder already holding an artifact is not a setting of the result.
-    overwrite: bool = option(False, "replace an artifact already in --out (never the --model folder)", saved=False)
+    # How the run goes, not what it writes: unsaved (compactgpt.config.RUN_SETTINGS).
+    overwrite: bool = run_option("overwrite")
+    threads: int | None = run_option("threads")
+    progress: bool = run_option("progress")
 
     def validate(self) -> None:
         if not self.model or not self.out:
@@ -230,31 +232,31 @@ class SparsifyConfig(CalibrationConfig):
         return {**super().to_dict(), "sparsity": self.target()}
 
 
-def sparsify(config: SparsifyConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+def sparsify(config: SparsifyConfig, log: Callable[[str], None] = print) -> Path:
     """Zero config.sparsity of every block projection of config.model and write the result.
 
-    The manifest records the method, the pattern, the sparsity reached and the perplexity
-    before and after. Raises ConfigError, before any work, for an --out that claim_output
-    refuses (the model folder or a folder above it, another artifact without --overwrite, a run
-    already writing it)."""
+    Returns the folder. The manifest records the method, the pattern, the sparsity reached and
+    the perplexity before and after. Raises ConfigError, before any work, for an --out that
+    claim_output refuses (the model folder or a folder above it, another artifact without
+    config.overwrite, a run already writing it)."""
     config.validate()
-    with claim_output(config.out, stage="sparsify", inputs={"--model": config.model, "--data": config.data},
-                      overwrite=config.overwrite):
-        return _sparsify(config, log, progress)
+    with cpu_threads(config.threads), claim_output(config.out, stage="sparsify", overwrite=config.overwrite,
+                                                   inputs={"--model": config.model, "--data": config.data}):
+        return _sparsify(config, log)
 
 
-def _sparsify(config: SparsifyConfig, log: Callable[[str], None], progress: bool) -> Path:
+def _sparsify(config: SparsifyConfig, log: Callable[[str], None]) -> Path:
     source = resolve_model_path(config.model)
     loaded = load_model(source, device=resolve_device(config.device))  # save_model writes CPU copies
     model = loaded.model
-    tokens = split_tokens(config.data, loaded, config.text_field, config.val_fraction)
+    tokens = data_tokens(config.data, loaded, config.text_field, config.val_fraction)
     norms = None
     if METHODS[config.method].needs_activations:
-        block = config.block_size or model.config.n_positions
-        batches = calibration_batches(tokens.train, config.calib_windows, block, seed=config.seed)
-        stats = collect_stats(model, batches, linear_inputs=True, progress=progress)
+        batches = list(calibration_windows(tokens.train, config.calib_samples, config.calib_seq_len,
+                                           model.config.n_positions, config.seed).split(CALIBRATION_BATCH))
+        stats = collect_stats(model, batches, linear_inputs=True, progress=config.progress)
         norms = {name: stats.input_norms(name) for name in stats.inputs}
-    val = eval_slice(tokens.val, config.eval_tokens)
+    val = tokens.validation(config.eval_tokens)
     before = eval_perplexity(model, val)
     masks = compute_masks(model, config.method, config.target(), config.pattern, norms)
     apply_masks(model, masks)

@@ -10,12 +10,19 @@ Importing the package loads neither onnx nor onnxruntime: they are imported by t
 that build, save or run a graph.
 """
 
+import quantize  # noqa: F401  (registers the "quantized" folder kind, which load_source tells apart)
+from compactgpt.artifacts import register_folder_kind
+
 from .config import ExportConfig
 from .errors import (AxisError, ExportError, InputNameError, OutputNameError, OutputShapeError, ParityError,
                      SignatureError)
 from .exporter import export_onnx
 from .runtime import OnnxDecoder, is_onnx_folder, open_decoder
-from .spec import DecoderSpec
+from .spec import MODEL_FILE, DecoderSpec
+
+# An ONNX graph is what this stage writes; a folder holding one is an export.
+register_folder_kind("onnx", "an ONNX export with its tokenizer, run by ONNX Runtime",
+                     lambda files: (files.path / MODEL_FILE).is_file(), rank=4, marker=MODEL_FILE)
 
 __all__ = ["AxisError", "DecoderSpec", "ExportConfig", "ExportError", "InputNameError", "OnnxDecoder",
            "OutputNameError", "OutputShapeError", "ParityError", "SignatureError", "export_onnx", "is_onnx_folder",

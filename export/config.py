@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compactgpt.config import StageConfig, option
+from compactgpt.config import StageConfig, option, run_option
 from compactgpt.errors import ConfigError
 
 from .errors import ExportError, ParityError
@@ -31,17 +31,16 @@ class ExportConfig(StageConfig):
     optimize: bool = option(True, "fused ONNX Runtime ops (SkipLayerNormalization, FastGelu, MultiHeadAttention; "
                             "default). --no-optimize writes standard ONNX ops only, for other runtimes")
     opset: int = option(DEFAULT_OPSET, "ONNX opset (default 17, the oldest with LayerNormalization)")
-    # 4 is the default because int8 activations make single-token decode several times faster on CPU.
+    # 4 is the default: int8 activations let single-token decode on CPU use the integer dot-product
+    # kernels (benchmarks/results/ has the figures).
     accuracy_level: int = option(4, "MatMulNBits compute type for quantized weights: 0 float activations, 4 int8 "
-                                 "activations (default; several times faster for single-token decode on CPU)")
-    # Measured at 12 x 768 on an AVX-512/VNNI Xeon (benchmarks/results/decode_bandwidth.md): as fast
-    # as ONNX Runtime's own dynamic int8 (the same kernel), at par or up to 9% faster than MatMulNBits
-    # depending on the run; on the default teacher (decode_quality.md) perplexity +0.017%, KL from
-    # fp32 0.14e-3 -> 0.23e-3: opt-in.
+                                 "activations (default; faster single-token decode on CPU)")
+    # Opt-in: per-tensor activations are coarser than matmulnbits' per-block ones
+    # (benchmarks/results/decode_bandwidth.md and decode_quality.md have the speed and the cost).
     int8_kernel: str = option("matmulnbits", added=True, help="kernel of int8 weights (blocks and a quantized LM "
                               "head): matmulnbits (default; int8 activations quantized per block) or dynamic (ONNX "
                               "Runtime's DynamicQuantizeMatMul: per-tensor activations, signed per-channel weights, the "
-                              "lookup reading the head's codes; 0-9% faster decode on CPU, slightly less accurate; "
+                              "lookup reading the head's codes; can decode faster on CPU, slightly less accurate; "
                               "needs per-channel int8, quantize --group-size 0)")
     kv_cache: str = option("copy", added=True, help="copy (default: MultiHeadAttention returns a new present KV "
                            "each step, any batch "
@@ -56,9 +55,9 @@ class ExportConfig(StageConfig):
     # Quantized kernels round activations differently from PyTorch: a relative bound, not atol.
     quant_rtol: float = option(0.05, "quantized exports: largest allowed max|diff| / max|logits| against the "
                                "PyTorch quantized model (default 0.05)")
-    threads: int | None = option(None, "ONNX Runtime threads during validation")
-    # Whether to take over a folder already holding an artifact is not a setting of the export.
-    overwrite: bool = option(False, "replace an artifact already in --out (never the --model folder)", saved=False)
+    # How the run goes, not what it writes: unsaved (compactgpt.config.RUN_SETTINGS).
+    threads: int | None = run_option("threads", "CPU threads of ONNX Runtime and PyTorch during validation")
+    overwrite: bool = run_option("overwrite")
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad setting and the fix."""
@@ -88,5 +87,3 @@ class ExportConfig(StageConfig):
             raise ConfigError(f"external_data {self.external_data!r}: use one of {EXTERNAL_DATA}")
         if self.atol <= 0 or self.quant_rtol <= 0:
             raise ConfigError("atol and quant_rtol must be positive")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")

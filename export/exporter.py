@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from compactgpt.artifacts import begin_write, finish_write, folder_kind, implied_parameters, load_model
+from compactgpt.device import cpu_threads
 from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.io import atomic_write_json
 from compactgpt.outputs import claim_output
@@ -185,12 +186,13 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
     (a layout the graph cannot hold, or a graph whose names and axes disagree with
     export.spec) and ParityError (the export disagrees with PyTorch). Returns the output folder.
     An --out that claim_output refuses (the model folder or a folder above it, another artifact
-    without --overwrite, a run already writing it) is a ConfigError before any work.
+    without config.overwrite, a run already writing it) is a ConfigError before any work.
     """
     src, out = Path(config.model), Path(config.out)
     if not config.model or not config.out:
         raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
-    with claim_output(out, stage="export", inputs={"--model": src}, overwrite=config.overwrite):
+    with cpu_threads(config.threads), claim_output(out, stage="export", inputs={"--model": src},
+                                                   overwrite=config.overwrite):
         return _export_into(config, src, out, log)
 
 

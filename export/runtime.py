@@ -17,14 +17,14 @@ from __future__ import annotations
 import glob
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from compactgpt.artifacts import check_complete, read_config
 from compactgpt.errors import ArtifactError, ConfigError
-from compactgpt.model import sample_next
+from compactgpt.sampling import stream_tokens, with_prompt
 from compactgpt.tokenizer import Tokenizer
 
 from .kvshare import KV_CACHE_KEY
@@ -192,43 +192,30 @@ class OnnxDecoder:
         return self.logits
 
     # -- generation -------------------------------------------------------------------------
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
-               attention_mask: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next tokens (B,) step by step; the same contract as `GPT.stream`.
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, *,
+               attention_mask: torch.Tensor | None = None, **sampling) -> Iterator[torch.Tensor]:
+        """Yield the next tokens (B,) step by step: `compactgpt.sampling.stream_tokens`, the loop
+        and settings `GPT.stream` runs too, over this graph and its KV cache.
 
-        Raises ConfigError when prompt + new tokens exceed the model's positions."""
+        Raises ConfigError as that loop does, and for left-padded rows on a graph with a
+        shared KV cache."""
         input_ids = torch.as_tensor(input_ids)
-        B, T = input_ids.shape
-        if T == 0:
-            raise ConfigError("the prompt is empty; give at least one token (e.g. <|endoftext|>)")
-        if T + max_new_tokens > self.config.n_positions:
-            raise ConfigError(
-                f"prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                f"{self.config.n_positions} positions; shorten the prompt or lower max_new_tokens"
-            )
-        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
-        if self.shared_kv and not bool(mask.all()):
+        if self.shared_kv and attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
             raise ConfigError(f"{self.folder} has a shared KV cache (exported with --kv-cache shared), which reads each "
                               "row's tokens from its start: it cannot run left-padded rows; generate them one by one, "
                               "or use an export with --kv-cache copy")
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        stops = torch.tensor(list(stop_tokens), dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
-        call = self.new_cache(B, T + max_new_tokens).run if self.preallocate else self._per_step_cache()
-        logits = call(input_ids.numpy(), positions.numpy(), mask.numpy())
-        next_pos = positions[:, -1:] + 1
-        for step in range(max_new_tokens):
-            token = sample_next(torch.from_numpy(logits[:, -1, :]), temperature, top_k, top_p, generator)
-            if len(stops):
-                token = torch.where(done, stops[0], token)
-                done |= torch.isin(token, stops)
-            yield token
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break  # no forward pass whose logits nobody reads
-            logits = call(token[:, None].numpy(), next_pos.numpy())
-            next_pos = next_pos + 1
+        call = None
+
+        def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            nonlocal call
+            if call is None:  # created at the prefill, once the loop has checked the lengths
+                B, T = ids.shape
+                call = self.new_cache(B, T + max_new_tokens).run if self.preallocate else self._per_step_cache()
+            new_mask = None if mask is None else mask[:, -ids.shape[1]:].numpy()
+            return torch.from_numpy(call(ids.numpy(), positions.numpy(), new_mask)[:, -1, :])
+
+        yield from stream_tokens(step, input_ids, max_new_tokens, self.config.n_positions,
+                                 attention_mask=attention_mask, **sampling)
 
     def new_cache(self, batch: int, capacity: int) -> "KVCache":
         """An empty KV cache for `batch` rows and up to `capacity` tokens (see KVCache; one
@@ -247,13 +234,10 @@ class OnnxDecoder:
             return logits
         return call
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
         """The prompt followed by up to max_new_tokens generated tokens, (B, T + n)."""
         input_ids = torch.as_tensor(input_ids)
-        new = list(self.stream(input_ids, max_new_tokens, **kwargs))
-        if not new:
-            return input_ids
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+        return with_prompt(input_ids, self.stream(input_ids, max_new_tokens, **sampling))
 
 
 class KVCache:

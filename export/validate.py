@@ -147,8 +147,9 @@ def case_reference(model: GPT, spec: DecoderSpec, case: Case, np_dtype=np.float3
     P = case.past
     past = None
     if P:
-        _, past = model(ids[:, :P], mask[:, :P], pos[:, :P], use_cache=True)
-    ref_logits, ref_present = model(ids[:, P:], mask, pos[:, P:], past_key_values=past, use_cache=True)
+        past = model(ids[:, :P], mask[:, :P], pos[:, :P], use_cache=True).past_key_values
+    out = model(ids[:, P:], mask, pos[:, P:], past_key_values=past, use_cache=True)
+    ref_logits, ref_present = out.logits, out.past_key_values
     empty = np.zeros((case.batch, spec.n_head, 0, spec.head_dim), np.float32)
     feeds = {spec.input_ids: ids[:, P:].numpy(), spec.attention_mask: mask.numpy(),
              spec.position_ids: pos[:, P:].numpy()}

@@ -2,7 +2,8 @@
 
 The handler of each config type is registered beside that method's code (`rtn.py`,
 `gptq.py`, `awq.py`, `smoothquant.py`, `bnb.py`, through `handlers.register_handler`) and
-found here by the config's type. Calibrated methods share one shape: prepare (embed the
+found here by the config's type; the storage layout of its weights is registered there too
+(`handlers.register_layout`) and found by `quantize.artifact`. Calibrated methods share one shape: prepare (embed the
 calibration windows), calibrate (run each block and collect what the method needs: Hessians,
 activation statistics, input samples), convert (replace the block's projections by
 `QuantLinear`s), then feed the block's outputs to the next block: the walk in

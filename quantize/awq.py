@@ -23,7 +23,9 @@ from compactgpt.model import CausalSelfAttention
 from .calibrate import BlockHooks, walk_blocks
 from .config import AWQConfig
 from .format import QuantizedWeight
-from .handlers import BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, replace_linear
+from .gptq_layout import GPTQ_LAYOUT
+from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
+                       replace_linear)
 from .rtn import fake_quantize, grid_params, group_ranges, rtn_quantize
 from .smoothquant import ScaleMapping, fold_mapping
 
@@ -216,3 +218,7 @@ def _awq(model, config: AWQConfig, calibration, progress: bool) -> None:
         quantize_embeddings(model, search_clip(h, w, group_size=config.group_for(w.shape[1], "lm_head"),
                                                max_shrink=config.max_shrink,
                                                **{**hooks.search, "bits": config.bits_for("lm_head")}))
+
+
+# Saved as GPTQ checkpoint tensors (quantize.gptq_layout).
+register_layout(AWQConfig, GPTQ_LAYOUT)

@@ -5,12 +5,13 @@ bitsandbytes 0.45+ runs both on CPU as well as CUDA. Its layers keep their own s
 they are saved in bitsandbytes' own serialization (the tensors of the layer's state dict,
 which transformers also reads) and rebuilt from it here. bitsandbytes itself is imported on
 first use. The handlers at the end, registered for BnbInt8Config and BnbNF4Config, swap a
-GPT's projections for these layers.
+GPT's projections for these layers; the "bnb" layouts registered beside them save and load them.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ from compactgpt.artifacts import FLOAT_DTYPES, check_tensor
 from compactgpt.errors import ArtifactError, ConfigError
 
 from .config import BnbInt8Config, BnbNF4Config, QuantConfig
-from .handlers import each_projection, register_handler
+from .handlers import SavedLayers, each_projection, register_handler, register_layout
 from .modules import set_module
 
 
@@ -155,3 +156,74 @@ def _bnb_nf4(model, config: BnbNF4Config, calibration, progress: bool) -> None:
                 f"has {lin.out_features} outputs; use rtn/gptq/awq (bits 4) for this model"
             )
         set_module(model, name, to_4bit_linear(lin, config.quant_type, config.blocksize, config.double_quant))
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts: bitsandbytes' own serialization (transformers' `quant_method: bitsandbytes`)
+
+
+class BnbLayout:
+    """The layers' state-dict tensors; the int8 and 4-bit layouts below differ in the
+    config.json entry and in how a layer is checked and rebuilt."""
+
+    name = "bnb"
+    description = "bitsandbytes' own serialization (bnb-int8, bnb-nf4)"
+    eightbit = False
+
+    def save(self, model) -> SavedLayers:
+        """Every bitsandbytes layer's tensors."""
+        layers = {n: m for n, m in model.named_modules() if is_bnb_module(m)}
+        if not layers:
+            raise ConfigError("the model has no bitsandbytes layers to save; run quantize_ first")
+        tensors = {f"{name}.{key}": t for name, m in layers.items() for key, t in bnb_tensors(m).items()}
+        return SavedLayers(tensors, set(layers), None)
+
+    def layer_names(self, header: dict) -> set[str]:
+        """Layers with LLM.int8's row scales (SCB) or a 4-bit absmax."""
+        return ({k.rsplit(".", 1)[0] for k in header if k.endswith(".SCB")} |
+                {k[: -len(".weight.absmax")] for k in header if k.endswith(".weight.absmax")})
+
+    def check_layer(self, path: Path, name: str, entries: dict, config: QuantConfig, linear: nn.Linear) -> None:
+        """bitsandbytes' tensors of the layer's kind and shape (see check_bnb_header)."""
+        check_bnb_header(path, name, entries, self.eightbit, linear.in_features, linear.out_features)
+
+    def refusal(self, config: QuantConfig, layout: str) -> str:
+        """bitsandbytes' codes are not affine integer groups."""
+        return (f"{config.method} weights cannot be saved in the {layout!r} layout: bitsandbytes keeps NF4/FP4 codes "
+                "or LLM.int8 rows with outlier handling, not affine integer groups; save with --layout bnb, or "
+                "quantize with rtn/gptq/awq for the gptq layout")
+
+
+class BnbInt8Layout(BnbLayout):
+    """LLM.int8 layers (Linear8bitLt)."""
+
+    eightbit = True
+
+    def quantization_config(self, config: BnbInt8Config, act_bits: int | None) -> dict:
+        """transformers' `load_in_8bit` entry."""
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": config.threshold}
+
+    def load_layer(self, model, name: str, tensors: dict[str, torch.Tensor], config: BnbInt8Config,
+                   act_bits: int | None, device) -> None:
+        """A Linear8bitLt with the config's outlier threshold."""
+        set_module(model, name, int8_from_tensors(tensors, config.threshold, name))
+
+
+class BnbNF4Layout(BnbLayout):
+    """NF4 / FP4 layers (Linear4bit)."""
+
+    def quantization_config(self, config: BnbNF4Config, act_bits: int | None) -> dict:
+        """transformers' `load_in_4bit` entry."""
+        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": config.quant_type,
+                "bnb_4bit_use_double_quant": config.double_quant, "bnb_4bit_compute_dtype": "float32",
+                "bnb_4bit_blocksize": config.blocksize}
+
+    def load_layer(self, model, name: str, tensors: dict[str, torch.Tensor], config: BnbNF4Config,
+                   act_bits: int | None, device) -> None:
+        """A Linear4bit of the float layer's shape."""
+        lin = model.get_submodule(name)
+        set_module(model, name, fourbit_from_tensors(tensors, lin.in_features, lin.out_features, name))
+
+
+register_layout(BnbInt8Config, BnbInt8Layout())
+register_layout(BnbNF4Config, BnbNF4Layout())

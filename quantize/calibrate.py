@@ -1,4 +1,5 @@
-"""Calibration data and the one block-by-block walk that every calibrated method shares.
+"""Calibration windows as the methods take them, and the one block-by-block walk that every
+calibrated method shares.
 
     walk_blocks(model, calibration, hooks)
 
@@ -8,20 +9,20 @@ observes to `hooks.observe`, lets the method quantize what it observed (`hooks.q
 and passes the block's output on to the next block. GPTQ, AWQ and SmoothQuant only say what
 they do per block (a `BlockHooks`); the walk, the batching and the hand-over between blocks
 are written here once. Memory stays about one block plus its calibration activations.
+
+The windows themselves are drawn by `compactgpt.calibration.calibration_windows`, as prune
+and sparsify draw theirs (`quantize.stage.resolve_calibration` finds the data).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from compactgpt.device import device_of
-from compactgpt.errors import DataError
-from compactgpt.lineage import require_same_tokenizer
 from compactgpt.model import GPT
 
 from .handlers import BLOCK_LAYERS, each_block
@@ -32,45 +33,14 @@ from .handlers import BLOCK_LAYERS, each_block
 
 @dataclass
 class CalibrationData:
-    """Token windows (n, T) that calibrated methods run through the model."""
+    """Token windows (n, T) that calibrated methods run through the model, and where they were
+    drawn from (recorded in the artifact's manifest)."""
 
     ids: torch.Tensor
     source: str
 
     def describe(self) -> dict:
         return {"source": self.source, "samples": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1])}
-
-
-def load_calibration(source: str | Path, tokenizer, samples: int, seq_len: int, seed: int = 0) -> CalibrationData:
-    """`samples` random windows of `seq_len` tokens from a prepared data folder's train split
-    (which must share the model's tokenizer) or from raw text (a file, folder, glob or JSONL).
-
-    Raises ConfigError for a data folder with another tokenizer, DataError for too little text.
-    """
-    from compactgpt.data import TokenShards, is_data_folder, random_windows, read_documents
-
-    generator = torch.Generator().manual_seed(seed)
-    source = str(source)
-    if is_data_folder(source):
-        require_same_tokenizer(
-            source, tokenizer,
-            f"{source} was tokenized with a different tokenizer than the model's; pass the raw text as "
-            "--calib-data so it is tokenized with the model's own tokenizer",
-        )
-        shards = TokenShards(source, "train")
-        shards.check_window(seq_len)
-        x, _ = shards.sample(samples, seq_len, generator)
-        return CalibrationData(x, f"train split of {source}")
-    docs, _ = read_documents(source)
-    ids: list[int] = []
-    for d in docs:
-        ids.extend(tokenizer.encode(d.text) + [tokenizer.eot_id])
-    if len(ids) < seq_len + 1:
-        raise DataError(
-            f"{source} holds {len(ids)} tokens, fewer than one calibration window of {seq_len}; "
-            "give more text or lower --calib-seq-len"
-        )
-    return CalibrationData(random_windows(torch.tensor(ids), samples, seq_len, generator), source)
 
 
 # ---------------------------------------------------------------------------------------

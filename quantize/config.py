@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from compactgpt.calibration import (calib_samples_option, calib_seed_option, calib_seq_len_option,
+                                    check_calibration)
 from compactgpt.config import VERSION_KEY, StageConfig, option
 from compactgpt.errors import ConfigError
 
@@ -98,16 +100,14 @@ def _default(name: str, value: Any) -> Any:
 class CalibratedConfig(QuantConfig):
     calibrated: ClassVar[bool] = True
 
-    calib_samples: int = option(128, "calibration windows drawn from the calibration data")
-    calib_seq_len: int = option(0, "tokens per calibration window (0 = the model's n_positions)")
-    seed: int = option(0, "seed that picks the calibration windows")
+    # The calibration set as prune and sparsify declare it (compactgpt.calibration).
+    calib_samples: int = calib_samples_option(128)
+    calib_seq_len: int = calib_seq_len_option()
+    seed: int = calib_seed_option()
 
     def validate(self) -> None:
         super().validate()
-        if self.calib_samples <= 0:
-            raise ConfigError(f"{self.method}: calib_samples must be positive, got {self.calib_samples}")
-        if self.calib_seq_len < 0:
-            raise ConfigError(f"{self.method}: calib_seq_len must be >= 0, got {self.calib_seq_len}")
+        check_calibration(self.calib_samples, self.calib_seq_len, f"{self.method}: ")
 
 
 @register_method("rtn")

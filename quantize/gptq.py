@@ -22,7 +22,9 @@ import torch
 from .calibrate import BlockHooks, walk_blocks
 from .config import GPTQConfig
 from .format import QuantizedWeight
-from .handlers import BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, replace_linear
+from .gptq_layout import GPTQ_LAYOUT
+from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
+                       replace_linear)
 from .rtn import grid_params, group_ranges, quantize_codes
 
 
@@ -154,3 +156,7 @@ def _gptq(model, config: GPTQConfig, calibration, progress: bool) -> None:
         w = model.transformer.wte.weight
         H = accumulate_hessian(None, model.transformer.ln_f(xs))
         quantize_embeddings(model, _solve(w, H, config, config.group_for(w.shape[1], "lm_head"), config.bits_for("lm_head")))
+
+
+# Saved as GPTQ checkpoint tensors (quantize.gptq_layout).
+register_layout(GPTQConfig, GPTQ_LAYOUT)

@@ -1,18 +1,22 @@
-"""The registry that maps each config type to the function that applies it, and what those
-functions share: the projections of a block, progress over blocks, swapping quantized
-modules into the GPT.
+"""The registries that map each config type to the function that applies it and to the
+layout that stores its weights, and what those functions share: the projections of a block,
+progress over blocks, swapping quantized modules into the GPT.
 
-A method registers its handler beside its own code (torchao's pattern):
+A method registers its handler and its layout beside its own code (torchao's pattern):
 
     @register_handler(GPTQConfig)
     def _gptq(model, config, calibration, progress): ...
 
-so `quantize_` finds it by the config's type, with no list of methods to keep in step.
+    register_layout(GPTQConfig, GPTQ_LAYOUT)
+
+so `quantize_` finds the handler, and `save_quantized` / `load_quantized` the layout, by the
+config's type, with no list of methods to keep in step.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -37,9 +41,7 @@ def register_handler(config_type: type[QuantConfig]) -> Callable[[Handler], Hand
     """Decorator: `fn` applies configs of exactly `config_type`."""
 
     def wrap(fn: Handler) -> Handler:
-        if config_type in HANDLERS:
-            raise ConfigError(f"{config_type.__name__} already has a handler ({HANDLERS[config_type].__name__})")
-        HANDLERS[config_type] = fn
+        _register(HANDLERS, config_type, fn, lambda old: f"a handler ({old.__name__})")
         return fn
 
     return wrap
@@ -47,11 +49,78 @@ def register_handler(config_type: type[QuantConfig]) -> Callable[[Handler], Hand
 
 def handler_for(config: QuantConfig) -> Handler:
     """The registered handler of the config's type. Raises ConfigError naming the known types."""
-    handler = HANDLERS.get(type(config))
-    if handler is None:
-        raise ConfigError(f"no quantization handler for {type(config).__name__}; known: "
-                          f"{sorted(c.__name__ for c in HANDLERS)}")
-    return handler
+    return _registered(HANDLERS, config, "quantization handler")
+
+
+def _register(table: dict, config_type: type[QuantConfig], entry, describe: Callable) -> None:
+    """table[config_type] = entry; ConfigError when the type has one already (`describe` names it)."""
+    if config_type in table:
+        raise ConfigError(f"{config_type.__name__} already has {describe(table[config_type])}; register one "
+                          "per config type")
+    table[config_type] = entry
+
+
+def _registered(table: dict, config: QuantConfig, what: str):
+    """table's entry for the config's exact type. Raises ConfigError naming the known types."""
+    entry = table.get(type(config))
+    if entry is None:
+        raise ConfigError(f"no {what} for {type(config).__name__}; known: {sorted(c.__name__ for c in table)}")
+    return entry
+
+
+class SavedLayers(NamedTuple):
+    """What a layout writes for a model's quantized layers."""
+
+    tensors: dict[str, torch.Tensor]  # "<layer>.<key>" -> tensor, in the layout's own names
+    layers: set[str]  # modules whose parameters these tensors replace (their biases stay float)
+    act_bits: int | None  # the blocks' activation bits, recorded in config.json
+
+
+class Layout(Protocol):
+    """How one storage layout writes and reads the quantized layers of a model (the float
+    tensors around them are the artifact's business). One object per layout, or per method
+    where a layout's details differ by method (bitsandbytes' int8 and 4-bit layers)."""
+
+    name: ClassVar[str]  # written into config.json (quantization_config.compactgpt.layout)
+    description: ClassVar[str]  # which weights it holds
+
+    def quantization_config(self, config: QuantConfig, act_bits: int | None) -> dict:
+        """The layout's own keys of config.json's `quantization_config`, in their order."""
+
+    def save(self, model: GPT) -> SavedLayers:
+        """The tensors of the model's quantized layers. Raises ConfigError when it has none."""
+
+    def layer_names(self, header: dict) -> set[str]:
+        """The quantized layers whose tensors a safetensors header (name -> entry) holds."""
+
+    def check_layer(self, path: Path, name: str, entries: dict, config: QuantConfig, linear: nn.Linear) -> None:
+        """Check one layer's tensors from the header (key within the layer -> (dtype, shape))
+        against the float `linear` they replace. Raises ArtifactError naming the tensor."""
+
+    def load_layer(self, model: GPT, name: str, tensors: dict[str, torch.Tensor], config: QuantConfig,
+                   act_bits: int | None, device) -> None:
+        """Put the layer at `name`, built from its tensors (key within the layer -> tensor), into the model."""
+
+    def refusal(self, config: QuantConfig, layout: str) -> str:
+        """Why another layout cannot hold the weights this one holds, and the fix."""
+
+
+LAYOUT_HANDLERS: dict[type[QuantConfig], Layout] = {}
+
+
+def register_layout(config_type: type[QuantConfig], layout: Layout) -> None:
+    """Store configs of exactly `config_type` in `layout`."""
+    _register(LAYOUT_HANDLERS, config_type, layout, lambda old: f"a layout ({old.name})")
+
+
+def layout_handler(config: QuantConfig) -> Layout:
+    """The layout registered for the config's type. Raises ConfigError naming the known types."""
+    return _registered(LAYOUT_HANDLERS, config, "storage layout")
+
+
+def layouts() -> dict[str, str]:
+    """Every registered layout's name -> the weights it holds."""
+    return {layout.name: layout.description for layout in LAYOUT_HANDLERS.values()}
 
 
 def each_block(model: GPT, desc: str, progress: bool) -> Iterator[tuple[int, nn.Module]]:

@@ -16,7 +16,8 @@ import torch
 
 from .config import RTNConfig
 from .format import QuantizedWeight
-from .handlers import each_projection, quantize_embeddings, register_handler, replace_linear
+from .gptq_layout import GPTQ_LAYOUT
+from .handlers import each_projection, quantize_embeddings, register_handler, register_layout, replace_linear
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -86,3 +87,7 @@ def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),
                                                 config.symmetric))
+
+
+# Saved as GPTQ checkpoint tensors (quantize.gptq_layout).
+register_layout(RTNConfig, GPTQ_LAYOUT)

@@ -19,7 +19,9 @@ import torch.nn as nn
 
 from .calibrate import BlockHooks, walk_blocks
 from .config import SmoothQuantConfig
-from .handlers import BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, replace_linear
+from .gptq_layout import GPTQ_LAYOUT
+from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
+                       replace_linear)
 from .rtn import rtn_quantize
 
 
@@ -116,3 +118,7 @@ def _smoothquant(model, config: SmoothQuantConfig, calibration, progress: bool) 
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, 8, config.group_for(w.shape[1], "lm_head"), config.symmetric))
+
+
+# Saved as GPTQ checkpoint tensors (quantize.gptq_layout).
+register_layout(SmoothQuantConfig, GPTQ_LAYOUT)

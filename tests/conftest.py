@@ -45,7 +45,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_dir(corpus_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare_data(DataConfig(source=str(corpus_dir), vocab_size=300, val_fraction=0.1), out, log=lambda m: None)
+    prepare_data(DataConfig(source=str(corpus_dir), vocab_size=300, val_fraction=0.1, out=str(out)), log=lambda m: None)
     return out
 
 

@@ -157,7 +157,7 @@ def test_info_and_help_stay_light(tmp_path):
     from compactgpt.data import DataConfig, prepare_data
 
     (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 50)
-    prepare_data(DataConfig(source=str(tmp_path / "c.txt"), vocab_size=280, val_fraction=0.5), tmp_path / "d",
+    prepare_data(DataConfig(source=str(tmp_path / "c.txt"), vocab_size=280, val_fraction=0.5, out=str(tmp_path / "d")),
                  log=lambda m: None)
     for argv in (["info", str(tmp_path / "d")], ["--help"], ["quantize", "--help"]):
         code = ("import sys\nfrom compactgpt.app.cli import main\n"

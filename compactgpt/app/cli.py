@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 
-from ..errors import CompactGPTError
+from ..errors import CompactGPTError, WriteError
 
 # verb -> (module under compactgpt.app.commands, one-line help); in pipeline order.
 VERBS: dict[str, tuple[str, str]] = {
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(verb if verb in VERBS else "").parse_args(argv)
     try:
         getattr(_verb_module(args.verb), f"run_{args.verb}")(args)
+    except WriteError as e:
+        print(f"error: {_write_message(e, args.verb)}", file=sys.stderr)
+        return 2
     except (CompactGPTError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,7 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         # is pointed at /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:
+        # A write fault outside every claimed folder (the pipeline's own records) gets the same
+        # one line; anything else is a bug, and its traceback is wanted.
+        from ..outputs import write_error  # loads torch: only once something failed
+
+        error = write_error(e)
+        if error is None:
+            raise
+        print(f"error: {_write_message(error, args.verb)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _write_message(error: WriteError, verb: str) -> str:
+    # The pipeline resumes an interrupted training stage by itself: it has no --resume flag.
+    return error.message(resume_flag=verb != "pipeline")
 
 
 if __name__ == "__main__":

@@ -156,81 +156,134 @@ def _params(n: int | None) -> str:
     return "–" if not n else f"{n / 1e6:.2f}M"
 
 
-def render_markdown(report: dict) -> str:
-    """report.md: headline, the table with the baseline row first, per-batch speed, machine and settings."""
-    rows = sorted(report["rows"], key=lambda r: (r["name"] != report["baseline"], -r["speed"][0]["decode_tok_s"]))
-    s = report["settings"]
-    mach = report["machine"]
-    batches = [sp["batch"] for sp in rows[0]["speed"]]
-    out = ["# CompactGPT benchmark: teacher vs students", ""]
+def headline_text(report: dict, bold: str = "") -> str:
+    """The report's headline sentence (report.md's first line); `bold` marks up its claim."""
+    h = report["headline"]
+    if not h:
+        return f"No student is within {HEADLINE_PPL_TOLERANCE:.0%} of the teacher's perplexity."
+    return (f"{bold}Headline: `{h['name']}` ({h['what']}) is {h['x_faster']:.2f}x faster and "
+            f"{h['x_smaller']:.2f}x smaller than the teacher at {h['perplexity_delta']:+.1%} perplexity{bold} "
+            f"(the fastest student within {h['tolerance']:.0%} of the teacher's perplexity).")
+
+
+def headline_folders(report_folder: str | Path) -> dict[str, Path]:
+    """{row name: model folder} of the report's baseline and headline (the headline only when
+    there is one), read from report.json, whose folders are relative to the report's own."""
+    report_folder = Path(report_folder)
+    report = load_report(report_folder / "report.json")
+    names = [report["baseline"]] + ([report["headline"]["name"]] if report["headline"] else [])
+    folders = {r["name"]: r["folder"] for r in report["rows"]}
+    return {name: (report_folder / folders[name]).resolve() for name in names}
+
+
+def _headline(report: dict) -> list[str]:
     h = report["headline"]
     if h:
-        out += [f"**Headline: `{h['name']}` ({h['what']}) is {h['x_faster']:.2f}x faster and "
+        return [f"**Headline: `{h['name']}` ({h['what']}) is {h['x_faster']:.2f}x faster and "
                 f"{h['x_smaller']:.2f}x smaller than the teacher at {h['perplexity_delta']:+.1%} perplexity** "
                 f"(the fastest student within {h['tolerance']:.0%} of the teacher's perplexity).", ""]
-    else:
-        out += [f"No student is within {HEADLINE_PPL_TOLERANCE:.0%} of the teacher's perplexity.", ""]
-    out += [f"Baseline: `{report['baseline']}`. Decode speed at batch {batches[0]}; x faster = decode tok/s over the "
-            "baseline's; x smaller = baseline file bytes over the row's; bits/param = file bits over parameters; "
-            "perplexity measured through each artifact's own runtime on the same tokens. ◆ = on the Pareto front "
-            "(perplexity vs decode speed).", ""]
-    out += ["| model | what | runtime | params | file MB | bits/param | perplexity | Δ ppl | KL vs baseline | decode tok/s | "
-            "x faster | x smaller | TTFT ms | prefill tok/s | peak RSS MiB (model) |",
+    return [f"No student is within {HEADLINE_PPL_TOLERANCE:.0%} of the teacher's perplexity.", ""]
+
+
+def _main_table(rows: list[dict], baseline: str) -> list[str]:
+    """The table of every language model: one row each, the baseline first."""
+    out = [f"Baseline: `{baseline}`. Decode speed at batch {rows[0]['speed'][0]['batch']}; x faster = decode tok/s "
+           "over the baseline's; x smaller = baseline file bytes over the row's; bits/param = file bits over "
+           "parameters; perplexity measured through each artifact's own runtime on the same tokens. ◆ = on the "
+           "Pareto front (perplexity vs decode speed).", ""]
+    out += ["| model | what | runtime | params | file MB | bits/param | perplexity | Δ ppl | KL vs baseline | "
+            "decode tok/s | x faster | x smaller | TTFT ms | prefill tok/s | peak RSS MiB (model) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["speed"][0]
         mem = r.get("memory", {}).get("peak_rss_mib")
         smaller = "–" if r["x_smaller"] is None else f"{r['x_smaller']:.2f}x"
         mem_s = "–" if mem is None else f"{mem:.0f} ({r['memory'].get('model_rss_mib', 0):+.0f})"
-        name = f"**{r['name']}** (baseline)" if r["name"] == report["baseline"] else r["name"]
+        is_base = r["name"] == baseline
+        name = f"**{r['name']}** (baseline)" if is_base else r["name"]
+        kl = "0 (reference)" if is_base else _kl(r.get("divergence"))
         out.append(
             f"| {'◆ ' if r['pareto'] else ''}{name} | {r['what']} | {r['runtime']} | {_params(r['parameters'])} | "
-            f"{_mb(r['file_bytes'])} | {_bits(r.get('bits_per_parameter'))} | {r['perplexity']:.3f} | {r['perplexity_delta']:+.1%} | {'0 (reference)' if r['name'] == report['baseline'] else _kl(r.get('divergence'))} | "
-            f"{sp['decode_tok_s']:.0f} | "
-            f"{r['x_faster']:.2f}x | {smaller} | "
+            f"{_mb(r['file_bytes'])} | {_bits(r.get('bits_per_parameter'))} | {r['perplexity']:.3f} | "
+            f"{r['perplexity_delta']:+.1%} | {kl} | {sp['decode_tok_s']:.0f} | {r['x_faster']:.2f}x | {smaller} | "
             f"{sp['ttft_ms_median']:.1f} | {sp['prefill_tok_s']:.0f} | {mem_s} |")
-    out += ["", "## Speed at every batch size", "",
-            "| model | batch | decode tok/s | step ms median | step ms p90 | TTFT ms median | TTFT ms p90 | prefill tok/s |",
-            "|---|---|---|---|---|---|---|---|"]
+    return out
+
+
+def _speed_table(rows: list[dict]) -> list[str]:
+    out = ["", "## Speed at every batch size", "",
+           "| model | batch | decode tok/s | step ms median | step ms p90 | TTFT ms median | TTFT ms p90 | "
+           "prefill tok/s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for sp in r["speed"]:
             out.append(f"| {r['name']} | {sp['batch']} | {sp['decode_tok_s']:.0f} | {sp['step_ms_median']:.2f} | "
                        f"{sp['step_ms_p90']:.2f} | {sp['ttft_ms_median']:.2f} | {sp['ttft_ms_p90']:.2f} | "
                        f"{sp['prefill_tok_s']:.0f} |")
-    if report.get("classifiers"):
-        out += ["", "## Classifiers", "", "Accuracy on the held-out split each classifier's finetuning used; latency "
-                "of one example at batch 1 (PyTorch).", "",
-                "| model | what | params | file MB | accuracy | macro F1 | examples | latency ms median | p90 | data |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for c in report["classifiers"]:
-            out.append(f"| {c['name']} | {c['what']} | {_params(c['parameters'])} | {_mb(c['file_bytes'])} | "
-                       f"{c['accuracy']:.4f} | {c['macro_f1']:.4f} | {c['examples']:,} | {c['latency_ms_median']:.2f} | "
-                       f"{c['latency_ms_p90']:.2f} | {c['eval']['data']} |")
+    return out
+
+
+def _classifier_table(classifiers: list[dict]) -> list[str]:
+    if not classifiers:
+        return []
+    out = ["", "## Classifiers", "", "Accuracy on the held-out split each classifier's finetuning used; latency "
+           "of one example at batch 1 (PyTorch).", "",
+           "| model | what | params | file MB | accuracy | macro F1 | examples | latency ms median | p90 | data |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in classifiers:
+        out.append(f"| {c['name']} | {c['what']} | {_params(c['parameters'])} | {_mb(c['file_bytes'])} | "
+                   f"{c['accuracy']:.4f} | {c['macro_f1']:.4f} | {c['examples']:,} | {c['latency_ms_median']:.2f} | "
+                   f"{c['latency_ms_p90']:.2f} | {c['eval']['data']} |")
+    return out
+
+
+def _how_measured(rows: list[dict], s: dict) -> list[str]:
+    """How the figures were measured, from the first row's evaluation and the settings `s`."""
     ev = rows[0]["eval"]
-    out += ["", "## How it was measured", "",
+    memory = rows[0].get("memory")
+    baseline_rss = (f"the process before opening the baseline: {memory['runtime_baseline_rss_mib']:.0f} MiB)."
+                    if memory else "not measured in this run).")
+    return ["", "## How it was measured", "",
             f"- Perplexity: {ev['tokens']:,} scored tokens of the {ev['data']}, sliding windows of each model's "
-            f"context ({ev['max_length']}), stride {ev['stride']}; ONNX exports through ONNX Runtime, others through PyTorch.",
-            f"- Speed: prompt of {s['prompt_tokens']} validation tokens, {s['new_tokens']} new tokens (greedy), batch sizes "
-            f"{s['batch_sizes']}; {s['warmup']} warm-up run(s), {s['repeats']} timed runs; medians and p90 over decode "
-            f"steps; {s['threads']} threads for every runtime.",
+            f"context ({ev['max_length']}), stride {ev['stride']}; ONNX exports through ONNX Runtime, others "
+            "through PyTorch.",
+            f"- Speed: prompt of {s['prompt_tokens']} validation tokens, {s['new_tokens']} new tokens (greedy), batch "
+            f"sizes {s['batch_sizes']}; {s['warmup']} warm-up run(s), {s['repeats']} timed runs; medians and p90 over "
+            f"decode steps; {s['threads']} threads for every runtime.",
             "- Peak RSS: a separate process per artifact opens it and generates once; peak includes the "
             "interpreter and the artifact's runtime libraries, (model) is the resident growth from opening "
-            "the model to the end of the generation ("
-            + (f"the process before opening the baseline: {rows[0]['memory']['runtime_baseline_rss_mib']:.0f} MiB)." if rows[0].get("memory")
-               else "not measured in this run)."),
+            "the model to the end of the generation (" + baseline_rss,
             "- KL vs baseline: mean KL(baseline || model) per scored token in nats, over the same windows as "
             "the perplexity, and the share of those tokens where both rank the same token first; what a "
             "compressed model changed, token by token (– where the tokenizers or contexts differ).",
-            "- File size: model.safetensors / model.onnx (+ .data); manifests, logs and checkpoints excluded.",
-            "", "## Machine", "",
-            f"{mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB, "
-            f"{'GPU ' + mach['gpu'] if mach.get('gpu') else 'no GPU'}; {mach.get('os')}.",
-            "", "Versions: " + ", ".join(f"{k} {v}" for k, v in (mach.get("versions") or {}).items()), ""]
+            "- File size: model.safetensors / model.onnx (+ .data); manifests, logs and checkpoints excluded."]
+
+
+def _machine_and_artifacts(report: dict, rows: list[dict]) -> list[str]:
+    mach = report["machine"]
+    out = ["", "## Machine", "",
+           f"{mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB, "
+           f"{'GPU ' + mach['gpu'] if mach.get('gpu') else 'no GPU'}; {mach.get('os')}.",
+           "", "Versions: " + ", ".join(f"{k} {v}" for k, v in (mach.get("versions") or {}).items()), ""]
     if report.get("command"):
         out += [f"Command: `{report['command']}`", ""]
     out += ["## Artifacts", ""]
     for r in rows:
         out.append(f"- `{r['name']}`: {r['folder']} — " + " ← ".join(c["stage"] for c in r["lineage"]))
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: headline, the table with the baseline row first, per-batch speed, classifiers,
+    how it was measured, machine and artifacts."""
+    rows = sorted(report["rows"], key=lambda r: (r["name"] != report["baseline"], -r["speed"][0]["decode_tok_s"]))
+    out = ["# CompactGPT benchmark: teacher vs students", ""]
+    out += _headline(report)
+    out += _main_table(rows, report["baseline"])
+    out += _speed_table(rows)
+    out += _classifier_table(report.get("classifiers"))
+    out += _how_measured(rows, report["settings"])
+    out += _machine_and_artifacts(report, rows)
     out += ["", "![perplexity vs decode speed](pareto.png)", "", "![file size](size.png)", ""]
     return "\n".join(out)
 

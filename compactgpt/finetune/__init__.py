@@ -8,6 +8,7 @@ data holds the pure readers, templates, splits and batching; lora the adapters. 
 functions other layers call are re-exported here.
 """
 
+from ..artifacts import CLASSIFIER_ARCH, register_folder_kind
 from .classify import (GPTClassifier, LoadedClassifier, classifier_max_length, classify_split, classify_texts,
                        encode_texts, evaluate_classifier, evaluate_examples, format_confusion, heldout_examples,
                        load_classifier, predict, save_classifier)
@@ -15,6 +16,11 @@ from .config import STAGE, TASK_NAMES, FinetuneConfig, config_from_settings
 from .instruct import evaluate_instruct, instruct_split, is_instruction_model, prompt_for_generation, stored_template
 from .lora import LORA_TARGETS, apply_lora, merge_lora, trainable_parameters
 from .stage import TASKS, finetune, summary
+
+# A classifier's config.json declares transformers' sequence-classification class.
+register_folder_kind("classifier", "a GPT-2 with a classification head",
+                     lambda files: CLASSIFIER_ARCH in (files.config.get("architectures") or []), rank=2,
+                     marker="config.json")
 
 __all__ = [
     "FinetuneConfig", "STAGE", "TASKS", "TASK_NAMES", "finetune", "summary", "config_from_settings",

@@ -62,7 +62,7 @@ class GPTClassifier(nn.Module):
         The body runs without the padding mask on purpose: attention is causal, so no real
         token sees the padding after it, and the unmasked causal kernel is the fast one.
         """
-        hidden = self.gpt(input_ids)  # (B, T, C)
+        hidden = self.gpt(input_ids).logits  # (B, T, C): ln_f's output, through the Identity head
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         index = last_token_index(attention_mask)

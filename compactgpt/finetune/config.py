@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import option, run_option
 from ..errors import ConfigError
 from ..training import LoopConfig
 from .lora import LORA_TARGETS
@@ -59,6 +59,11 @@ class FinetuneConfig(LoopConfig):
     eval_interval: int = option(100, "steps between validations")
     checkpoint_interval: int = option(100, "steps between checkpoints")
     seed: int = option(1337, "random seed (split, head init, batch order)")
+    # How the run goes, not what it writes: unsaved (compactgpt.config.RUN_SETTINGS).
+    overwrite: bool = run_option("overwrite", "discard an existing checkpoint in OUT and start over")
+    resume: bool = run_option("resume", "continue from OUT/checkpoint")
+    threads: int | None = run_option("threads")
+    progress: bool = run_option("progress")
 
     def __post_init__(self) -> None:
         # The rate defaults depend on lora_rank, so they are filled before the checks run.

@@ -47,7 +47,7 @@ def response_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
     ids, mask, targets = batch
     # Right padding: real tokens never attend to the padding after them, so the causal
     # fast path (no mask) gives the same logits at every position that is scored.
-    logits = model(ids)
+    logits = model(ids).logits
     total, n = response_loss_sum(logits, targets)
     return total / max(n, 1), int(mask.sum())
 
@@ -70,7 +70,7 @@ def heldout_response_loss(model: nn.Module, batches) -> dict:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for ids, _, targets in batches:
-        s, n = response_loss_sum(model(ids.to(device)), targets.to(device))
+        s, n = response_loss_sum(model(ids.to(device)).logits, targets.to(device))
         total += float(s)
         count += n
     model.train(was_training)

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from ..artifacts import LoadedModel, save_model
+from ..calibration import heldout_tokens
 from ..data import DataConfig, TokenShards, is_data_folder, prepare_data, prepared_matches
 from ..errors import ConfigError, DataError
 from ..evaluation import mean_loss, model_logits_fn, perplexity
-from ..lineage import heldout_tokens, require_same_tokenizer, same_tokenizer
+from ..lineage import require_same_tokenizer, same_tokenizer
 from ..training import WindowBatches, lm_loss
 from .config import STAGE, FinetuneConfig
 from .task import TaskRun, task_max_length
@@ -76,7 +77,7 @@ def domain_data(config: FinetuneConfig, parent: LoadedModel, log: Callable[[str]
     folder = Path(config.out) / "data"
     if not (same_tokenizer(folder, tok) and prepared_matches(folder, data_cfg)):
         log(f"tokenizing {config.data} with the parent's tokenizer...")
-        prepare_data(data_cfg, folder, tokenizer=tok, log=log)
+        prepare_data(data_cfg.replace(out=str(folder), tokenizer=str(parent.folder)), log=log)
     return folder
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..artifacts import LoadedModel, load_model, resolve_model_path
+from ..device import cpu_threads
 from ..training import run_loop, training_stage
 from .classify import classify_task, format_confusion
 from .config import STAGE, TASK_NAMES, FinetuneConfig
@@ -41,20 +42,20 @@ _SAME_BEFORE_AND_AFTER = {"confusion", "val_examples", "majority_baseline_accura
 _LOOP_METRICS = ("steps", "train_tokens", "train_seconds", "tokens_per_s")
 
 
-def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progress: bool = True,
-             overwrite: bool = False, resume: bool = False,
-             on_step: Callable[[int], None] | None = None) -> dict:
+def finetune(config: FinetuneConfig, log: Callable[[str], None] = print,
+             on_step: Callable[[int], None] | None = None) -> Path:
     """Finetune config.model on config.data for config.task and write an artifact to config.out.
 
-    Returns the metrics written to the manifest (held-out figures before and after, trainable
-    parameters, ...). Raises ConfigError when out is the parent folder, or holds a checkpoint
-    and neither resume nor overwrite is given; DataError for bad data (naming the file and line).
+    Returns the folder; its manifest's metrics hold the held-out figures before and after and
+    the trainable parameters. on_step: called after every optimizer step. Raises ConfigError
+    when out is the parent folder, or holds a checkpoint and neither config.resume nor
+    config.overwrite is set; DataError for bad data (naming the file and line).
     """
     config.resolve()
     out = Path(config.out)
-    with training_stage(config, out, resume=resume, overwrite=overwrite,
-                        inputs={"--model": config.model, "--data": config.data, "--val-data": config.val_data},
-                        stage=STAGE) as rt:
+    inputs = {"--model": config.model, "--data": config.data, "--val-data": config.val_data}
+    with cpu_threads(config.threads), training_stage(config, out, resume=config.resume, overwrite=config.overwrite,
+                                                     inputs=inputs, stage=STAGE) as rt:
         model_path = resolve_model_path(config.model)
         parent = load_model(model_path)
         out.mkdir(parents=True, exist_ok=True)
@@ -68,8 +69,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
             + (f", LoRA rank {config.lora_rank} on {lora['layers']} layers" if lora else ""))
         fingerprint = {"task": config.task, "parent": str(model_path), "lora": lora, **run.fingerprint}
         result = run_loop(run.model, config, out, run.batches, run.loss_fn, run.evaluate, runtime=rt,
-                          fingerprint=fingerprint, resume=resume, log=log, progress=progress, on_step=on_step,
-                          desc=f"finetune {config.task}")
+                          fingerprint=fingerprint, resume=config.resume, log=log, progress=config.progress,
+                          on_step=on_step, desc=f"finetune {config.task}")
         model = result.model
         if lora:
             merge_lora(model)
@@ -82,7 +83,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, progres
                      "parent_stage": parent.manifest.stage if parent.manifest else None, **run.extra}
             run.save(out, model.cpu(), metrics, extra)
             log(summary(config.task, metrics))
-    return metrics
+    return out
 
 
 def _attach_lora(run: TaskRun, config: FinetuneConfig) -> dict | None:

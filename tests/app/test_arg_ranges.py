@@ -14,14 +14,14 @@ from conftest import random_gpt
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     from compactgpt.tokenizer import train_bpe
-    from quantize import quantize_folder
+    from quantize import QuantizeConfig, quantize_folder
     from quantize.config import RTNConfig
 
     root = tmp_path_factory.mktemp("ranges")
     tok = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
     save_model(root / "float", random_gpt(), tok, stage="test", settings={})
-    quantize_folder(root / "float", root / "quant", RTNConfig(bits=4, group_size=0), progress=False,
-                    log=lambda m: None)
+    quantize_folder(QuantizeConfig(model=str(root / "float"), out=str(root / "quant"), progress=False,
+                                   method=RTNConfig(bits=4, group_size=0)), log=lambda m: None)
     return root
 
 
@@ -34,6 +34,7 @@ BAD_FLAGS = [
     ("generate", "--max-new-tokens", "-1"),
     ("generate", "--max-new-tokens", "0"),  # asking for nothing is refused, not answered with the prompt
     ("generate", "--seed", "-3"),
+    ("generate", "--repetition-penalty", "-1"),
     ("generate", "--threads", "0"),
     ("eval", "--threads", "-1"),
     ("eval", "--max-length", "0"),
@@ -64,7 +65,7 @@ def test_a_bad_number_is_a_parse_error_naming_the_flag(folders, capsys, verb, fl
 @pytest.mark.parametrize("argv,message", [
     (["pretrain", "--preset", "tiny", "--n-layer", "0"], "n_layer must be a positive integer"),
     (["pretrain", "--preset", "tiny", "--beta2", "1.5"], "beta2=1.5"),
-    (["prune", "--model", "m", "--out", "o", "--calib-windows", "0"], "--calib-windows must be positive"),
+    (["prune", "--model", "m", "--out", "o", "--calib-samples", "0"], "--calib-samples must be positive"),
     (["sparsify", "--model", "m", "--out", "o", "--val-fraction", "0"], "--val-fraction must be between 0 and 1"),
     (["distill", "--teacher", "t", "--student", "n_layer=1", "--seed", "-1"], "seed must be an integer from 0"),
 ])
@@ -92,3 +93,21 @@ def test_a_quantized_folder_where_a_float_one_is_needed_is_named(folders, capsys
     err = capsys.readouterr().err
     assert "is already quantized with rtn" in err and str((folders / "float").resolve()) in err
     assert "different models" not in err and err.count("\n") == 1
+
+
+def test_generate_with_a_repetition_penalty_prints_the_loops_tokens(folders, capsys):
+    import torch
+
+    from compactgpt.artifacts import load_model
+
+    loaded = load_model(folders / "float")
+    ids = loaded.tokenizer.encode("def")
+    eot = loaded.tokenizer.eot_id
+    want = loaded.model.generate(torch.tensor([ids]), 12, repetition_penalty=1.8, stop_tokens=(eot,))
+    new = [t for t in want[0, len(ids):].tolist() if t != eot]
+    assert main(["generate", "--model", str(folders / "float"), "--max-new-tokens", "12", "--temperature", "0",
+                 "--repetition-penalty", "1.8", "--prompt", "def"]) == 0
+    assert capsys.readouterr().out == "def" + loaded.tokenizer.decode(new) + "\n"
+    assert main(["generate", "--model", str(folders / "float"), "--repetition-penalty", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "repetition_penalty must be > 0" in err and "Traceback" not in err

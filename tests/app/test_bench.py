@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from compactgpt.app import bench
-from compactgpt.app.bench import BenchConfig, artifact_kind, check_models, measure, time_stream
+from compactgpt.app.bench import BenchConfig, artifact_kind, bench, check_models, measure, time_stream
+from compactgpt.app.bench import run as bench_run
 from compactgpt.app.cli import build_parser, main
 from compactgpt.app.report import build_report, pareto_front, render_markdown, write_report
 from compactgpt.artifacts import begin_write, finish_write, save_model
@@ -72,6 +72,18 @@ def test_bench_config_validates():
     assert BenchConfig(data="x", batch_sizes="1, 4").batches == [1, 4]
     with pytest.raises(ConfigError, match=r"bench: unknown settings \['repeat'\]"):
         BenchConfig.from_dict({"repeat": 3}, "bench")
+    with pytest.raises(ConfigError, match="--names gives 1 names for 2 models"):
+        BenchConfig(models=["a", "b"], names=["x"])
+    with pytest.raises(ConfigError, match="distinct"):
+        BenchConfig(models=["r1/m", "r2/m"])
+    with pytest.raises(ConfigError, match="baseline 'z' is not one of the models"):
+        BenchConfig(models=["a"], baseline="z")
+    with pytest.raises(ConfigError, match="--models and --out"):
+        bench(BenchConfig(data="x"))
+    # What is measured and how the run goes are not settings of the figures.
+    run = BenchConfig(models=["a"], names=["x"], baseline="x", out="o", data="d", device="cpu", overwrite=True,
+                      progress=False, command="compactgpt bench")
+    assert run.to_dict() == BenchConfig(data="d").to_dict()
 
 
 def test_bench_flags_carry_their_help_and_defaults():
@@ -140,13 +152,31 @@ def test_report_renders_from_manifests_alone(tmp_path, byte_tokenizer):
 # Measuring real artifacts
 
 
+def test_bench_verb_runs_the_stage_from_its_flags(tmp_path, data_dir, tokenizer, capsys):
+    lm = tmp_path / "lm"
+    save_model(lm, random_gpt(6, vocab_size=tokenizer.vocab_size), tokenizer, stage="pretrain", settings={})
+    out = tmp_path / "out"
+    code = main(["bench", "--models", str(lm), "--names", "teacher", "--data", str(data_dir), "--out", str(out),
+                 "--eval-tokens", "200", "--prompt-tokens", "4", "--new-tokens", "3", "--batch-sizes", "1",
+                 "--warmup", "0", "--repeats", "1", "--threads", "1", "--no-memory", "--no-progress", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report == json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["teacher"] and report["command"].startswith("compactgpt ")
+    # The settings are the saved fields alone (data named relative to the report).
+    want = BenchConfig(data="d", eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1", warmup=0, repeats=1,
+                       threads=1, memory=False).to_dict()
+    assert {**report["settings"], "data": "d"} == want
+
+
 def test_measure_a_pytorch_artifact(tmp_path, data_dir, tokenizer):
     folder = tmp_path / "m"
     model = random_gpt(3, vocab_size=tokenizer.vocab_size)
     save_model(folder, model, tokenizer, stage="pretrain", settings={})
     cfg = BenchConfig(data=str(data_dir), eval_tokens=300, prompt_tokens=8, new_tokens=4, batch_sizes="1,2",
-                      warmup=0, repeats=2, threads=1, memory=True)
-    record = measure(folder, cfg, progress=False)
+                      warmup=0, repeats=2, threads=1, memory=True, progress=False)
+    record = measure(folder, cfg)
     from compactgpt.data import TokenShards
 
     tokens = torch.from_numpy(TokenShards(data_dir, "val").all_tokens().astype("int64"))[:300]
@@ -175,9 +205,9 @@ def test_onnx_folder_without_tokenizer_is_refused_before_any_work(tmp_path, byte
     finish_write(onnx, "export", {}, files=["model.onnx"])
     with pytest.raises(ArtifactError, match="without tokenizer.json"):
         artifact_kind(onnx)
-    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before checking every folder"))
+    monkeypatch.setattr(bench_run, "measure", lambda *a, **k: pytest.fail("measured before checking every folder"))
     with pytest.raises(ArtifactError, match="without tokenizer.json"):
-        bench.run_bench([good, onnx], BenchConfig(data=str(data_dir)), tmp_path / "out")
+        bench(BenchConfig(models=[str(good), str(onnx)], data=str(data_dir), out=str(tmp_path / "out")))
     with pytest.raises(ArtifactError):
         check_models([tmp_path / "missing"])
 
@@ -198,18 +228,18 @@ def test_onnx_and_pytorch_measured_the_same_way(tmp_path, data_dir, tokenizer):
     export_onnx(ExportConfig(model=str(src), out=str(tmp_path / "onnx")), log=lambda m: None)
     assert artifact_kind(tmp_path / "onnx") == "onnx"
     cfg = BenchConfig(data=str(data_dir), eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1",
-                      warmup=0, repeats=1, threads=1, memory=False)
-    pt = measure(src, cfg, progress=False)
-    ort = measure(tmp_path / "onnx", cfg, progress=False)
+                      warmup=0, repeats=1, threads=1, memory=False, progress=False)
+    pt = measure(src, cfg)
+    ort = measure(tmp_path / "onnx", cfg)
     assert ort["runtime"] == "onnx"
     assert ort["perplexity"] == pytest.approx(pt["perplexity"], rel=1e-4)
     assert ort["parameters"] == pt["parameters"]  # found through the export's parent
     # Against the PyTorch model it came from, the export's next-token distributions are the same
     # (KL ~ 0, same top-1 everywhere), and the perplexity is the one measured alone.
-    both = measure(tmp_path / "onnx", cfg, progress=False, reference=src)
+    both = measure(tmp_path / "onnx", cfg, reference=src)
     assert both["perplexity"] == pytest.approx(ort["perplexity"], rel=1e-9)
     assert both["divergence"]["kl_mean"] < 1e-6 and both["divergence"]["top1_agreement"] == 1.0
-    assert measure(src, cfg, progress=False, reference=src)["divergence"]["kl_mean"] == 0.0
+    assert measure(src, cfg, reference=src)["divergence"]["kl_mean"] == 0.0
 
 
 def test_kl_against_the_baseline_grows_with_the_damage(tmp_path, data_dir, tokenizer):
@@ -218,14 +248,14 @@ def test_kl_against_the_baseline_grows_with_the_damage(tmp_path, data_dir, token
     src = tmp_path / "m"
     save_model(src, random_gpt(4, vocab_size=tokenizer.vocab_size), tokenizer, stage="pretrain", settings={})
     cfg = BenchConfig(data=str(data_dir), eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1",
-                      warmup=0, repeats=1, threads=1, memory=False)
+                      warmup=0, repeats=1, threads=1, memory=False, progress=False)
     kl = {}
     for bits, group in ((8, 0), (4, 16)):
         model = random_gpt(4, vocab_size=tokenizer.vocab_size)
         config = RTNConfig(bits=bits, group_size=group, symmetric=False)
         quantize_(model, config)
         save_quantized(tmp_path / f"q{bits}", model, tokenizer, config, parent=src)
-        kl[bits] = measure(tmp_path / f"q{bits}", cfg, progress=False, reference=src)["divergence"]["kl_mean"]
+        kl[bits] = measure(tmp_path / f"q{bits}", cfg, reference=src)["divergence"]["kl_mean"]
     assert 0 < kl[8] < kl[4]
 
 
@@ -243,14 +273,16 @@ def test_classifier_gets_accuracy_in_its_own_table(tmp_path, data_dir, tokenizer
                               "out": str(tmp_path / "clf")})
     assert artifact_kind(tmp_path / "clf") == "classifier"
     cfg = BenchConfig(data=str(data_dir), eval_tokens=200, prompt_tokens=4, new_tokens=3, batch_sizes="1",
-                      warmup=0, repeats=1, threads=1, memory=False)
-    report = bench.run_bench([lm, tmp_path / "clf"], cfg, tmp_path / "out", log=lambda m: None, progress=False)
+                      warmup=0, repeats=1, threads=1, memory=False, progress=False)
+    out = bench(cfg.replace(models=[str(lm), str(tmp_path / "clf")], out=str(tmp_path / "out")), log=lambda m: None)
+    assert out == tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
     [c] = report["classifiers"]
     assert c["examples"] == 10 and 0.0 <= c["accuracy"] <= 1.0 and c["latency_ms_median"] > 0
     assert [r["name"] for r in report["rows"]] == ["lm"]
     assert "## Classifiers" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(ConfigError, match="every model is a classifier"):
-        bench.run_bench([tmp_path / "clf"], cfg, tmp_path / "out2")
+        bench(cfg.replace(models=[str(tmp_path / "clf")], out=str(tmp_path / "out2")))
 
 
 def test_reports_name_folders_relative_to_the_report(tmp_path):

@@ -21,7 +21,7 @@ from compactgpt.app.deploy import jslibs, web
 from compactgpt.app.deploy.transformersjs import run_transformersjs
 from compactgpt.pretrain import config_from_preset, pretrain
 from export import ExportConfig, export_onnx
-from quantize import RTNConfig, quantize_folder
+from quantize import QuantizeConfig, RTNConfig, quantize_folder
 
 pytestmark = pytest.mark.browser
 
@@ -46,14 +46,15 @@ def exports(data_dir, tmp_path_factory):
     settings = dict(data=str(data_dir), out=str(root / "teacher"), n_positions=128, block_size=64, batch_size=8,
                     max_steps=150, warmup_steps=10, eval_interval=150, checkpoint_interval=1000, log_interval=50,
                     eval_batches=2, dropout=0.0)
-    pretrain(config_from_preset("tiny", **settings), progress=False, **QUIET)
+    pretrain(config_from_preset("tiny", **settings, progress=False), **QUIET)
     for bits in (4, 8):
-        quantize_folder(root / "teacher", root / f"int{bits}", RTNConfig(bits=bits, group_size=16), progress=False,
-                        **QUIET)
+        quantize_folder(QuantizeConfig(model=str(root / "teacher"), out=str(root / f"int{bits}"),
+                                       method=RTNConfig(bits=bits, group_size=16), progress=False), **QUIET)
     # Embeddings quantized too: the lookup reads the head's codes, the position table is float16.
     for bits, group in ((4, 16), (8, 0)):
-        quantize_folder(root / "teacher", root / f"int{bits}-emb",
-                        RTNConfig(bits=bits, group_size=group, include_embeddings=True), progress=False, **QUIET)
+        method = RTNConfig(bits=bits, group_size=group, include_embeddings=True)
+        quantize_folder(QuantizeConfig(model=str(root / "teacher"), out=str(root / f"int{bits}-emb"), method=method,
+                                       progress=False), **QUIET)
     teacher = str(root / "teacher")
     exports = {name: export_onnx(ExportConfig(out=str(root / f"{name}-onnx"), **settings), **QUIET)
                for name, settings in {"fp32": dict(model=teacher), "int4": dict(model=str(root / "int4")),
@@ -66,12 +67,12 @@ def exports(data_dir, tmp_path_factory):
     return exports
 
 
-def cli_generate(folder, prompt: str, n: int) -> str:
-    """The continuation `compactgpt generate --temperature 0` prints (it echoes the prompt first)."""
+def cli_generate(folder, prompt: str, n: int, *flags: str) -> str:
+    """The continuation `compactgpt generate --temperature 0 [flags]` prints (it echoes the prompt first)."""
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", str(n),
-                     "--temperature", "0"]) == 0
+                     "--temperature", "0", *flags]) == 0
     text = stdout.getvalue()
     assert text.startswith(prompt) and text.endswith("\n")
     return text[len(prompt):-1]
@@ -104,6 +105,17 @@ def test_browser_samples_and_reports_bad_settings(exports, tmp_path):
     assert sampled["state"]["newIds"] != greedy  # temperature 0.9 on a small model leaves the greedy path
     with pytest.raises(DeployError, match="max_new_tokens"):
         web.run_page(bundle, PROMPT, 0)
+
+
+def test_browser_repetition_penalty_gives_the_tokens_python_gives(exports, tmp_path):
+    bundle = deploy(DeployConfig(model=str(exports["fp32"]), target="web", out=str(tmp_path / "web"), check="never",
+                                 webgpu=False), **QUIET)
+    page = web.run_page(bundle, PROMPT, NEW_TOKENS, repetition_penalty=1.3, threads=1)
+    expected = cli_generate(exports["fp32"], PROMPT, NEW_TOKENS, "--repetition-penalty", "1.3")
+    assert page["output"] == expected
+    assert expected != cli_generate(exports["fp32"], PROMPT, NEW_TOKENS)  # the penalty changed the text
+    with pytest.raises(DeployError, match="repetition_penalty"):
+        web.run_page(bundle, PROMPT, 5, repetition_penalty=0)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int4"])

@@ -45,12 +45,13 @@ def talkative_gpt(seed: int = 0):
 def exports(tmp_path_factory) -> dict[str, Path]:
     """A float model artifact, its export, its export with external weights, and its int4 (RTN)
     export."""
-    from quantize import RTNConfig, quantize_folder
+    from quantize import QuantizeConfig, RTNConfig, quantize_folder
 
     root = tmp_path_factory.mktemp("deploy")
     tokenizer = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
     save_model(root / "model", talkative_gpt(0), tokenizer, stage="pretrain", settings={})
-    quantize_folder(root / "model", root / "int4", RTNConfig(bits=4, group_size=16), progress=False, **QUIET)
+    quantize_folder(QuantizeConfig(model=str(root / "model"), out=str(root / "int4"), progress=False,
+                                   method=RTNConfig(bits=4, group_size=16)), **QUIET)
     return {
         "model": root / "model",
         "fp32": export_onnx(ExportConfig(model=str(root / "model"), out=str(root / "fp32")), **QUIET),

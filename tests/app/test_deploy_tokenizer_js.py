@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from compactgpt.tokenizer import EOT, Tokenizer, train_bpe
+from node_helpers import run_module
 
 TOKENIZER_JS = Path(__file__).resolve().parents[2] / "compactgpt" / "app" / "deploy" / "web" / "tokenizer.js"
 
@@ -124,13 +124,7 @@ def multilingual_corpus() -> list[str]:
 
 
 def run_node(tmp_path: Path, specs: list[dict]) -> list[dict]:
-    script = tmp_path / "run_tokenizer.mjs"
-    script.write_text(RUNNER % json.dumps(TOKENIZER_JS.as_uri()))
-    data = tmp_path / "specs.json"
-    data.write_text(json.dumps(specs))
-    proc = subprocess.run(["node", str(script), str(data)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return run_module(tmp_path, RUNNER, TOKENIZER_JS, specs)
 
 
 def expectations(tok: HFTokenizer, texts: list[str], seed: int) -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ from compactgpt.errors import ConfigError
 from compactgpt.tokenizer import Tokenizer
 from export import ExportConfig, export_onnx
 from export.spec import DecoderSpec
-from quantize import RTNConfig, quantize_folder
+from quantize import QuantizeConfig, RTNConfig, quantize_folder
 from tests.conftest import random_gpt
 
 QUIET = dict(log=lambda m: None)
@@ -47,8 +47,9 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     tok = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
     save_model(root / "m", random_gpt(0), tok, stage="pretrain", settings={})
-    quantize_folder(root / "m", root / "q4", RTNConfig(bits=4, group_size=16), progress=False, **QUIET)
-    quantize_folder(root / "m", root / "q8", RTNConfig(bits=8, group_size=16), progress=False, **QUIET)
+    for bits in (4, 8):
+        quantize_folder(QuantizeConfig(model=str(root / "m"), out=str(root / f"q{bits}"), progress=False,
+                                       method=RTNConfig(bits=bits, group_size=16)), **QUIET)
     return {"fp32": export_onnx(ExportConfig(model=str(root / "m"), out=str(root / "fp32")), **QUIET),
             "int4": export_onnx(ExportConfig(model=str(root / "q4"), out=str(root / "int4")), **QUIET),
             "int8": export_onnx(ExportConfig(model=str(root / "q8"), out=str(root / "int8")), **QUIET),

@@ -40,7 +40,7 @@ def folders(tmp_path_factory, data_dir, tokenizer):
 
 def _argv(verb: str, f: dict, out) -> list[str]:
     """The smallest run of each verb on the fixtures; `out` is where it may write."""
-    t, calib = str(f["teacher"]), ["--calib-windows", "2", "--block-size", "16", "--eval-tokens", "200"]
+    t, calib = str(f["teacher"]), ["--calib-samples", "2", "--calib-seq-len", "16", "--eval-tokens", "200"]
     return {
         "prune": ["prune", "--model", t, "--out", str(out), "--layers", "2", "--no-progress", *calib],
         "sparsify": ["sparsify", "--model", t, "--out", str(out), "--no-progress", *calib],

@@ -9,9 +9,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 
-from compactgpt import data as data_module
+from compactgpt.data import shards as shards_module
+from compactgpt.data import tokenize as tokenize_module
 from compactgpt.corpus import SITE_PACKAGES, iter_documents, read_documents, site_packages_files, split_spec
-from compactgpt.data import DataConfig, TokenShards, prepare_data, split_documents
+from compactgpt.data import DataConfig, TokenShards, hash_score, prepare_data, split_documents
 from compactgpt.errors import DataError
 
 
@@ -44,8 +45,8 @@ def _sha(path: Path) -> str:
 
 def test_small_folder_shards_are_byte_identical_to_the_previous_implementation(tmp_path):
     _write_pinned_folder(tmp_path / "src")
-    out = prepare_data(DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2), tmp_path / "out",
-                       log=lambda m: None)
+    out = prepare_data(DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2,
+                                  out=str(tmp_path / "out")), log=lambda m: None)
     assert {name: _sha(out / name) for name in _PINNED} == _PINNED
     m = json.loads((out / "manifest.json").read_text())
     assert (m["metrics"]["train_tokens"], m["metrics"]["val_tokens"]) == (45368, 2375)
@@ -59,10 +60,10 @@ def _all_tokens(folder: Path, split: str) -> np.ndarray:
 
 def test_tiny_shards_hold_the_same_tokens_as_one_shard(tmp_path):
     _write_pinned_folder(tmp_path / "src")
-    one = prepare_data(DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2), tmp_path / "one",
-                       log=lambda m: None)
-    many = prepare_data(DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2, shard_tokens=777),
-                        tmp_path / "many", log=lambda m: None)
+    one = prepare_data(DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2,
+                                  out=str(tmp_path / "one")), log=lambda m: None)
+    many = prepare_data(DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2, shard_tokens=777,
+                                   out=str(tmp_path / "many")), log=lambda m: None)
     shards = json.loads((many / "manifest.json").read_text())["extra"]["shards"]
     assert len(shards["train"]) == -(-45368 // 777)  # cut every 777 tokens, mid-document too
     assert all((many / n).stat().st_size == 777 * 2 for n in shards["train"][:-1])
@@ -73,9 +74,9 @@ def test_tiny_shards_hold_the_same_tokens_as_one_shard(tmp_path):
 def test_an_interrupted_write_resumes_from_its_last_finished_shard(tmp_path, monkeypatch):
     _write_pinned_folder(tmp_path / "src")
     cfg = DataConfig(source=str(tmp_path / "src"), vocab_size=300, val_fraction=0.2, shard_tokens=5000)
-    whole = prepare_data(cfg, tmp_path / "whole", log=lambda m: None)
+    whole = prepare_data(cfg.replace(out=str(tmp_path / "whole")), log=lambda m: None)
 
-    original = data_module._ShardWriter._close
+    original = shards_module.ShardWriter._close
     closed = []
 
     def close_then_die(self, next_doc, skip):
@@ -84,14 +85,14 @@ def test_an_interrupted_write_resumes_from_its_last_finished_shard(tmp_path, mon
         if len(closed) == 3:
             raise KeyboardInterrupt  # as if the run were stopped after its third shard
 
-    monkeypatch.setattr(data_module._ShardWriter, "_close", close_then_die)
+    monkeypatch.setattr(shards_module.ShardWriter, "_close", close_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg, tmp_path / "resumed", log=lambda m: None)
+        prepare_data(cfg.replace(out=str(tmp_path / "resumed")), log=lambda m: None)
     assert (tmp_path / "resumed" / ".incomplete").exists()
-    monkeypatch.setattr(data_module._ShardWriter, "_close", original)
-    monkeypatch.setattr(data_module, "train_bpe", lambda *a, **k: pytest.fail("resume trained the tokenizer again"))
+    monkeypatch.setattr(shards_module.ShardWriter, "_close", original)
+    monkeypatch.setattr(tokenize_module, "train_bpe", lambda *a, **k: pytest.fail("resume trained the tokenizer again"))
     messages = []
-    resumed = prepare_data(cfg, tmp_path / "resumed", log=messages.append)
+    resumed = prepare_data(cfg.replace(out=str(tmp_path / "resumed")), log=messages.append)
     assert any("3 train shard(s) done" in m for m in messages)
     names = json.loads((whole / "manifest.json").read_text())["files"]
     assert json.loads((resumed / "manifest.json").read_text())["files"] == names  # same files, same sha256
@@ -114,7 +115,7 @@ def test_identical_files_are_read_once_in_combined_sources(tmp_path):
     with pytest.raises(DataError, match="empty source between commas"):
         split_spec(f"{tmp_path / 'a'},,{rows}")
     out = prepare_data(DataConfig(source=f"{tmp_path / 'a'},{tmp_path / 'b'},{rows}", vocab_size=260,
-                                  val_fraction=0.5), tmp_path / "out", log=lambda m: None)
+                                  val_fraction=0.5, out=str(tmp_path / "out")), log=lambda m: None)
     assert json.loads((out / "manifest.json").read_text())["metrics"]["duplicates"] == 1
 
 
@@ -161,7 +162,7 @@ def test_site_packages_holds_out_whole_packages_deterministically(fake_site_pack
     for d in docs:
         sizes[d.package] = sizes.get(d.package, 0) + len(d.text)
     expected, held = set(), 0
-    for package in sorted(sizes, key=data_module._score):
+    for package in sorted(sizes, key=hash_score):
         if held + sizes[package] <= 0.3 * sum(sizes.values()):
             expected.add(package)
             held += sizes[package]
@@ -172,7 +173,7 @@ def test_site_packages_holds_out_whole_packages_deterministically(fake_site_pack
 
 
 def test_site_packages_tokenize_reports_packages_and_duplicates(fake_site_packages, tmp_path):
-    out = prepare_data(DataConfig(source=SITE_PACKAGES, vocab_size=280, val_fraction=0.3), tmp_path / "out",
+    out = prepare_data(DataConfig(source=SITE_PACKAGES, vocab_size=280, val_fraction=0.3, out=str(tmp_path / "out")),
                        log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
     assert (m["metrics"]["packages"], m["metrics"]["duplicates"], m["metrics"]["documents"]) == (20, 1, 60)
@@ -217,6 +218,76 @@ def test_one_huge_package_does_not_swallow_the_split():
 
     packages = ["huge"] + [f"p{i}" for i in range(19)]
     lengths = [1000] + [10] * 19
-    names = [data_module._score(str(i)) for i in range(20)]
+    names = [hash_score(str(i)) for i in range(20)]
     val = package_held_out(packages, lengths, names, 0.05)
     assert not val[0] and 0 < sum(n for n, v in zip(lengths, val) if v) <= 0.05 * sum(lengths)
+
+
+# ---------------------------------------------------------------------------------------
+# Files that are not text
+
+
+def _shared_object() -> Path:
+    """A real compiled library of this interpreter (a .so on Linux, a .pyd on Windows)."""
+    import _ctypes
+
+    return Path(_ctypes.__file__)
+
+
+def test_not_text_is_told_from_text_with_a_few_bad_bytes():
+    from compactgpt.corpus import not_text
+
+    assert not_text(_shared_object().read_bytes()) is not None
+    assert "NUL" in not_text(b"text\0more text")
+    assert "not UTF-8" in not_text(bytes(range(128, 256)) * 8)  # binary without a NUL byte
+    assert not_text("plain text, é and ü\n".encode() * 100) is None
+    assert not_text("Latin-1 prose: café, naïve, Köln\n".encode("latin-1") * 100) is None  # a few bad bytes
+    assert not_text(b"") is None
+
+
+def test_a_binary_file_given_is_refused_in_one_line(tmp_path, capsys):
+    from compactgpt.app.cli import main
+
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(_shared_object().read_bytes())
+    with pytest.raises(DataError, match=f"{lib} is not a text file"):
+        read_documents(str(lib))
+    code = main(["tokenize", "--data", str(lib), "--out", str(tmp_path / "out"), "--vocab-size", "260"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {lib} is not a text file") and "pass a UTF-8 text file" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_binary_files_among_many_are_skipped_and_counted(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    plain, _ = read_documents(str(src))
+    (src / "lib.so").write_bytes(_shared_object().read_bytes())
+    (src / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(200))  # a text suffix, binary bytes
+    for spec, skipped in ((str(src), 1), (str(src / "*"), 2)):  # a folder lists text suffixes only; a glob all
+        docs, stats = read_documents(spec)
+        assert [(d.name.rsplit("/", 1)[-1], d.text) for d in docs] == [(d.name, d.text) for d in plain]
+        assert stats.not_text == skipped and stats.files == 6
+    messages = []
+    prepare_data(DataConfig(source=str(src / "*"), vocab_size=260, val_fraction=0.5, out=str(tmp_path / "out")),
+                 log=messages.append)
+    assert any("skipped 2 file(s)" in m and "not text" in m for m in messages)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.txt").write_bytes(b"\0" * 100)
+    with pytest.raises(DataError, match=r"is empty: 0 file\(s\) read \(1 more skipped as not text\)"):
+        read_documents(str(tmp_path / "bin"))
+
+
+def test_the_default_corpora_hold_no_file_taken_for_binary():
+    # Every @stdlib and @site-packages file is read as text, as before the check existed: the
+    # default pipeline's documents (and so its tokens) do not change.
+    from compactgpt.corpus import _SNIFF_BYTES, STDLIB, not_text, source_files
+
+    for spec in (STDLIB, SITE_PACKAGES):
+        for name, path, _ in source_files(spec):
+            with open(path, "rb") as f:
+                assert not_text(f.read(_SNIFF_BYTES)) is None, name

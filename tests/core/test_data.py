@@ -50,7 +50,7 @@ def test_undecodable_bytes_are_counted_replaced_and_reported(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"line one\nbad \xff byte\n" * 20)
     (tmp_path / "b.txt").write_bytes(b"clean text\n" * 20)
     messages = []
-    out = prepare_data(DataConfig(source=str(tmp_path), vocab_size=260, val_fraction=0.5), tmp_path / "out",
+    out = prepare_data(DataConfig(source=str(tmp_path), vocab_size=260, val_fraction=0.5, out=str(tmp_path / "out")),
                        log=messages.append)
     assert any("20 undecodable byte(s) in 1 file(s)" in m for m in messages)
     assert json.loads((out / "manifest.json").read_text())["metrics"]["replaced_bytes"] == 20
@@ -114,3 +114,25 @@ def test_jsonl_text_field_option(tmp_path):
     rows.write_text(json.dumps({"body": "two"}) + "\n")
     docs, _ = read_documents(str(rows), text_field="body")
     assert [d.text for d in docs] == ["two"]
+
+
+def test_the_tokenize_stage_takes_one_config_and_saves_no_run_setting(tmp_path, corpus_dir):
+    """prepare_data(config) -> the folder: where it writes, whose tokenizer it reuses and whether
+    it may replace an artifact are fields of DataConfig that stay out of the manifest."""
+    from compactgpt.artifacts import read_manifest
+    from compactgpt.errors import ConfigError
+    from compactgpt.tokenizer import Tokenizer
+
+    config = DataConfig(source=str(corpus_dir), vocab_size=280, val_fraction=0.2, out=str(tmp_path / "a"))
+    first = prepare_data(config, log=lambda m: None)
+    assert first == tmp_path / "a"
+    saved = read_manifest(first).settings
+    assert sorted(saved) == ["shard_tokens", "source", "text_field", "val_fraction", "vocab_size"]
+    again = prepare_data(config.replace(out=str(tmp_path / "b"), tokenizer=str(first)), log=lambda m: None)
+    assert Tokenizer.from_folder(again).to_json() == Tokenizer.from_folder(first).to_json()
+    assert read_manifest(again).settings == saved
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepare_data(config.replace(source=str(corpus_dir)), log=lambda m: None)
+    assert prepare_data(config.replace(overwrite=True), log=lambda m: None) == first
+    with pytest.raises(ConfigError, match="--out"):
+        prepare_data(config.replace(out=""), log=lambda m: None)

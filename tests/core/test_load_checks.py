@@ -88,11 +88,12 @@ def test_a_vocab_size_that_disagrees_with_the_file_names_the_embedding(float_fol
 
 @pytest.fixture
 def quantized_folder(float_folder, tmp_path):
-    from quantize import quantize_folder
+    from quantize import QuantizeConfig, quantize_folder
     from quantize.config import RTNConfig
 
     out = tmp_path / "q"
-    quantize_folder(float_folder, out, RTNConfig(bits=4, group_size=0), progress=False, log=lambda m: None)
+    quantize_folder(QuantizeConfig(model=str(float_folder), out=str(out), method=RTNConfig(bits=4, group_size=0),
+                                   progress=False), log=lambda m: None)
     return out
 
 

@@ -36,9 +36,9 @@ def test_gpt_forward_with_targets_trains_like_full_logits():
     model = GPT(tiny_config())
     x = torch.randint(0, 300, (3, 20))
     y = torch.randint(0, 300, (3, 20))
-    model(x, targets=y).backward()
+    model(x, targets=y).loss.backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).backward()
+    F.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten()).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -5,7 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from compactgpt.artifacts import load_model, save_model
-from compactgpt.model import GPTConfig, sample_next
+from compactgpt.errors import ConfigError
+from compactgpt.model import GPTConfig, GPTOutput
 
 from conftest import random_gpt, tiny_config
 
@@ -27,7 +28,7 @@ def test_compactgpt_folder_loads_in_transformers_with_equal_logits(tmp_path, byt
     hf = hf_from_ours(tmp_path / "m")
     ids = torch.randint(0, 320, (3, 17))
     with torch.no_grad():
-        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
+        assert torch.allclose(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
@@ -47,7 +48,7 @@ def test_transformers_folder_loads_in_compactgpt_with_equal_logits(tmp_path, byt
     ids = torch.randint(0, cfg.vocab_size, (2, 21))
     n = byte_tokenizer.vocab_size  # rows past the tokenizer are padding: masked by ours only
     with torch.no_grad():
-        logits = ours(ids)
+        logits = ours(ids).logits
         assert torch.allclose(logits[..., :n], hf(ids).logits[..., :n], atol=1e-5, rtol=0)
         assert (logits[..., n:] == torch.finfo(logits.dtype).min).all()
 
@@ -61,7 +62,7 @@ def test_kv_cache_and_left_padding_match_transformers(tmp_path, byte_tokenizer):
     mask[1, :3] = 0  # second row left-padded by 3
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits, past = ours(ids, mask, pos, use_cache=True)
+        logits, past, _, _ = ours(ids, mask, pos, use_cache=True)
         ref = hf(ids, attention_mask=mask, position_ids=pos, use_cache=True)
         real = mask.bool()
         assert torch.allclose(logits[real], ref.logits[real], atol=1e-5)
@@ -69,7 +70,7 @@ def test_kv_cache_and_left_padding_match_transformers(tmp_path, byte_tokenizer):
         nxt = torch.randint(0, 320, (2, 1))
         mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
         pos2 = pos[:, -1:] + 1
-        step, _ = ours(nxt, mask2, pos2, past, use_cache=True)
+        step = ours(nxt, mask2, pos2, past, use_cache=True).logits
         ref2 = hf(nxt, attention_mask=mask2, position_ids=pos2, past_key_values=ref.past_key_values)
         assert torch.allclose(step, ref2.logits, atol=1e-5)
 
@@ -78,26 +79,48 @@ def test_incremental_decoding_equals_full_forward():
     model = random_gpt(4)
     ids = torch.randint(0, 320, (2, 12))
     with torch.no_grad():
-        full = model(ids)
-        logits, past = model(ids[:, :5], use_cache=True)
-        parts = [logits]
+        full = model(ids).logits
+        out = model(ids[:, :5], use_cache=True)
+        parts = [out.logits]
         for t in range(5, 12):
-            step, past = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            parts.append(step)
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            parts.append(out.logits)
         # A multi-token chunk on top of a past uses the offset causal mask.
-        chunk, _ = model(ids[:, 5:12], past_key_values=model(ids[:, :5], use_cache=True)[1], use_cache=True)
+        past = model(ids[:, :5], use_cache=True).past_key_values
+        chunk = model(ids[:, 5:12], past_key_values=past, use_cache=True).logits
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
     assert torch.allclose(chunk, full[:, 5:], atol=1e-5)
 
 
-def test_greedy_generation_matches_transformers_token_for_token(tmp_path, byte_tokenizer):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_generation_matches_transformers_token_for_token(tmp_path, byte_tokenizer, penalty):
     ours = random_gpt(5)
     save_model(tmp_path / "m", ours, byte_tokenizer, stage="test", settings={})
     hf = hf_from_ours(tmp_path / "m")
-    prompt = torch.randint(0, 320, (1, 6))
-    mine = ours.generate(prompt, 20)
-    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    prompt = torch.randint(0, 320, (2, 6))
+    mine = ours.generate(prompt, 20, repetition_penalty=penalty)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, repetition_penalty=penalty,
+                         attention_mask=torch.ones_like(prompt), pad_token_id=0, eos_token_id=None)
     assert torch.equal(mine, theirs)
+    if penalty != 1.0:  # the penalty changed something, so the comparison has teeth
+        assert not torch.equal(mine, ours.generate(prompt, 20))
+
+
+def test_forward_returns_a_gpt_output_whatever_it_is_asked():
+    model = random_gpt(9).eval()
+    ids = torch.randint(0, 320, (2, 7))
+    with torch.no_grad():
+        plain = model(ids)
+        cached = model(ids, use_cache=True)
+        hidden = model(ids, output_hidden_states=True)
+        loss = model(ids, targets=ids)
+    assert all(isinstance(out, GPTOutput) for out in (plain, cached, hidden, loss))
+    assert plain.past_key_values is None and plain.hidden_states is None and plain.loss is None
+    assert len(cached.past_key_values) == model.config.n_layer
+    assert len(hidden.hidden_states) == model.config.n_layer + 1
+    assert loss.logits is None and loss.loss.shape == ()
+    want = torch.nn.functional.cross_entropy(plain.logits.flatten(0, 1), ids.flatten())
+    assert torch.allclose(loss.loss, want, atol=1e-5)
 
 
 def test_batched_left_padded_generation_equals_one_by_one():
@@ -110,19 +133,6 @@ def test_batched_left_padded_generation_equals_one_by_one():
     out = model.generate(batch, 8, attention_mask=mask)
     assert torch.equal(out[0, 7:], model.generate(a, 8)[0, 7:])
     assert torch.equal(out[1, 7:], model.generate(b, 8)[0, 4:])
-
-
-def test_sampling_controls():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    g = torch.Generator().manual_seed(0)
-    assert sample_next(logits).item() == 1
-    # top_k=1 and a tiny top_p both reduce sampling to the argmax.
-    assert all(sample_next(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(20))
-    assert all(sample_next(logits, 1.0, top_p=0.01, generator=g).item() == 1 for _ in range(20))
-    # top_k=2 never picks outside the two best.
-    assert {sample_next(logits, 5.0, top_k=2, generator=g).item() for _ in range(100)} <= {1, 3}
-    with pytest.raises(ValueError, match="top_p"):
-        sample_next(logits, 1.0, top_p=1.5)
 
 
 def test_generation_stops_at_stop_token():
@@ -138,7 +148,7 @@ def test_context_longer_than_positions_is_a_clear_error():
     model = random_gpt(8)
     with pytest.raises(ValueError, match="longer than the model's 64 positions"):
         model(torch.zeros(1, 65, dtype=torch.long))
-    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+    with pytest.raises(ConfigError, match="exceeds the model's 64 positions"):
         model.generate(torch.zeros(1, 60, dtype=torch.long), 10)
 
 

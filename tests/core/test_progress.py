@@ -23,7 +23,7 @@ def test_training_off_a_terminal_logs_plain_lines(data_dir, tmp_path, capsys, mo
     config = config_from_preset("tiny", data=str(data_dir), out=str(tmp_path / "t"), n_positions=64, block_size=32,
                                 batch_size=4, max_steps=6, warmup_steps=1, eval_interval=3, log_interval=2,
                                 eval_batches=2, checkpoint_interval=100)
-    pretrain(config, log=lines.append, progress=True)
+    pretrain(config.replace(progress=True), log=lines.append)
     err = capsys.readouterr().err
     assert "\r" not in err  # no bar redraws written into a log
     steps = [line for line in lines if line.startswith("pretrain step ")]
@@ -37,5 +37,5 @@ def test_no_progress_means_no_lines(data_dir, tmp_path):
     config = config_from_preset("tiny", data=str(data_dir), out=str(tmp_path / "q"), n_positions=64, block_size=32,
                                 batch_size=4, max_steps=2, warmup_steps=1, eval_interval=2, log_interval=1,
                                 eval_batches=2, checkpoint_interval=100)
-    pretrain(config, log=lines.append, progress=False)
+    pretrain(config.replace(progress=False), log=lines.append)
     assert not [line for line in lines if line.startswith("pretrain step ")]

@@ -20,7 +20,7 @@ from conftest import tiny_config
 def tiny_run(data_dir, out, **overrides):
     settings = dict(data=str(data_dir), out=str(out), n_positions=64, block_size=32, batch_size=4,
                     max_steps=8, warmup_steps=2, eval_interval=4, checkpoint_interval=100, log_interval=1,
-                    eval_batches=4, dropout=0.1)
+                    eval_batches=4, dropout=0.1, progress=False)
     return config_from_preset("tiny", **{**settings, **overrides})
 
 
@@ -29,7 +29,7 @@ def weights(folder):
 
 
 def test_loss_goes_down(data_dir, tmp_path):
-    pretrain(tiny_run(data_dir, tmp_path / "run", max_steps=40, dropout=0.0), log=lambda m: None, progress=False)
+    pretrain(tiny_run(data_dir, tmp_path / "run", max_steps=40, dropout=0.0), log=lambda m: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if r["event"] == "train"]
     assert losses[-1] < losses[0] - 1.0
@@ -38,16 +38,16 @@ def test_loss_goes_down(data_dir, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
-    pretrain(tiny_run(data_dir, tmp_path / "a"), log=lambda m: None, progress=False)
+    pretrain(tiny_run(data_dir, tmp_path / "a"), log=lambda m: None)
 
     def interrupt(step):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_run(data_dir, tmp_path / "b"), log=lambda m: None, progress=False, on_step=interrupt)
+        pretrain(tiny_run(data_dir, tmp_path / "b"), log=lambda m: None, on_step=interrupt)
     assert not (tmp_path / "b" / "model.safetensors").exists()  # no artifact from an interrupted run
-    pretrain(tiny_run(data_dir, tmp_path / "b"), log=lambda m: None, progress=False, resume=True)
+    pretrain(tiny_run(data_dir, tmp_path / "b", resume=True), log=lambda m: None)
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys()
     for name in a:
@@ -55,17 +55,16 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_resuming_with_another_model_shape_is_refused(data_dir, tmp_path):
-    pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None, progress=False)
+    pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None)
     with pytest.raises(ConfigError, match="different settings.*n_layer"):
-        pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=4, n_layer=3), log=lambda m: None,
-                 progress=False, resume=True)
+        pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=4, n_layer=3, resume=True), log=lambda m: None)
 
 
 def test_existing_checkpoint_is_never_overwritten_silently(data_dir, tmp_path):
-    pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None, progress=False)
+    pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None)
     with pytest.raises(ConfigError, match="already holds a training checkpoint"):
-        pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None, progress=False)
-    pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None, progress=False, overwrite=True)
+        pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2), log=lambda m: None)
+    pretrain(tiny_run(data_dir, tmp_path / "r", max_steps=2, overwrite=True), log=lambda m: None)
 
 
 def test_learning_rate_schedule():
@@ -105,8 +104,8 @@ def test_two_process_torchrun_trains(data_dir, tmp_path):
 def test_parallel_fsdp_with_one_process_trains_the_plain_model(data_dir, tmp_path):
     # One process has nothing to shard: --parallel fsdp without torchrun is plain training, so a
     # settings file written for several GPUs also runs (and resumes) on one.
-    pretrain(tiny_run(data_dir, tmp_path / "a", max_steps=3), log=lambda m: None, progress=False)
-    pretrain(tiny_run(data_dir, tmp_path / "b", max_steps=3, parallel="fsdp"), log=lambda m: None, progress=False)
+    pretrain(tiny_run(data_dir, tmp_path / "a", max_steps=3), log=lambda m: None)
+    pretrain(tiny_run(data_dir, tmp_path / "b", max_steps=3, parallel="fsdp"), log=lambda m: None)
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="parallel must be auto, ddp or fsdp"):
@@ -182,7 +181,7 @@ def test_fsdp_two_processes_match_one_process(data_dir, tmp_path):
     # resumed with a longer max_steps is the same run.
     settings = dict(n_positions=64, block_size=32, batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3,
                     min_lr=3e-3, eval_interval=3, eval_batches=4, checkpoint_interval=3, log_interval=1, dropout=0.0)
-    pretrain(tiny_run(data_dir, tmp_path / "one", **settings, grad_accum=2), log=lambda m: None, progress=False)
+    pretrain(tiny_run(data_dir, tmp_path / "one", **settings, grad_accum=2), log=lambda m: None)
     flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", v)]
     flags = ["--preset", "tiny", "--data", data_dir, *flags]
     _torchrun(*flags, "--out", tmp_path / "fsdp", "--parallel", "fsdp")
@@ -237,6 +236,6 @@ def test_fsdp_bf16_mixed_precision_on_cuda(data_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_compiled_training_runs(data_dir, tmp_path):
     folder = pretrain(tiny_run(data_dir, tmp_path / "gpu", max_steps=20, dropout=0.0, compile=True),
-                      log=lambda m: None, progress=False)
+                      log=lambda m: None)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["metrics"]["val_perplexity"] < manifest["metrics"]["unigram_val_perplexity"]

@@ -48,7 +48,7 @@ def assert_same_weights(a, b):
 def uninterrupted(data_dir, tmp_path_factory):
     """The reference run every interrupted and resumed run must equal, bit for bit."""
     out = tmp_path_factory.mktemp("guard") / "a"
-    pretrain(tiny_run(data_dir, out), **QUIET)
+    pretrain(tiny_run(data_dir, out), log=lambda m: None)
     return out
 
 
@@ -59,7 +59,7 @@ def uninterrupted(data_dir, tmp_path_factory):
 def test_huge_learning_rate_stops_with_the_step_and_keeps_a_finite_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: loss .*lower --lr") as info:
-        pretrain(tiny_run(data_dir, out, lr=1e9, checkpoint_interval=1), **QUIET)
+        pretrain(tiny_run(data_dir, out, lr=1e9, checkpoint_interval=1), log=lambda m: None)
     assert "\n" not in str(info.value)
     assert not (out / "model.safetensors").exists()  # no model folder from a diverged run
     step = int(str(info.value).split("at step ")[1].split(":")[0])
@@ -176,14 +176,14 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(dat
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(StoppedBySignal) as info:
-        pretrain(tiny_run(data_dir, out), log=messages.append, progress=False, on_step=terminate)
+        pretrain(tiny_run(data_dir, out), log=messages.append, on_step=terminate)
     assert info.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone
     # The signal is noted during step 3; every process agrees on it in step 4, which completes.
     assert "stopped by SIGTERM at step 4; checkpoint saved" in messages[-1] and "--resume" in messages[-1]
     assert checkpoint_step(out) == 4
     assert not (out / "model.safetensors").exists()
-    pretrain(tiny_run(data_dir, out), **QUIET, resume=True)
+    pretrain(tiny_run(data_dir, out, resume=True), log=lambda m: None)
     assert_same_weights(uninterrupted, out)
 
 
@@ -198,10 +198,10 @@ def test_ctrl_c_waits_for_the_step_boundary_and_twice_stops_at_once(data_dir, tm
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(StoppedBySignal) as info:
-        pretrain(tiny_run(data_dir, out), **QUIET, on_step=interrupt)
+        pretrain(tiny_run(data_dir, out), log=lambda m: None, on_step=interrupt)
     assert info.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is before
     assert checkpoint_step(out) == 4
-    pretrain(tiny_run(data_dir, out), **QUIET, resume=True)
+    pretrain(tiny_run(data_dir, out, resume=True), log=lambda m: None)
     assert_same_weights(uninterrupted, out)
 
     def twice(step):
@@ -210,7 +210,7 @@ def test_ctrl_c_waits_for_the_step_boundary_and_twice_stops_at_once(data_dir, tm
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt) as info:
-        pretrain(tiny_run(data_dir, tmp_path / "d"), **QUIET, on_step=twice)
+        pretrain(tiny_run(data_dir, tmp_path / "d"), log=lambda m: None, on_step=twice)
     assert not isinstance(info.value, StoppedBySignal)  # not waiting for another step
     assert checkpoint_step(tmp_path / "d") == 2
 
@@ -259,7 +259,7 @@ def _interrupted(data_dir, out, at=3):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_run(data_dir, out), **QUIET, on_step=interrupt)
+        pretrain(tiny_run(data_dir, out), log=lambda m: None, on_step=interrupt)
 
 
 @pytest.mark.parametrize("left_as", ["checkpoint.old", "checkpoint.tmp"])
@@ -271,7 +271,7 @@ def test_a_save_cut_short_between_its_renames_is_resumed(data_dir, tmp_path, uni
     # of a run leaves only .tmp.
     (out / "checkpoint").rename(out / left_as)
     assert find_checkpoint(out) == out / left_as
-    pretrain(tiny_run(data_dir, out), **QUIET, resume=True)
+    pretrain(tiny_run(data_dir, out, resume=True), log=lambda m: None)
     assert_same_weights(uninterrupted, out)
     assert not (out / left_as).exists()
 
@@ -302,7 +302,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(data_dir, tmp_
     _interrupted(data_dir, out)
     damage(out / "checkpoint" / file)
     with pytest.raises(ArtifactError, match=f"{file} is damaged .*--overwrite") as info:
-        pretrain(tiny_run(data_dir, out), **QUIET, resume=True)
+        pretrain(tiny_run(data_dir, out, resume=True), log=lambda m: None)
     message = str(info.value)
     assert "\n" not in message and "weights_only" not in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
@@ -326,11 +326,11 @@ def test_a_resumed_log_repeats_no_step(data_dir, tmp_path, uninterrupted):
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        pretrain(tiny_run(data_dir, out, checkpoint_interval=2), **QUIET, on_step=crash)
+        pretrain(tiny_run(data_dir, out, checkpoint_interval=2), log=lambda m: None, on_step=crash)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"event": "train", "st')  # a line cut short by the kill
     assert checkpoint_step(out) == 4 and '"step": 5,' in (out / "log.jsonl").read_text()
-    pretrain(tiny_run(data_dir, out, checkpoint_interval=2), **QUIET, resume=True)
+    pretrain(tiny_run(data_dir, out, checkpoint_interval=2, resume=True), log=lambda m: None)
     log = records(out)
     assert [r["step"] for r in log if r["event"] == "train"] == list(range(1, 9))
     assert [r["step"] for r in log if r["event"] == "eval"] == [4, 8]

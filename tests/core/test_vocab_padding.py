@@ -47,10 +47,10 @@ def test_perplexity_equals_perplexity_over_the_real_vocabulary(padded_folder, by
     raw = load_model(padded_folder).model.limit_vocab(None).eval()
     tokens = torch.randint(0, n, (200,), generator=torch.Generator().manual_seed(1))
     got = perplexity(model_logits_fn(model), tokens, max_length=64, stride=32)
-    want = perplexity(lambda ids: raw(ids)[..., :n], tokens, max_length=64, stride=32)
+    want = perplexity(lambda ids: raw(ids).logits[..., :n], tokens, max_length=64, stride=32)
     assert got.perplexity == pytest.approx(want.perplexity, rel=1e-6)
     with torch.no_grad():  # the padding would have taken nearly all the mass
-        unmasked_nll = F.cross_entropy(raw(tokens[None, :64])[0, :-1], tokens[1:64]).item()
+        unmasked_nll = F.cross_entropy(raw(tokens[None, :64]).logits[0, :-1], tokens[1:64]).item()
     assert unmasked_nll > got.nll + 10
 
 
@@ -62,7 +62,7 @@ def test_kl_and_agreement_only_see_the_real_vocabulary(padded_folder, byte_token
         b.transformer.h[0].mlp.c_fc.weight.mul_(1.5)  # another model, same padding
     tokens = torch.randint(0, n, (150,), generator=torch.Generator().manual_seed(2))
     got = compare_models(model_logits_fn(a), model_logits_fn(b), tokens, max_length=64)
-    sliced = lambda m: (lambda ids: m(ids)[..., :n])  # noqa: E731
+    sliced = lambda m: (lambda ids: m(ids).logits[..., :n])  # noqa: E731
     want = compare_models(sliced(a), sliced(b), tokens, max_length=64)
     assert all(math.isfinite(v) for v in (got.kl_mean, got.kl_p99, got.perplexity))
     assert got.kl_mean == pytest.approx(want.kl_mean, rel=1e-5, abs=1e-9)
@@ -85,9 +85,9 @@ def test_training_mode_leaves_the_padding_rows_alone():
     model = random_gpt(0).limit_vocab(300)
     ids = torch.randint(0, 300, (2, 8))
     model.train()
-    assert (model(ids)[..., 300:] > torch.finfo(torch.float32).min).all()
+    assert (model(ids).logits[..., 300:] > torch.finfo(torch.float32).min).all()
     model.eval()
-    assert (model(ids)[..., 300:] == torch.finfo(torch.float32).min).all()
+    assert (model(ids).logits[..., 300:] == torch.finfo(torch.float32).min).all()
 
 
 def test_limit_vocab_checks_its_count():
@@ -105,4 +105,4 @@ def test_padded_folder_still_loads_in_transformers(padded_folder, byte_tokenizer
     ours = load_model(padded_folder).model
     ids = torch.randint(0, n, (2, 9))
     with torch.no_grad():
-        assert torch.allclose(ours(ids)[..., :n], hf(ids).logits[..., :n], atol=1e-5, rtol=0)
+        assert torch.allclose(ours(ids).logits[..., :n], hf(ids).logits[..., :n], atol=1e-5, rtol=0)

@@ -15,7 +15,7 @@ from device_helpers import input_devices, off_device
 def test_importance_calibration_moves_cpu_batches_to_the_model_device():
     model = random_gpt(0).to("meta")
     seen, _ = input_devices(model)
-    batches = list(torch.randint(0, 320, (6, 8)).split(4))  # calibration_batches draws them on the CPU
+    batches = list(torch.randint(0, 320, (6, 8)).split(4))  # calibration_windows draws them on the CPU
     stats = collect_stats(model, batches, linear_inputs=True)
     assert stats.tokens == 48
     assert stats.heads[0].device.type == "meta" and stats.neurons[1].device.type == "meta"
@@ -60,7 +60,7 @@ def test_prune_and_sparsify_on_cuda(tmp_path, data_dir, tokenizer):
     teacher = tmp_path / "teacher"
     save_model(teacher, random_gpt(4, n_layer=3), tokenizer, stage="pretrain", settings={"data": str(data_dir)},
                parent=data_dir)
-    common = ["--calib-windows", "8", "--block-size", "32", "--eval-tokens", "400", "--no-progress"]
+    common = ["--calib-samples", "8", "--calib-seq-len", "32", "--eval-tokens", "400", "--no-progress"]
     for device in ("cpu", "cuda"):
         assert main(["prune", "--model", str(teacher), "--out", str(tmp_path / f"p-{device}"), "--layers", "2",
                      "--heads", "2", "--device", device, *common]) == 0

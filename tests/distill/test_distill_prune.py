@@ -22,7 +22,7 @@ def test_keep_everything_leaves_logits_unchanged():
     student = apply_plan(model, PrunePlan.keep_all(model.config))
     assert student.config == model.config
     with torch.no_grad():
-        assert torch.equal(student(IDS), model(IDS))
+        assert torch.equal(student(IDS).logits, model(IDS).logits)
 
 
 def test_permuted_plan_leaves_logits_unchanged():
@@ -33,7 +33,7 @@ def test_permuted_plan_leaves_logits_unchanged():
     perm = lambda n: torch.randperm(n, generator=g).tolist()
     plan = PrunePlan([0, 1], {0: perm(4), 1: perm(4)}, perm(32), {0: perm(40), 1: perm(40)})
     with torch.no_grad():
-        assert torch.allclose(apply_plan(model, plan)(IDS), model(IDS), atol=1e-5, rtol=0)
+        assert torch.allclose(apply_plan(model, plan)(IDS).logits, model(IDS).logits, atol=1e-5, rtol=0)
 
 
 def test_pruning_an_identity_block_by_cosine_leaves_logits_unchanged():
@@ -49,7 +49,7 @@ def test_pruning_an_identity_block_by_cosine_leaves_logits_unchanged():
     plan = make_plan(stats, depth, target_shape(model.config, layers=2))
     assert plan.layers == [0, 2]
     with torch.no_grad():
-        assert torch.allclose(apply_plan(model, plan)(IDS), model(IDS), atol=1e-5, rtol=0)
+        assert torch.allclose(apply_plan(model, plan)(IDS).logits, model(IDS).logits, atol=1e-5, rtol=0)
 
 
 def test_plan_keeps_the_highest_scoring_units():
@@ -99,9 +99,9 @@ def test_pruned_student_loads_in_transformers_with_equal_logits(tmp_path, byte_t
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "s", attn_implementation="eager").eval()
     assert (hf.config.n_layer, hf.config.n_head, hf.config.n_embd, hf.config.n_inner) == (2, 2, 16, 20)
     with torch.no_grad():
-        assert torch.allclose(student(IDS), hf(IDS).logits, atol=1e-5, rtol=0)
+        assert torch.allclose(student(IDS).logits, hf(IDS).logits, atol=1e-5, rtol=0)
         n = byte_tokenizer.vocab_size  # the loaded student masks the padding rows past its tokenizer
-        assert torch.allclose(load_model(tmp_path / "s").model(IDS)[..., :n], hf(IDS).logits[..., :n], atol=1e-5, rtol=0)
+        assert torch.allclose(load_model(tmp_path / "s").model(IDS).logits[..., :n], hf(IDS).logits[..., :n], atol=1e-5, rtol=0)
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def teacher_dir(tmp_path, data_dir, tokenizer):
 
 def test_prune_stage_writes_a_student_with_its_plan_and_perplexity(teacher_dir, tmp_path):
     out = prune(PruneConfig(model=str(teacher_dir), out=str(tmp_path / "s"), layers=2, heads=2, mlp=64,
-                            calib_windows=8, block_size=32, eval_tokens=400), log=lambda m: None, progress=False)
+                            calib_samples=8, calib_seq_len=32, eval_tokens=400, progress=False), log=lambda m: None)
     loaded = load_model(out)
     assert (loaded.model.config.n_layer, loaded.model.config.n_embd, loaded.model.config.n_inner) == (2, 16, 64)
     m = read_manifest(out)

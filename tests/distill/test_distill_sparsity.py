@@ -87,7 +87,7 @@ def test_mask_keeper_holds_zeros_through_optimizer_steps():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, 320, (2, 12))
     for step in range(3):
-        model(ids).logsumexp(-1).mean().backward()
+        model(ids).logits.logsumexp(-1).mean().backward()
         name, lin = next(iter(block_linears(model).items()))
         assert (lin.weight.grad[~masks[name]] == 0).all()
         opt.step()
@@ -101,7 +101,7 @@ def test_mask_keeper_holds_zeros_through_optimizer_steps():
 def test_sparsify_stage_reports_sparsity_and_perplexity(tmp_path, data_dir, tokenizer):
     save_model(tmp_path / "m", random_gpt(2), tokenizer, stage="pretrain", settings={}, parent=data_dir)
     out = sparsify(SparsifyConfig(model=str(tmp_path / "m"), out=str(tmp_path / "s"), pattern="2:4",
-                                  calib_windows=4, block_size=32, eval_tokens=300), log=lambda m: None, progress=False)
+                                  calib_samples=4, calib_seq_len=32, eval_tokens=300, progress=False), log=lambda m: None)
     m = read_manifest(out)
     assert m.stage == "sparsify" and m.metrics["sparsity"] == pytest.approx(0.5)
     assert m.extra["sparsity"]["pattern"] == "2:4" and m.metrics["dense_val_perplexity"] > 1

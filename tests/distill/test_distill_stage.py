@@ -10,7 +10,7 @@ from compactgpt.artifacts import resolved_parent, load_model, read_manifest, sav
 from compactgpt.app.cli import main
 from compactgpt.data import DataConfig, prepare_data
 from compactgpt.errors import ConfigError
-from distill.distill import DistillConfig, distill, hidden_layer_map, parse_student_shape
+from distill.distill import DistillConfig, distill, hidden_layer_map, parse_student_shape, training_window
 from distill.importance import block_linears
 from distill.losses import forward_kl
 from distill.prune import PruneConfig, prune
@@ -18,9 +18,9 @@ from distill.sparsity import SparsifyConfig, sparsify
 
 from conftest import random_gpt
 
-QUIET = dict(log=lambda m: None, progress=False)
+QUIET = dict(log=lambda m: None)
 FAST = dict(block_size=32, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=12, checkpoint_interval=12,
-            log_interval=4, eval_batches=4, eval_tokens=300, lr=3e-3, min_lr=3e-4)
+            log_interval=4, eval_batches=4, eval_tokens=300, lr=3e-3, min_lr=3e-4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def teacher_dir(tmp_path_factory, data_dir, tokenizer):
 @pytest.fixture(scope="module")
 def pruned_dir(teacher_dir):
     out = teacher_dir.parent / "pruned"
-    prune(PruneConfig(model=str(teacher_dir), out=str(out), heads=2, mlp=32, calib_windows=8, block_size=32,
+    prune(PruneConfig(model=str(teacher_dir), out=str(out), heads=2, mlp=32, calib_samples=8, calib_seq_len=32,
                       eval_tokens=300), **QUIET)
     return out
 
@@ -48,7 +48,7 @@ def kl_to_teacher(student, teacher, data_dir):
     windows = TokenShards(data_dir, "val").fixed_windows(4, 32)
     x = torch.cat([w for w, _ in windows])
     with torch.no_grad():
-        return forward_kl(student(x), teacher(x)).item()
+        return forward_kl(student(x).logits, teacher(x).logits).item()
 
 
 def test_distilling_a_pruned_student_brings_it_closer_to_the_teacher(teacher_dir, pruned_dir, data_dir, tmp_path):
@@ -102,7 +102,7 @@ def test_hidden_state_loss_with_a_projection_trains(teacher_dir, pruned_dir, tmp
 
 def test_sparse_student_keeps_its_zeros_through_distillation(teacher_dir, tmp_path):
     sparse = sparsify(SparsifyConfig(model=str(teacher_dir), out=str(tmp_path / "sp"), sparsity=0.6,
-                                     calib_windows=4, block_size=32, eval_tokens=300), **QUIET)
+                                     calib_samples=4, calib_seq_len=32, eval_tokens=300), **QUIET)
     zeros = {n: (l.weight == 0) for n, l in block_linears(load_model(sparse).model).items()}
     out = distill(DistillConfig(teacher=str(teacher_dir), student=str(sparse), out=str(tmp_path / "d"),
                                 **{**FAST, "max_steps": 5}), **QUIET)
@@ -118,7 +118,8 @@ def test_tokenizer_mismatch_is_a_clear_error(teacher_dir, tmp_path, byte_tokeniz
     with pytest.raises(ConfigError, match="different tokenizers"):
         distill(DistillConfig(teacher=str(teacher_dir), student=str(tmp_path / "other"), out=str(tmp_path / "x"),
                               **FAST), **QUIET)
-    other_data = prepare_data(DataConfig(source=str(corpus_dir), vocab_size=280), tmp_path / "data280", log=lambda m: None)
+    other_data = prepare_data(DataConfig(source=str(corpus_dir), vocab_size=280, out=str(tmp_path / "data280")),
+                              log=lambda m: None)
     with pytest.raises(ConfigError, match="different tokenizers"):
         distill(DistillConfig(teacher=str(teacher_dir), student="n_layer=1", data=str(other_data),
                               out=str(tmp_path / "y"), **FAST), **QUIET)
@@ -136,6 +137,19 @@ def test_bad_settings_are_clear_errors(teacher_dir, tmp_path, capsys):
     assert "both 0" in capsys.readouterr().err
     assert main(base + ["--student", "n_layer=1", "--block-size", "100"]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+def test_the_default_window_follows_the_models(teacher_dir, tmp_path):
+    """No fixed default can exceed a model: the window is the shorter context of the two,
+    saved as the size used; a size given that exceeds either is an error naming it."""
+    assert training_window(0, 64, 32) == 32 and training_window(16, 64, 32) == 16
+    with pytest.raises(ConfigError, match="exceeds the student's 32 positions"):
+        training_window(48, 64, 32)
+    settings = {**FAST, "block_size": 0, "max_steps": 2, "eval_interval": 2, "checkpoint_interval": 2}
+    out = distill(DistillConfig(teacher=str(teacher_dir), student="n_layer=1,n_positions=32", out=str(tmp_path / "w"),
+                                **settings), **QUIET)
+    assert read_manifest(out).settings["block_size"] == 32
+    assert DistillConfig.__dataclass_fields__["block_size"].default == 0
 
 
 def test_student_shapes_and_layer_maps():

@@ -26,7 +26,7 @@ def test_distilling_padded_models_keeps_losses_finite(tmp_path, data_dir, tokeni
     save_model(tmp_path / "t", teacher, tokenizer, stage="pretrain", settings={"data": str(data_dir)}, parent=data_dir)
     out = distill(DistillConfig(teacher=str(tmp_path / "t"), student="n_layer=1", out=str(tmp_path / "s"),
                                 data=str(data_dir), kd_weight=1.0, ce_weight=0.0, divergence=divergence,
-                                temperature=temperature, **FAST), log=lambda m: None, progress=False)
+                                temperature=temperature, progress=False, **FAST), log=lambda m: None)
     m = read_manifest(out).metrics
     assert math.isfinite(m["train_kd"]) and m["train_kd"] < 100, m["train_kd"]
     assert math.isfinite(m["val_perplexity"])

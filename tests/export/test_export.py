@@ -162,6 +162,28 @@ def test_runtime_generation_equals_pytorch(exported, artifact):
         assert torch.equal(sampled, want)
 
 
+def test_runtime_generation_with_repetition_penalty_equals_pytorch(exported, artifact):
+    model = load_model(artifact).model
+    ids = torch.tensor([[0, 0, 5, 6, 5, 6], [1, 2, 3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    ref = model.generate(ids, 16, attention_mask=mask, repetition_penalty=1.5)
+    assert not torch.equal(ref, model.generate(ids, 16, attention_mask=mask))  # the penalty changes tokens
+    for preallocate in (True, False):
+        decoder = OnnxDecoder(exported, preallocate=preallocate)
+        assert torch.equal(decoder.generate(ids, 16, attention_mask=mask, repetition_penalty=1.5), ref)
+
+
+def test_runtime_refuses_an_empty_prompt_and_stops_without_a_call_after_the_last_token(exported, monkeypatch):
+    decoder = OnnxDecoder(exported, preallocate=False)
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        decoder.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    calls = []
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a: calls.append(1) or forward(*a))
+    assert decoder.generate(torch.tensor([[5, 6]]), 4).shape == (1, 6)
+    assert len(calls) == 4  # the prefill and 3 decode steps
+
+
 def test_perplexity_through_onnx_equals_pytorch(exported, artifact, tokenizer):
     model = load_model(artifact).model
     # Text only ever holds the tokenizer's ids; the embedding's padding rows are never targets.

@@ -82,13 +82,14 @@ def test_quantized_projections_take_the_attention_bias_into_their_kernel(tmp_pat
     """The shared rewrite hands the q/k/v bias to the projection's own bias input (no Add), and
     the graph still generates what the copying graph of the same quantized model generates."""
     from compactgpt.tokenizer import train_bpe
-    from quantize import RTNConfig, quantize_folder
+    from quantize import QuantizeConfig, RTNConfig, quantize_folder
 
     tok = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
     save_model(tmp_path / "m", random_gpt(4, n_positions=128), tok, stage="pretrain", settings={})
     bits, group, settings = (4, 16, {}) if kernel.startswith("int4") else (8, 0, {"int8_kernel": "dynamic"})
-    quantize_folder(tmp_path / "m", tmp_path / "q", RTNConfig(bits=bits, group_size=group, include_embeddings=True),
-                    progress=False, log=lambda m: None)
+    method = RTNConfig(bits=bits, group_size=group, include_embeddings=True)
+    quantize_folder(QuantizeConfig(model=str(tmp_path / "m"), out=str(tmp_path / "q"), method=method, progress=False),
+                    log=lambda m: None)
     out = {kind: export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / kind), kv_cache=kind,
                                           **settings), **QUIET) for kind in ("copy", "shared")}
     nodes = onnx.load(str(out["shared"] / "model.onnx")).graph.node

@@ -240,13 +240,14 @@ def test_int4_g32_export_of_the_124m_shape_stores_at_most_5_3_bits_per_parameter
     from compactgpt.artifacts import save_model
     from compactgpt.model import GPT, GPTConfig
     from compactgpt.tokenizer import train_bpe
-    from quantize import RTNConfig, quantize_folder
+    from quantize import QuantizeConfig, RTNConfig, quantize_folder
 
     torch.manual_seed(0)
     tok = train_bpe(["hello world\n", "def f(x):\n    return x\n"] * 20, vocab_size=300)
     config = GPTConfig(vocab_size=8192, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
     save_model(tmp_path / "m", GPT(config).eval(), tok, stage="pretrain", settings={})
-    quantize_folder(tmp_path / "m", tmp_path / "q", RTNConfig(bits=4, group_size=32, include_embeddings=True),
-                    progress=False, log=lambda m: None)
+    method = RTNConfig(bits=4, group_size=32, include_embeddings=True)
+    quantize_folder(QuantizeConfig(model=str(tmp_path / "m"), out=str(tmp_path / "q"), method=method, progress=False),
+                    log=lambda m: None)
     out = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx")), log=lambda m: None)
     assert read_manifest(out).metrics["bits_per_parameter"] <= 5.3

@@ -12,7 +12,7 @@ from compactgpt.artifacts import save_model
 from export import ExportConfig, export_onnx
 from export.nbits import dequantize_linear_graph
 from export.spec import DecoderSpec
-from quantize import RTNConfig, quantize_folder
+from quantize import QuantizeConfig, RTNConfig, quantize_folder
 from tests.conftest import random_gpt
 
 QUIET = dict(log=lambda m: None)
@@ -33,8 +33,9 @@ def logits(path, fold: bool, spec: DecoderSpec) -> np.ndarray:
 @pytest.mark.parametrize("bits,group", [(4, 16), (4, 32), (8, 16)])
 def test_dequantize_linear_graph_computes_what_matmulnbits_computes(tmp_path, byte_tokenizer, bits, group):
     save_model(tmp_path / "m", random_gpt(1), byte_tokenizer, stage="pretrain", settings={})
-    quantize_folder(tmp_path / "m", tmp_path / "q", RTNConfig(bits=bits, group_size=group, include_embeddings=True),
-                    progress=False, **QUIET)
+    method = RTNConfig(bits=bits, group_size=group, include_embeddings=True)
+    quantize_folder(QuantizeConfig(model=str(tmp_path / "m"), out=str(tmp_path / "q"), method=method, progress=False),
+                    **QUIET)
     # accuracy_level 0: MatMulNBits with float activations, the arithmetic of the rewrite
     export = export_onnx(ExportConfig(model=str(tmp_path / "q"), out=str(tmp_path / "onnx"), accuracy_level=0), **QUIET)
     original = onnx.load(str(export / "model.onnx"))

@@ -44,7 +44,7 @@ def test_changing_a_prompt_tokens_target_does_not_change_the_loss():
     model = random_gpt(0)
     ids = torch.randint(0, 300, (12,)).tolist()
     n_prompt = 7
-    logits = model(torch.tensor([ids]))
+    logits = model(torch.tensor([ids])).logits
     loss = lambda labels: response_loss_sum(logits, torch.tensor([labels]))[0]
     base = loss(response_labels(ids, n_prompt))
     for k in range(1, n_prompt):  # every prompt token after the first is some position's target
@@ -102,7 +102,7 @@ def test_the_head_reads_the_last_non_padding_token():
         mask = torch.tensor([[1] * 6 + [0] * 4])
         torch.testing.assert_close(clf(padded, mask), alone)
     # It is the score of the hidden state at that token: not the first, not the mean.
-    hidden = clf.gpt(ids)
+    hidden = clf.gpt(ids).logits
     torch.testing.assert_close(alone, clf.score(hidden[:, -1]))
     assert not torch.allclose(alone, clf.score(hidden[:, 0]), atol=1e-4)
 
@@ -144,19 +144,19 @@ def test_classification_report_counts():
 def test_lora_starts_at_the_base_model_and_merges_to_the_same_logits():
     model = random_gpt(4)
     ids = torch.randint(0, 300, (2, 9))
-    base = model(ids)
+    base = model(ids).logits
     n = apply_lora(model, rank=4, alpha=8.0)
     assert n == 2 * 4  # four projections per block, two blocks
-    torch.testing.assert_close(model(ids), base)  # B starts at zero
+    torch.testing.assert_close(model(ids).logits, base)  # B starts at zero
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_b.normal_(std=0.5)
-    adapted = model(ids)
+    adapted = model(ids).logits
     assert not torch.allclose(adapted, base, atol=1e-3)
     merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    torch.testing.assert_close(model(ids), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_trains_only_the_adapters_and_named_heads():
@@ -271,7 +271,7 @@ def parent(tmp_path, byte_tokenizer):
 
 def _quick(**kw):
     base = dict(max_steps=40, batch_size=8, warmup_steps=2, eval_interval=40, checkpoint_interval=40, log_interval=10,
-                device="cpu", eval_samples=1, sample_tokens=8)
+                device="cpu", eval_samples=1, sample_tokens=8, progress=False)
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -281,8 +281,9 @@ def test_instruct_lowers_heldout_response_loss_and_stores_the_template(tmp_path,
     data = tmp_path / "inst.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "chat"
-    metrics = finetune(_quick(model=str(parent), task="instruct", data=str(data), out=str(out), lr=3e-3,
-                              template="compact"), log=lambda m: None, progress=False)
+    finetune(_quick(model=str(parent), task="instruct", data=str(data), out=str(out), lr=3e-3, template="compact"),
+             log=lambda m: None)
+    metrics = read_manifest(out).metrics
     assert metrics["val_response_ppl"] < metrics["before_val_response_ppl"]
     manifest = read_manifest(out)
     assert manifest.stage == "finetune" and manifest.extra["task"] == "instruct"
@@ -311,9 +312,9 @@ def _labelled_file(tmp_path):
 def test_classify_learns_and_eval_reports_accuracy(tmp_path, parent, capsys, lora_rank):
     data = _labelled_file(tmp_path)
     out = tmp_path / "clf"
-    metrics = finetune(_quick(model=str(parent), task="classify", data=str(data), out=str(out),
-                              lr=1e-2 if lora_rank else 3e-3, lora_rank=lora_rank, val_fraction=0.2),
-                       log=lambda m: None, progress=False)
+    finetune(_quick(model=str(parent), task="classify", data=str(data), out=str(out),
+                    lr=1e-2 if lora_rank else 3e-3, lora_rank=lora_rank, val_fraction=0.2), log=lambda m: None)
+    metrics = read_manifest(out).metrics
     assert metrics["val_accuracy"] == 1.0
     assert metrics["majority_baseline_accuracy"] == 0.5
     assert sum(map(sum, metrics["confusion"]["matrix"])) == 12
@@ -337,8 +338,9 @@ def test_classify_learns_and_eval_reports_accuracy(tmp_path, parent, capsys, lor
 
 def test_lm_task_reports_domain_perplexity_before_and_after(tmp_path, parent, corpus_dir):
     out = tmp_path / "domain"
-    metrics = finetune(_quick(model=str(parent), task="lm", data=str(corpus_dir), out=str(out), lr=3e-3,
-                              max_length=64, lora_rank=4), log=lambda m: None, progress=False)
+    finetune(_quick(model=str(parent), task="lm", data=str(corpus_dir), out=str(out), lr=3e-3, max_length=64,
+                    lora_rank=4), log=lambda m: None)
+    metrics = read_manifest(out).metrics
     assert metrics["domain_val_ppl"] < metrics["before_domain_val_ppl"]
     assert read_manifest(out).extra["lora"]["rank"] == 4
     from transformers import GPT2LMHeadModel
@@ -348,7 +350,7 @@ def test_lm_task_reports_domain_perplexity_before_and_after(tmp_path, parent, co
     with torch.no_grad():
         loaded = load_model(out)
         n = loaded.tokenizer.vocab_size  # ours masks the padding rows past the tokenizer; transformers does not
-        torch.testing.assert_close(hf(ids).logits[..., :n], loaded.model(ids)[..., :n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(hf(ids).logits[..., :n], loaded.model(ids).logits[..., :n], atol=1e-5, rtol=1e-4)
 
 
 def test_cli_errors_are_one_line(tmp_path, parent, capsys):
@@ -362,11 +364,11 @@ def test_cli_errors_are_one_line(tmp_path, parent, capsys):
 def test_a_run_resumes_from_its_checkpoint_and_refuses_to_clobber_it(tmp_path, parent):
     data = _labelled_file(tmp_path)
     settings = dict(model=str(parent), task="classify", data=str(data), out=str(tmp_path / "clf"), lora_rank=2)
-    finetune(_quick(**settings, max_steps=6), log=lambda m: None, progress=False)
+    finetune(_quick(**settings, max_steps=6), log=lambda m: None)
     with pytest.raises(ConfigError, match="--resume"):
-        finetune(_quick(**settings, max_steps=8), log=lambda m: None, progress=False)
-    metrics = finetune(_quick(**settings, max_steps=8), log=lambda m: None, progress=False, resume=True)
-    assert metrics["steps"] == 8
+        finetune(_quick(**settings, max_steps=8), log=lambda m: None)
+    out = finetune(_quick(**settings, max_steps=8, resume=True), log=lambda m: None)
+    assert out == tmp_path / "clf" and read_manifest(out).metrics["steps"] == 8
     assert load_classifier(tmp_path / "clf").labels == ["neg", "pos"]
 
 
@@ -397,14 +399,13 @@ def test_settings_rebuild_the_config_and_pass_unknown_keys_over():
 
 def test_out_equal_to_the_parent_is_refused(parent):
     with pytest.raises(ConfigError, match="--out must differ from --model"):
-        finetune(_quick(model=str(parent), task="lm", data=str(parent), out=str(parent)), log=lambda m: None,
-                 progress=False)
+        finetune(_quick(model=str(parent), task="lm", data=str(parent), out=str(parent)), log=lambda m: None)
 
 
 def test_lm_refuses_a_data_folder_with_another_tokenizer(tmp_path, parent, data_dir):
     with pytest.raises(ConfigError, match="another tokenizer"):
         finetune(_quick(model=str(parent), task="lm", data=str(data_dir), out=str(tmp_path / "x")),
-                 log=lambda m: None, progress=False)
+                 log=lambda m: None)
 
 
 def test_the_stage_loads_no_application_code():

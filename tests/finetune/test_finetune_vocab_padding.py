@@ -18,6 +18,6 @@ def test_a_classifier_body_returns_hidden_states_unmasked(tmp_path, byte_tokeniz
     assert gpt.vocab_limit is None  # its "logits" are ln_f's hidden states now
     ids = torch.randint(0, n, (2, 6))
     with torch.no_grad():
-        hidden = clf.gpt(ids)
+        hidden = clf.gpt(ids).logits
         assert hidden.shape == (2, 6, gpt.config.n_embd) and hidden.abs().max() < 1e3
         assert clf(ids).shape == (2, 2)

@@ -187,14 +187,14 @@ def test_awq_clip_search_never_worse_than_full_range():
 def test_smoothquant_folding_leaves_the_float_model_unchanged():
     model = random_gpt(0)
     ids = torch.randint(0, 320, (2, 16))
-    ref = model(ids)
+    ref = model(ids).logits
     with torch.no_grad():
         for block in model.transformer.h:
             s = smoothing_scales(torch.rand(32) * 10 + 0.1, [block.attn.c_attn.weight], 0.5)
             fold_scales(block.ln_1, [block.attn.c_attn], s)
             fold_scales(block.ln_2, [block.mlp.c_fc], torch.rand(32) + 0.5)
             fold_scales_into_values(block.attn.c_attn, block.attn.c_proj, torch.rand(32) + 0.5)
-    assert torch.allclose(model(ids), ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_smoothing_flattens_activation_outliers():
@@ -239,14 +239,14 @@ CONFIGS = [
 def test_saved_and_loaded_quantized_models_give_identical_logits(config, byte_tokenizer, tmp_path):
     model = random_gpt(0)
     ids = torch.randint(0, 320, (2, 24))
-    ref = model(ids)
+    ref = model(ids).logits
     report = quantize_(model, config, calibration() if config.calibrated else None)
-    out = model(ids)
+    out = model(ids).logits
     assert rel_err(out, ref) < (0.05 if config.bits == 4 else 0.01)
     save_quantized(tmp_path / "q", model, byte_tokenizer, config, extra={"calibration": report.calibration})
     loaded = load_quantized(tmp_path / "q")
     # The loaded model learns from its tokenizer that rows past it are padding, and masks them.
-    assert torch.equal(loaded.model(ids), mask_padded_vocab(out, byte_tokenizer.vocab_size))
+    assert torch.equal(loaded.model(ids).logits, mask_padded_vocab(out, byte_tokenizer.vocab_size))
     assert loaded.manifest.stage == "quantize" and loaded.manifest.settings == config.versioned_dict()
     assert loaded.config == config
     if config.integer_weights:
@@ -291,13 +291,13 @@ def test_gptq_improves_a_trained_like_model_over_rtn():
     torch.manual_seed(0)
     base = random_gpt(1, n_embd=64)
     ids = torch.randint(0, 320, (16, 48))
-    ref = base(ids)
+    ref = base(ids).logits
     errs = {}
     for config in (RTNConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32),
                    AWQConfig(bits=4, group_size=32, symmetric=True, n_grid=5)):
         m = random_gpt(1, n_embd=64)
         quantize_(m, config, calibration(16, 48, seed=1))
-        errs[config.method] = rel_err(m(ids), ref)
+        errs[config.method] = rel_err(m(ids).logits, ref)
     assert errs["gptq"] < errs["rtn"] and errs["awq"] <= errs["rtn"], errs
 
 

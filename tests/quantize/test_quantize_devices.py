@@ -31,7 +31,7 @@ class DeviceRecorder(BlockHooks):
 def test_embed_moves_cpu_windows_to_the_model_device():
     model = random_gpt(0).to("meta")
     seen, _ = input_devices(model)
-    xs = embed(model, torch.randint(0, 320, (3, 8)))  # load_calibration draws windows on the CPU
+    xs = embed(model, torch.randint(0, 320, (3, 8)))  # calibration_windows draws them on the CPU
     assert xs.device.type == "meta" and tuple(xs.shape) == (3, 8, 32)
     assert seen and not off_device(seen)
 
@@ -88,9 +88,9 @@ def test_quantize_on_cuda_writes_the_cpu_format(float_model_dir, tmp_path, metho
         assert (cpu[k].dtype, cpu[k].shape, cuda[k].device.type) == (cuda[k].dtype, cuda[k].shape, "cpu"), k
     art = load_quantized(outs["cuda"], device="cuda")
     ids = torch.randint(0, 300, (1, 16))
-    assert art.model(ids.cuda()).device.type == "cuda"
-    want = load_quantized(outs["cuda"]).model(ids)
-    assert torch.allclose(art.model(ids.cuda()).cpu(), want, atol=1e-3, rtol=1e-3)
+    assert art.model(ids.cuda()).logits.device.type == "cuda"
+    want = load_quantized(outs["cuda"]).model(ids).logits
+    assert torch.allclose(art.model(ids.cuda()).logits.cpu(), want, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.gpu

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from compactgpt.app.cli import main
-from compactgpt.artifacts import resolved_parent, save_model
+from compactgpt.artifacts import load_model, resolved_parent, save_model
 from compactgpt.errors import ConfigError
-from quantize import (AWQConfig, GPTQConfig, METHODS, RTNConfig, SmoothQuantConfig, config_for, config_from_dict,
-                      evaluate_quantized, load_quantized, quantize_, quantize_folder, save_quantized)
-from quantize.calibrate import BlockHooks, CalibrationData, embed, load_calibration, walk_blocks
+from quantize import (AWQConfig, GPTQConfig, METHODS, QuantizeConfig, RTNConfig, SmoothQuantConfig, config_for,
+                      config_from_dict, evaluate_quantized, load_quantized, quantize_, quantize_folder, resolve_calibration,
+                      save_quantized)
+from quantize.calibrate import BlockHooks, CalibrationData, embed, walk_blocks
 from quantize.handlers import BLOCK_LAYERS, HANDLERS, register_handler
 
 from conftest import random_gpt
@@ -177,8 +178,8 @@ def test_walk_runs_one_pass_per_step_and_recomputes_when_asked():
 def test_quantize_folder_writes_an_artifact_that_reloads(float_model_dir, tmp_path):
     logs: list[str] = []
     config = SmoothQuantConfig(calib_samples=4, calib_seq_len=32)
-    out = quantize_folder(str(float_model_dir), str(tmp_path / "sq"), config, progress=False, log=logs.append,
-                          evaluate=True)
+    out = quantize_folder(QuantizeConfig(model=str(float_model_dir), out=str(tmp_path / "sq"), method=config,
+                                         progress=False, eval=True), log=logs.append)
     assert out == tmp_path / "sq"
     loaded = load_quantized(out)
     assert loaded.config == config and loaded.manifest.settings == config.versioned_dict()
@@ -193,10 +194,12 @@ def test_quantize_folder_writes_an_artifact_that_reloads(float_model_dir, tmp_pa
 
 def test_quantize_folder_needs_calibration_data_it_can_find(tmp_path, tokenizer):
     save_model(tmp_path / "orphan", random_gpt(0), tokenizer, stage="test", settings={})
-    with pytest.raises(ConfigError, match="records no training data folder"):
-        quantize_folder(tmp_path / "orphan", tmp_path / "q", AWQConfig(), log=lambda m: None)
+    with pytest.raises(ConfigError, match="records no training data; pass --calib-data"):
+        quantize_folder(QuantizeConfig(model=str(tmp_path / "orphan"), out=str(tmp_path / "q"), method=AWQConfig()),
+                        log=lambda m: None)
     assert not (tmp_path / "q").exists()
-    quantize_folder(tmp_path / "orphan", tmp_path / "q", RTNConfig(), progress=False, log=lambda m: None)
+    quantize_folder(QuantizeConfig(model=str(tmp_path / "orphan"), out=str(tmp_path / "q"), method=RTNConfig(),
+                                   progress=False), log=lambda m: None)
     assert load_quantized(tmp_path / "q").manifest.extra["calibration"] is None
 
 
@@ -239,12 +242,17 @@ def test_cli_help_names_the_methods_of_each_flag(capsys):
     assert "(default rtn 8, gptq 4, awq 4, smoothquant 8, bnb-int8 8, bnb-nf4 4)" in text  # bits
 
 
-def test_calibration_from_raw_text_and_mismatched_tokenizers(corpus_dir, data_dir, tokenizer, byte_tokenizer):
-    calib = load_calibration(corpus_dir, tokenizer, 5, 20, seed=3)
-    assert calib.ids.shape == (5, 20) and int(calib.ids.max()) < tokenizer.vocab_size
-    assert torch.equal(load_calibration(corpus_dir, tokenizer, 5, 20, seed=3).ids, calib.ids)
+def test_calibration_from_raw_text_and_mismatched_tokenizers(float_model_dir, corpus_dir, data_dir, byte_tokenizer):
+    loaded = load_model(float_model_dir)
+    config = GPTQConfig(calib_samples=5, calib_seq_len=20, seed=3)
+    calib = resolve_calibration(loaded, config, str(corpus_dir))
+    assert calib.ids.shape == (5, 20) and int(calib.ids.max()) < loaded.tokenizer.vocab_size
+    assert torch.equal(resolve_calibration(loaded, config, str(corpus_dir)).ids, calib.ids)
+    assert calib.source == f"train split of {corpus_dir}"
+    assert resolve_calibration(loaded, RTNConfig(), str(corpus_dir)) is None  # round-to-nearest needs none
+    loaded.tokenizer = byte_tokenizer
     with pytest.raises(ConfigError, match="different tokenizer"):
-        load_calibration(data_dir, byte_tokenizer, 5, 20)
+        resolve_calibration(loaded, config, str(data_dir))
 
 
 def test_quantize_imports_no_later_stage_no_application_and_no_bitsandbytes():

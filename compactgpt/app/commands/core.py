@@ -24,33 +24,25 @@ def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_tokenize_args(p: argparse.ArgumentParser) -> None:
+    from ...config import add_config_args, field_help
+    from ...data import DataConfig
+
     p.description = ("Read a corpus, split it by document into train/validation, train a byte-level BPE "
                      "tokenizer and write token shards to a data folder.")
-    p.add_argument("--data", default="@stdlib",
-                   help="text file, folder, glob, JSONL or Parquet file, @stdlib (default), @site-packages (the "
-                        "installed packages' sources, whole packages held out), hf:owner/name[:split[:column]], "
-                        "or several joined by commas (files then deduplicated by content)")
-    p.add_argument("--out", required=True, help="data folder to write (an interrupted write resumes)")
-    from ...config import open_fraction, positive_int
-
-    p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--val-fraction", type=open_fraction, default=0.05,
-                   help="share of documents held out, between 0 and 1 (default 0.05)")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
-    p.add_argument("--tokenizer", help="use the tokenizer of this model or data folder instead of training one")
-    p.add_argument("--overwrite", action="store_true", help="replace an artifact already in OUT")
+    # The source is --data on every verb, and a data folder is always named: the field keeps
+    # the name saved in data manifests (source), and --out is required here.
+    p.add_argument("--data", dest="source", metavar="DATA",
+                   help=f"{field_help(DataConfig, 'source')} (default {DataConfig.source})")
+    p.add_argument("--out", required=True, help=field_help(DataConfig, "out"))
+    add_config_args(p, DataConfig, skip=("source", "out"), show_defaults=True)
 
 
 def run_tokenize(args) -> None:
     from ...artifacts import read_manifest
+    from ...config import given_args
     from ...data import DataConfig, prepare_data
-    from ...tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_folder(args.tokenizer) if args.tokenizer else None
-    cfg = DataConfig(source=args.data, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                     text_field=args.text_field)
-    out = prepare_data(cfg, args.out, tokenizer=tokenizer, log=_log, overwrite=args.overwrite,
-                       inputs={"--tokenizer": args.tokenizer})
+    out = prepare_data(DataConfig(**given_args(args, DataConfig)), log=_log)
     m = read_manifest(out).metrics
     packages = f", {m['packages']:,} packages" if m.get("packages") else ""
     print(f"wrote {out}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens from "
@@ -71,14 +63,10 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
                      f"CPU in float32. Launch with torchrun for several processes. Presets: {', '.join(PRESETS)}; "
                      "a flag given overrides the preset's value.")
     add_config_args(p, TrainConfig)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint with its settings (starts fresh when there is none yet)")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/log.jsonl)")
 
 
 def run_pretrain(args) -> None:
-    from ...config import given_args
+    from ...config import RUN_SETTINGS, given_args
     from ...pretrain import TrainConfig, config_from_preset
     from ...training import find_checkpoint
 
@@ -87,9 +75,10 @@ def run_pretrain(args) -> None:
     # find_checkpoint: also one a save cut short left as checkpoint.tmp / .old (resuming moves it back).
     checkpoint = find_checkpoint(out)
     saved_settings = checkpoint / "settings.json" if checkpoint is not None else None
-    if args.resume and saved_settings is not None and saved_settings.is_file():
-        # Resume from files alone: the checkpoint's settings, with the flags given now on top.
-        base = json.loads(saved_settings.read_text())
+    if given.get("resume") and saved_settings is not None and saved_settings.is_file():
+        # Resume from files alone: the checkpoint's settings, with the flags given now on top;
+        # how the earlier run went (its threads, its progress bar) is not carried over.
+        base = {k: v for k, v in json.loads(saved_settings.read_text()).items() if k not in RUN_SETTINGS}
         preset = given.pop("preset", base.pop("preset"))
         base.pop("preset", None)
         config = config_from_preset(preset, **{**base, **given})
@@ -98,8 +87,7 @@ def run_pretrain(args) -> None:
         config = config_from_preset(preset, **given)
     from ...pretrain import pretrain
 
-    pretrain(config, log=_log, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
-    print(out)
+    print(pretrain(config, log=_log))
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +122,8 @@ def run_eval(args) -> None:
     from ...device import resolve_device
     from ...errors import ConfigError
     from ...evaluation import compare_models, perplexity
-    from ...lineage import heldout_tokens, same_tokenizer
+    from ...calibration import heldout_tokens
+    from ...lineage import same_tokenizer
     from ..open import open_for_scoring
     from .finetune import eval_finetuned
 
@@ -186,8 +175,11 @@ def run_eval(args) -> None:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.description = "Stream a continuation of a prompt. Temperature 0 is greedy decoding."
-    p.add_argument("--model", required=True, help="model folder")
+    p.description = ("Stream a continuation of a prompt. Temperature 0 is greedy decoding. With several models "
+                     "(--model repeated, or a report folder) each continues the same prompt, one after the other.")
+    p.add_argument("--model", required=True, action="append",
+                   help="model folder; repeat it to compare models on one prompt; a report folder (`compactgpt "
+                        "bench` / `pipeline`) stands for its baseline and headline models")
     p.add_argument("--prompt", default="", help="prompt text (default: start a new document)")
     from ...config import non_negative_float, non_negative_int, positive_int, probability, seed, threads
 
@@ -201,13 +193,44 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="sample from the k most likely tokens (default 50; 0 = off)")
     p.add_argument("--top-p", type=probability, default=0.95,
                    help="nucleus sampling threshold in (0, 1] (default 0.95; 1 = off)")
+    p.add_argument("--repetition-penalty", type=non_negative_float, default=1.0,
+                   help="lower the scores of tokens already in the text, as transformers does: a positive logit "
+                        "divided by it, a negative one multiplied (default 1 = off; above 1 discourages loops)")
     p.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     add_device_arg(p, "a PyTorch or quantized model")
     p.add_argument("--threads", type=threads, help="CPU threads")
 
 
+def generation_models(models: list[str]) -> list[tuple[str, str]]:
+    """(label, folder) of each --model given: a report folder stands for its baseline and headline."""
+    from ..report import headline_folders
+
+    here = Path.cwd()
+    out = []
+    for model in models:
+        if (Path(model) / "report.json").is_file():
+            out += [(name, str(folder.relative_to(here) if folder.is_relative_to(here) else folder))
+                    for name, folder in headline_folders(model).items()]
+        else:
+            out.append((Path(model).name, model))
+    return out
+
+
 def run_generate(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = generation_models(args.model)
+    for i, (label, folder) in enumerate(models):
+        if len(models) > 1:  # a header per model, a blank line between them
+            print(("\n" if i else "") + f"== {label} ({folder})", flush=True)
+        _generate_one(folder, args)
+
+
+def _generate_one(model_folder: str, args) -> None:
+    """Stream one model's continuation of args.prompt to stdout."""
     import torch
 
     from compactgpt.finetune import prompt_for_generation
@@ -215,9 +238,7 @@ def run_generate(args) -> None:
     from ...device import device_of
     from ..open import open_for_streaming
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok, folder = open_for_streaming(args.model, args.threads, args.device)
+    model, tok, folder = open_for_streaming(model_folder, args.threads, args.device)
     # A PyTorch model samples where it runs: the prompt and the sampling generator go there.
     # An ONNX decoder takes CPU ids and samples on the CPU.
     device = device_of(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
@@ -226,8 +247,8 @@ def run_generate(args) -> None:
     ids = tok.encode(text) if text else [tok.eot_id]
     stream = model.stream(
         torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k or None, top_p=args.top_p, generator=torch.Generator(device).manual_seed(args.seed),
-        stop_tokens=() if args.no_stop else (tok.eot_id,),
+        top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        generator=torch.Generator(device).manual_seed(args.seed), stop_tokens=() if args.no_stop else (tok.eot_id,),
     )
     sys.stdout.write(args.prompt if text == args.prompt else "")  # a templated prompt is not echoed
     new: list[int] = []
@@ -250,9 +271,19 @@ def run_generate(args) -> None:
 
 
 def add_info_args(p: argparse.ArgumentParser) -> None:
-    p.description = "Print what an artifact is: stage, settings, parent, metrics, versions."
-    p.add_argument("folder", help="artifact folder")
+    p.description = ("Print what an artifact is: stage, settings, parent, metrics, versions; for a report "
+                     "folder (`compactgpt bench` / `pipeline`), its headline and the models it names.")
+    p.add_argument("folder", help="artifact or report folder")
     p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+
+
+def _print_report_headline(folder: Path) -> None:
+    from ..report import headline_text, load_report
+
+    report = load_report(folder / "report.json")
+    print(f"{folder}: a benchmark report ({folder / 'report.md'})\n  {headline_text(report)}")
+    for name, model in generation_models([str(folder)]):
+        print(f"  {name}: {model}")
 
 
 def run_info(args) -> None:
@@ -260,6 +291,9 @@ def run_info(args) -> None:
     from ...errors import ArtifactError
 
     folder = Path(args.folder)
+    if (folder / "report.json").is_file() and not args.json:
+        _print_report_headline(folder)
+        return
     manifest = read_manifest(folder)
     if manifest is None:
         if (folder / "config.json").is_file():

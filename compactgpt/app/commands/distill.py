@@ -21,8 +21,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _add_stage_args(parser: argparse.ArgumentParser, cls: type, description: str,
-                    progress_help: str = "no progress bars") -> None:
+def _add_stage_args(parser: argparse.ArgumentParser, cls: type, description: str) -> None:
     parser.description = description
     if issubclass(cls, CalibrationConfig):
         # The stage's own flags first, then the calibration settings every calibrated stage shares.
@@ -32,7 +31,6 @@ def _add_stage_args(parser: argparse.ArgumentParser, cls: type, description: str
                         skip=("model", "out"))
     else:
         add_config_args(parser, cls)
-    parser.add_argument("--no-progress", action="store_true", help=progress_help)
 
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +42,14 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         "with `compactgpt distill --student OUT`. " + SHAPE_NOTE))
 
 
-def _run_calibrated(stage, cls: type, args: argparse.Namespace) -> None:
-    # prune and sparsify: build the config from the flags given, run, print the folder written.
-    print(stage(cls(**given_args(args, cls)), log=_log, progress=not args.no_progress))
+def _run_stage(stage, cls: type, args: argparse.Namespace) -> None:
+    # Build the config from the flags given, run, print the folder written.
+    print(stage(cls(**given_args(args, cls)), log=_log))
 
 
 def run_prune(args: argparse.Namespace) -> None:
     """Prune as the flags say; prints the student's folder."""
-    _run_calibrated(prune, PruneConfig, args)
+    _run_stage(prune, PruneConfig, args)
 
 
 def add_sparsify_args(parser: argparse.ArgumentParser) -> None:
@@ -65,23 +63,19 @@ def add_sparsify_args(parser: argparse.ArgumentParser) -> None:
 
 def run_sparsify(args: argparse.Namespace) -> None:
     """Sparsify as the flags say; prints the sparse model's folder."""
-    _run_calibrated(sparsify, SparsifyConfig, args)
+    _run_stage(sparsify, SparsifyConfig, args)
 
 
 def add_distill_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of `compactgpt distill`: one per DistillConfig field, and --resume / --overwrite."""
+    """Flags of `compactgpt distill`: one per DistillConfig field."""
     _add_stage_args(parser, DistillConfig, (
         "Train a student on a frozen teacher's temperature-softened distributions (forward or reverse KL) "
         "mixed with cross-entropy, optionally with a hidden-state loss. The teacher runs next to the student "
         "on the same batches (no stored logits), on the GPU when there is one; launch with torchrun for several "
         "processes. Checkpoints and --resume work as in pretrain. The student's manifest names the teacher, "
-        "the pruning plan, the losses and the tokens spent."),
-        progress_help="no progress bar (logs still go to OUT/log.jsonl)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
-    parser.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
+        "the pruning plan, the losses and the tokens spent."))
 
 
 def run_distill(args: argparse.Namespace) -> None:
     """Distill as the flags say; prints the student's folder."""
-    config = DistillConfig(**given_args(args, DistillConfig))
-    print(distill(config, log=_log, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume))
+    _run_stage(distill, DistillConfig, args)

@@ -34,27 +34,23 @@ _REQUIRED = ("model", "task", "data", "out")
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     """The flags of `compactgpt finetune`: FinetuneConfig's fields (help text from the fields)
-    and the run's own switches."""
+    and --json."""
     p.description = FINETUNE_DESCRIPTION
     for name in _REQUIRED:
         extra = {"choices": sorted(TASKS)} if name == "task" else {}
         p.add_argument(f"--{name}", required=True, help=field_help(FinetuneConfig, name), **extra)
     add_config_args(p, FinetuneConfig, skip=_REQUIRED, show_defaults=True)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint in OUT and start over")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def run_finetune(args: argparse.Namespace) -> None:
     """Run the stage; print the metrics as JSON (--json) or the folder written."""
     config = FinetuneConfig(**given_args(args, FinetuneConfig))
-    err = lambda m: print(m, file=sys.stderr)
-    metrics = finetune(config, log=err, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
+    out = finetune(config, log=lambda m: print(m, file=sys.stderr))
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(read_manifest(out).metrics, indent=2))
     else:
-        print(config.out)
+        print(out)
 
 
 def add_classify_args(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "are skipped; a changed setting reruns that stage and those after it; an interrupted training stage "
         "resumes from its checkpoint. The whole config is validated before any work starts."
     )
-    p.add_argument("--config", help="pipeline JSON file, or a built-in name: default (2 CPU cores, < 45 min) "
-                   "or gpu (GPT-2-124M-shaped teacher on one GPU); default: default")
+    p.add_argument("--config", help="pipeline JSON file, or a built-in name: default (a small teacher on a few CPU "
+                   "cores) or gpu (GPT-2-124M-shaped teacher on one GPU); default: default")
     p.add_argument("--out", required=True, help="folder for every stage's artifact and the report")
     p.add_argument("--plan", action="store_true", help="print which stages would run or be skipped, and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars within stages")

@@ -1,12 +1,10 @@
 """`compactgpt quantize`: post-training quantization of a model folder.
 
-One flag per field of the method configs (a field several methods share is one flag, its
-help naming the methods that take it and their defaults); flags the chosen method does not
-take are refused. The work is `quantize.quantize_folder`.
-
---device is a flag of the verb, not a field of the method configs: those configs are saved in
-the artifact (its manifest and config.json), and where the quantization ran is not a property
-of the artifact, whose format is the same on any device.
+One flag per field of the run's config (`quantize.QuantizeConfig`: the folders, the
+calibration data, the layout, the device and the other run settings) and one per field of the
+method configs (a field several methods share is one flag, its help naming the methods that
+take it and their defaults); flags the chosen method does not take are refused. The method's
+config is what the artifact saves. The work is `quantize.quantize_folder`.
 """
 
 from __future__ import annotations
@@ -59,28 +57,17 @@ def _method_flags() -> type:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    """The flags of `compactgpt quantize`."""
+    """The flags of `compactgpt quantize`: QuantizeConfig's fields, --method (a name of the
+    method registry) and the method configs' fields, help texts from the fields."""
+    from quantize import QuantizeConfig
     from quantize.config import METHODS
 
-    from ...config import add_config_args, threads
-    from ...device import DEVICE_HELP
+    from ...config import add_config_args, field_help
 
     p.description = DESCRIPTION
-    p.add_argument("--model", required=True, help="float model folder to quantize")
-    p.add_argument("--out", required=True, help="quantized artifact folder to write")
-    p.add_argument("--method", required=True, choices=sorted(METHODS), help="quantization method")
-    p.add_argument("--calib-data", help="calibration text (file, folder, glob, JSONL) or prepared data folder "
-                   "(its train split); default: the data folder the model was trained on")
-    p.add_argument("--layout", choices=["gptq", "bnb"], help="storage layout (default: gptq for integer "
-                   "methods, bnb for bitsandbytes methods)")
-    p.add_argument("--eval", action="store_true", help="measure the quantized model's perplexity on the "
-                   "validation split of the data the model was trained on and record it in the manifest")
-    p.add_argument("--device", default="auto", help=f"where to calibrate, quantize and score: {DEVICE_HELP}; "
-                   "bitsandbytes methods use its CUDA kernels on a GPU (default auto)")
-    p.add_argument("--threads", type=threads, help="CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true", help="replace an artifact already in OUT (never the --model folder)")
-    add_config_args(p, _method_flags())
+    add_config_args(p, QuantizeConfig)
+    p.add_argument("--method", required=True, choices=sorted(METHODS), help=field_help(QuantizeConfig, "method"))
+    add_config_args(p.add_argument_group("method settings"), _method_flags())
 
 
 def config_from_args(args: argparse.Namespace):
@@ -103,17 +90,10 @@ def config_from_args(args: argparse.Namespace):
 
 def run_quantize(args: argparse.Namespace) -> None:
     """Quantize the model the flags name; the summary goes to stderr, the folder to stdout."""
-    import torch
+    from quantize import QuantizeConfig, quantize_folder
 
-    from quantize import quantize_folder
+    from ...config import given_args
 
-    from ...device import resolve_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
-    device = resolve_device(args.device)  # a device this machine lacks is refused before any work
-    quantize_folder(args.model, args.out, config, calib_data=args.calib_data, progress=not args.no_progress,
-                    log=lambda line: print(line, file=sys.stderr), layout=args.layout, evaluate=args.eval,
-                    device=device, overwrite=args.overwrite)
-    print(args.out)
+    # Checked on creation, before any work: the folders, the layout, the device.
+    config = QuantizeConfig(**given_args(args, QuantizeConfig, skip=("method",)), method=config_from_args(args))
+    print(quantize_folder(config, log=lambda line: print(line, file=sys.stderr)))

@@ -5,7 +5,13 @@ Targets: `web` (a static page: onnxruntime-web, a JavaScript BPE tokenizer, KV c
 operator list of a reduced build). Application layer: it builds on the export stage.
 """
 
+from compactgpt.artifacts import register_folder_kind
+
 from .bundle import deploy, greedy_reference
 from .config import TARGETS, DeployConfig, DeployError
+
+# A bundle may hold a model.onnx or a config.json of its own layout: its manifest says what it is.
+register_folder_kind("deploy", "a bundle of an ONNX export for one runtime (compactgpt deploy)",
+                     lambda files: files.stage == "deploy", rank=5, marker="deploy manifest")
 
 __all__ = ["TARGETS", "DeployConfig", "DeployError", "deploy", "greedy_reference"]

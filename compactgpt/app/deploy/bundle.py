@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import export  # noqa: F401  (registers the "onnx" folder kind a source must be)
 from compactgpt.artifacts import begin_write, finish_write, folder_kind
 from compactgpt.errors import ArtifactError
 from compactgpt.outputs import claim_output

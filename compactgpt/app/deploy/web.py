@@ -1,6 +1,7 @@
 """Target `web`: a static folder that generates text in the browser.
 
-    index.html, app.js        the page (app.js: loading, KV-cache generation, sampling, streaming)
+    index.html, app.js        the page (app.js: loading, KV-cache generation, streaming)
+    sampler.js                one token from the logits, as compactgpt.sampling picks it (Node runs it alone)
     tokenizer.js              the model's byte-level BPE in JavaScript (token for token as tokenizers)
     ort/                      onnxruntime-web's WASM and WebGPU builds, from npm (no CDN)
     model/                    model.onnx (+ .data), tokenizer.json, config.json, deploy.json
@@ -28,7 +29,7 @@ from .bundle import script_json
 from .config import DeployConfig, DeployError
 from .files import place, tree_bytes
 
-PAGE_FILES = ("index.html", "app.js", "tokenizer.js")
+PAGE_FILES = ("index.html", "app.js", "sampler.js", "tokenizer.js")
 PAGE_SOURCE = Path(__file__).parent / "web"
 DRIVER = Path(__file__).parent / "js" / "drive_page.mjs"
 # onnxruntime-web builds: the ES module and the WASM binary it loads. The page imports one: the
@@ -201,11 +202,12 @@ def write(source: Path, out: Path, config: DeployConfig, log: Callable[[str], No
 
 
 def run_page(folder: str | Path, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
-             threads: int = 2, backend: str = "wasm", no_stop: bool = False, timeout: float = 600) -> dict:
-    """Serve `folder`, open index.html?prompt=...&temperature=... in headless Chromium and return
-    {"title", "output", "state"} once the page is done (state: the page's window.compactgpt, with
-    newIds, prefillMs, stepMs and decodeTokensPerSecond). no_stop: go on past <|endoftext|>. Raises DeployError when the page reports an
-    error, or Chromium or node fails."""
+             repetition_penalty: float = 1.0, threads: int = 2, backend: str = "wasm", no_stop: bool = False,
+             timeout: float = 600) -> dict:
+    """Serve `folder`, open index.html?prompt=...&temperature=...&repetition_penalty=... in headless
+    Chromium and return {"title", "output", "state"} once the page is done (state: the page's
+    window.compactgpt, with newIds, prefillMs, stepMs and decodeTokensPerSecond). no_stop: go on
+    past <|endoftext|>. Raises DeployError when the page reports an error, or Chromium or node fails."""
     from urllib.parse import urlencode
 
     from .serve import start_server, url_of
@@ -216,6 +218,7 @@ def run_page(folder: str | Path, prompt: str, max_new_tokens: int, *, temperatur
     modules = jslibs.ensure_installed()
     server = start_server(folder)
     query = urlencode({"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                       "repetition_penalty": repetition_penalty,
                        "threads": threads, "backend": backend, **({"no_stop": 1} if no_stop else {})})
     try:
         # The driver gives up waiting on the page after `timeout`; a minute more covers Chromium's start.

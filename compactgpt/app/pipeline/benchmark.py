@@ -17,20 +17,19 @@ from .stages import Planning, Stage
 MEASUREMENT = "measurement.json"
 
 
-def _run_measure(config: BenchConfig, source: Path, reference: Path, progress: bool, stage: Stage,
-                 resume: bool) -> None:
-    record = measure(source, config, progress=progress, reference=reference)
+def _run_measure(config: BenchConfig, source: Path, reference: Path, stage: Stage, resume: bool) -> None:
+    record = measure(source, config, reference=reference)
     stage.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stage.folder / MEASUREMENT, relative_folders(record, stage.folder))
 
 
-def _run_report(config: BenchConfig, measured: list[Stage], folders: dict[str, str], baseline: str, stage: Stage,
+def _run_report(config: BenchConfig, measured: list[Stage], folders: dict[str, str], stage: Stage,
                 resume: bool) -> None:
     measurements = {m.name.split("/", 1)[1]: json.loads((m.folder / MEASUREMENT).read_text()) for m in measured}
     # The command line is worth recording only when the pipeline verb started this run.
-    command = " ".join(["compactgpt"] + sys.argv[1:]) if sys.argv[1:2] == ["pipeline"] else None
-    write_bench_report({name: folders[name] for name in measurements}, measurements, config, stage.folder,
-                       baseline=baseline, command=command)
+    command = " ".join(["compactgpt"] + sys.argv[1:]) if sys.argv[1:2] == ["pipeline"] else ""
+    write_bench_report({name: folders[name] for name in measurements}, measurements,
+                       config.replace(command=command), stage.folder)
 
 
 def plan_bench(settings: dict, ctx: Planning) -> Stage:
@@ -42,7 +41,8 @@ def plan_bench(settings: dict, ctx: Planning) -> Stage:
     if not targets:
         raise ConfigError("bench: no models to benchmark; list them in bench.models or export some to ONNX")
     baseline = settings.pop("baseline", None) or targets[0]
-    config = BenchConfig.from_dict(settings, "bench", data=str(ctx.data_dir))
+    config = BenchConfig.from_dict(settings, "bench", data=str(ctx.data_dir), baseline=baseline,
+                                   progress=ctx.progress)
     sources = [ctx.model(target, "bench") for target in targets]
     if baseline not in targets:
         raise ConfigError(f"bench: baseline {baseline!r} is not among the benchmarked models {targets}")
@@ -51,8 +51,7 @@ def plan_bench(settings: dict, ctx: Planning) -> Stage:
     for target, src in zip(targets, sources):
         parents = [src.name] + ([reference.name] if reference.name != src.name else [])
         measured.append(ctx.add(Stage(f"bench/{target}", "measure", ctx.out / "bench" / target, config.to_dict(),
-                                      parents, partial(_run_measure, config, src.folder, reference.folder,
-                                                       ctx.progress))))
+                                      parents, partial(_run_measure, config, src.folder, reference.folder))))
     folders = {target: str(src.folder) for target, src in zip(targets, sources)}
     return ctx.add(Stage("report", "report", ctx.out / "report", {"baseline": baseline, "models": targets},
-                         [m.name for m in measured], partial(_run_report, config, measured, folders, baseline)))
+                         [m.name for m in measured], partial(_run_report, config, measured, folders)))

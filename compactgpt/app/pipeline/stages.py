@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...artifacts import folder_hash, read_manifest, verify_files
+from ...config import StageConfig
 from ...errors import ArtifactError, ConfigError
 from ...io import sha256_file
 
@@ -39,6 +40,13 @@ class Stage:
     trains: bool = False  # keeps a checkpoint that a rerun with the same fingerprint continues
     fingerprint: str = ""
     model: str | None = None  # the model name this stage's artifact is known by in quantize/export/bench
+
+
+def fingerprint_settings(config: StageConfig, formerly_saved: tuple[str, ...] = ()) -> dict:
+    """The settings a stage's fingerprint hashes: config.fingerprint_dict(), with the run
+    settings named in `formerly_saved` put back. Those were saved settings when earlier run
+    folders were fingerprinted; keeping them keeps those folders up to date."""
+    return {**config.fingerprint_dict(), **{name: getattr(config, name) for name in formerly_saved}}
 
 
 def fingerprint(kind: str, settings: dict, parent_prints: list[str]) -> str:

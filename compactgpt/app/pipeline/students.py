@@ -9,20 +9,23 @@ from pathlib import Path
 from typing import Callable
 
 from distill import DistillConfig, PruneConfig, distill, prune
+from distill.distill import parse_student_shape, training_window
 
+from ...artifacts import read_config, resolve_model_path
 from ...errors import ConfigError
-from .stages import Planning, Stage
+from ...pretrain import ADOPT_STAGE
+from .stages import Planning, Stage, fingerprint_settings
 
 STUDENT_KEYS = ("name", "prune", "distill")
 
 
-def _run_prune(config: PruneConfig, log: Callable[[str], None], progress: bool, stage: Stage, resume: bool) -> None:
-    prune(config, log=log, progress=progress)
+def _run_prune(config: PruneConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
+    prune(config, log=log)
 
 
-def _run_distill(config: DistillConfig, log: Callable[[str], None], progress: bool, stage: Stage,
-                 resume: bool) -> None:
-    distill(config, log=log, progress=progress, resume=resume, overwrite=not resume)
+def _run_distill(config: DistillConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
+    # Not resumed: start over (the folder holds no finished artifact).
+    distill(config.replace(resume=resume, overwrite=not resume), log=log)
 
 
 def _split_spec(spec: dict) -> tuple[str, dict | None, dict]:
@@ -47,10 +50,9 @@ def plan_student(spec: dict, ctx: Planning) -> Stage:
     folder = ctx.out / "students" / name
     if prune_settings is not None:
         p_cfg = PruneConfig.from_dict(prune_settings, f"student {name} prune", model=str(teacher.folder),
-                             out=str(folder / "pruned"), data=str(ctx.data_dir))
-        p_cfg.validate()
-        ctx.add(Stage(f"{name}/prune", "prune", Path(p_cfg.out), p_cfg.to_dict(), [teacher.name],
-                      partial(_run_prune, p_cfg, ctx.log, ctx.progress)))
+                                      out=str(folder / "pruned"), data=str(ctx.data_dir), progress=ctx.progress)
+        ctx.add(Stage(f"{name}/prune", "prune", Path(p_cfg.out), p_cfg.fingerprint_dict(), [teacher.name],
+                      partial(_run_prune, p_cfg, ctx.log)))
         parents = [teacher.name, f"{name}/prune"]
         student_src = p_cfg.out
     else:
@@ -59,14 +61,41 @@ def plan_student(spec: dict, ctx: Planning) -> Stage:
                               "n_layer=2,n_embd=128,n_head=2)")
         student_src = d.pop("student")
         parents = [teacher.name]
-    d_cfg = DistillConfig.from_dict(d, f"student {name} distill", teacher=str(teacher.folder),
-                         student=student_src, out=str(folder / "distilled"), data=str(ctx.data_dir))
-    d_cfg.validate()
-    settings = d_cfg.to_dict()
+    d_cfg = DistillConfig.from_dict(d, f"student {name} distill", teacher=str(teacher.folder), student=student_src,
+                                    out=str(folder / "distilled"), data=str(ctx.data_dir), progress=ctx.progress)
+    settings = fingerprint_settings(d_cfg, ("device",))  # saved before it became a run setting
+    settings["block_size"] = _planned_window(d_cfg.block_size, ctx, None if prune_settings else student_src)
     if prune_settings is None:
         settings["student_shape"] = student_src  # a shape is a setting, not a folder
     return ctx.add(Stage(f"{name}/distill", "distill", Path(d_cfg.out), settings, parents,
-                         partial(_run_distill, d_cfg, ctx.log, ctx.progress), trains=True, model=name))
+                         partial(_run_distill, d_cfg, ctx.log), trains=True, model=name))
+
+
+def _planned_window(block_size: int, ctx: Planning, shape: str | None) -> int:
+    """The training window distill will use (distill's training_window), as far as the plan
+    knows both models: a window that follows the models (0) is fingerprinted as the size it
+    resolves to, so a run made when the default was a fixed size stays up to date."""
+    if block_size:
+        return block_size
+    teacher = _teacher_positions(ctx)
+    if teacher is None:
+        return 0
+    student = parse_student_shape(shape).get("n_positions", teacher) if shape else teacher  # pruning keeps it
+    return training_window(0, teacher, student)
+
+
+def _teacher_positions(ctx: Planning) -> int | None:
+    """The teacher's n_positions: from the pretraining settings (a finetuned teacher keeps
+    them) or an existing model's config.json; None where the plan cannot tell."""
+    stages = {s.name: s for s in ctx.stages}
+    stage = ctx.teacher
+    while stage is not None:
+        if "n_positions" in stage.settings:
+            return int(stage.settings["n_positions"])
+        if stage.kind == ADOPT_STAGE:
+            return read_config(resolve_model_path(stage.settings["model"])).n_positions
+        stage = stages.get(stage.parents[0]) if stage.parents else None
+    return None
 
 
 def plan_students(specs: list[dict], ctx: Planning) -> None:

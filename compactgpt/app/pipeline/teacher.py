@@ -14,28 +14,30 @@ from ...data import DataConfig, prepare_data
 from ...errors import ConfigError
 from ...finetune import FinetuneConfig, finetune
 from ...io import sha256_file
-from ...pretrain import ADOPT_STAGE, TrainConfig, adopt_teacher, config_from_preset, pretrain
-from ...tokenizer import Tokenizer
-from .stages import Planning, Stage
+from ...pretrain import ADOPT_STAGE, AdoptConfig, TrainConfig, adopt_teacher, config_from_preset, pretrain
+from .stages import Planning, Stage, fingerprint_settings
+
+# The training stages saved their device before it became a run setting.
+FORMERLY_SAVED = ("device",)
 
 
 def _run_corpus(config: DataConfig, tokenizer_from: str | None, log: Callable[[str], None], stage: Stage,
                 resume: bool) -> None:
-    tokenizer = Tokenizer.from_folder(resolve_model_path(tokenizer_from)) if tokenizer_from else None
-    prepare_data(config, stage.folder, tokenizer=tokenizer, log=log)
+    tokenizer = str(resolve_model_path(tokenizer_from)) if tokenizer_from else None
+    prepare_data(config.replace(out=str(stage.folder), tokenizer=tokenizer), log=log)
 
 
-def _run_adopt(source: str, data: str, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
-    adopt_teacher(source, stage.folder, data, log=log)
+def _run_adopt(config: AdoptConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
+    adopt_teacher(config, log=log)
 
 
-def _run_pretrain(config: TrainConfig, log: Callable[[str], None], progress: bool, stage: Stage, resume: bool) -> None:
-    pretrain(config, log=log, progress=progress, resume=resume, overwrite=not resume)
+# A training stage that is not resumed starts over: its folder holds no finished artifact.
+def _run_pretrain(config: TrainConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
+    pretrain(config.replace(resume=resume, overwrite=not resume), log=log)
 
 
-def _run_finetune(config: FinetuneConfig, log: Callable[[str], None], progress: bool, stage: Stage,
-                  resume: bool) -> None:
-    finetune(config, log=log, progress=progress, resume=resume, overwrite=not resume)
+def _run_finetune(config: FinetuneConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
+    finetune(config.replace(resume=resume, overwrite=not resume), log=log)
 
 
 def existing_teacher(settings: dict) -> str | None:
@@ -69,17 +71,20 @@ def plan_teacher(settings: dict, ctx: Planning) -> Stage:
     if source is not None:
         folder = resolve_model_path(source)  # a missing folder fails here, before any work
         record = {"model": source, "source_sha256": folder_hash(folder)}
+        config = AdoptConfig(model=source, data=str(ctx.data_dir), out=str(ctx.out / "teacher"), progress=ctx.progress)
         ctx.teacher = ctx.add(Stage("teacher", ADOPT_STAGE, ctx.out / "teacher", record, ["corpus"],
-                                    partial(_run_adopt, source, str(ctx.data_dir), ctx.log), model="teacher"))
+                                    partial(_run_adopt, config, ctx.log), model="teacher"))
         return ctx.teacher
     overrides = dict(settings)
     preset = overrides.pop("preset", "small")
     for k in ("data", "out"):
         if k in overrides:
             raise ConfigError(f"teacher: '{k}' is set by the pipeline (corpus folder, OUT/teacher); remove it")
-    config = config_from_preset(preset, data=str(ctx.data_dir), out=str(ctx.out / "teacher"), **overrides)
-    ctx.teacher = ctx.add(Stage("teacher", "pretrain", ctx.out / "teacher", config.to_dict(), ["corpus"],
-                                partial(_run_pretrain, config, ctx.log, ctx.progress), trains=True, model="teacher"))
+    config = config_from_preset(preset, data=str(ctx.data_dir), out=str(ctx.out / "teacher"),
+                                progress=ctx.progress, **overrides)
+    settings = fingerprint_settings(config, FORMERLY_SAVED)
+    ctx.teacher = ctx.add(Stage("teacher", "pretrain", ctx.out / "teacher", settings, ["corpus"],
+                                partial(_run_pretrain, config, ctx.log), trains=True, model="teacher"))
     return ctx.teacher
 
 
@@ -88,10 +93,10 @@ def plan_finetune(settings: dict, ctx: Planning) -> Stage:
     so students, variants and bench rows named 'teacher' use the finetuned model."""
     pretrained = ctx.teacher
     config = FinetuneConfig.from_dict(dict(settings), "finetune", model=str(pretrained.folder),
-                          out=str(ctx.out / "teacher-ft"))
-    config.resolve()
+                                      out=str(ctx.out / "teacher-ft"), progress=ctx.progress)
     ctx.models.pop("teacher")
     pretrained.model = None
-    ctx.teacher = ctx.add(Stage("teacher-ft", "finetune", ctx.out / "teacher-ft", config.to_dict(), ["teacher"],
-                                partial(_run_finetune, config, ctx.log, ctx.progress), trains=True, model="teacher"))
+    settings = fingerprint_settings(config, FORMERLY_SAVED)
+    ctx.teacher = ctx.add(Stage("teacher-ft", "finetune", ctx.out / "teacher-ft", settings, ["teacher"],
+                                partial(_run_finetune, config, ctx.log), trains=True, model="teacher"))
     return ctx.teacher

@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Callable
 
 from export import ExportConfig, export_onnx
-from quantize import QuantConfig, config_for, quantize_folder
+from quantize import QuantizeConfig, config_for, quantize_folder
 
 from ...errors import ConfigError
-from .stages import Planning, Stage
+from .stages import Planning, Stage, fingerprint_settings
 
 
-def _run_quantize(config: QuantConfig, source: Path, calib_data: str | None, log: Callable[[str], None],
-                  progress: bool, stage: Stage, resume: bool) -> None:
+def _run_quantize(config: QuantizeConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
     # quantize_folder loads the artifact back before returning: a stage counts as done only
     # when its artifact loads.
-    quantize_folder(source, stage.folder, config, calib_data=calib_data, progress=progress, log=log)
+    quantize_folder(config, log=log)
 
 
 def _run_export(config: ExportConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
@@ -41,10 +40,10 @@ def plan_quantize(spec: dict, ctx: Planning) -> list[Stage]:
     for target in targets:
         src = ctx.model(target, f"quantize {qname}", known="known so far")
         name = f"{target}-{qname}"
-        stages.append(ctx.add(Stage(name, "quantize", ctx.out / "quantized" / name,
-                                    {**config.fingerprint_dict(), "calib_data": calib}, [src.name],
-                                    partial(_run_quantize, config, src.folder, calib, ctx.log, ctx.progress),
-                                    model=name)))
+        run = QuantizeConfig(model=str(src.folder), out=str(ctx.out / "quantized" / name), method=config,
+                             calib_data=calib, progress=ctx.progress)
+        stages.append(ctx.add(Stage(name, "quantize", Path(run.out), {**config.fingerprint_dict(), "calib_data": calib},
+                                    [src.name], partial(_run_quantize, run, ctx.log), model=name)))
     return stages
 
 
@@ -58,6 +57,7 @@ def plan_exports(settings: dict, ctx: Planning) -> list[Stage]:
     for target in targets:
         src = ctx.model(target, "export")
         config = dataclasses.replace(base, model=str(src.folder), out=str(ctx.out / "onnx" / target))
-        stages.append(ctx.add(Stage(f"{target}-onnx", "export", Path(config.out), config.fingerprint_dict(), [src.name],
+        settings = fingerprint_settings(config, ("threads",))  # saved before it became a run setting
+        stages.append(ctx.add(Stage(f"{target}-onnx", "export", Path(config.out), settings, [src.name],
                                     partial(_run_export, config, ctx.log), model=f"{target}-onnx")))
     return stages

@@ -8,6 +8,7 @@
 // Scripts read the outcome from the page: #output (the continuation), document.title ("done" or
 // "error: ..."), and window.compactgpt (token ids, prefill time, decode tokens/s, backend).
 
+import { penalizeRepeats, mulberry32, pickToken } from "./sampler.js";
 import { BPETokenizer } from "./tokenizer.js";
 
 const $ = (id) => document.getElementById(id);
@@ -83,43 +84,6 @@ function lastLogits(tensor, nTokens) {
   return row instanceof Uint16Array ? Float32Array.from(row, halfToFloat) : Float32Array.from(row);
 }
 
-function argmax(x) {
-  let best = 0;
-  for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;  // first maximum, as torch.argmax
-  return best;
-}
-
-function mulberry32(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-// Temperature, then top-k, then nucleus (top-p) filtering, then one draw: the order of
-// compactgpt.model.sample_next. Temperature 0 is greedy.
-function pickToken(logits, { temperature, topK, topP }, random) {
-  if (temperature === 0) return argmax(logits);
-  let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
-  if (topK > 0) order = order.slice(0, topK);
-  const top = logits[order[0]];
-  let probs = order.map((i) => Math.exp((logits[i] - top) / temperature));
-  let sum = probs.reduce((a, b) => a + b, 0);
-  if (topP < 1) {
-    let cum = 0, keep = 0;
-    while (keep < probs.length && cum < topP) cum += probs[keep++] / sum;  // keeps the token crossing top-p
-    order = order.slice(0, keep);
-    probs = probs.slice(0, keep);
-    sum = probs.reduce((a, b) => a + b, 0);
-  }
-  let r = random() * sum;
-  for (let k = 0; k < order.length; k++) if ((r -= probs[k]) <= 0) return order[k];
-  return order[order.length - 1];
-}
-
 // -- generation ------------------------------------------------------------------------------
 
 function int64Tensor(ort, values, dims) {
@@ -135,6 +99,7 @@ async function* generate(model, promptIds, options, shouldStop) {
   let past = Object.fromEntries(info.past_names.map((n) => [n, emptyPast()]));
   let ids = promptIds, cached = 0;
   const random = mulberry32(options.seed);
+  const seen = new Set(promptIds);  // every token id in the text so far, for the repetition penalty
   for (let step = 0; step < options.maxNew && !shouldStop(); step++) {
     const T = ids.length;
     const feeds = {
@@ -144,7 +109,9 @@ async function* generate(model, promptIds, options, shouldStop) {
       ...past,
     };
     const out = await session.run(feeds);
-    const token = pickToken(lastLogits(out[info.logits], info.n_tokens), options, random);
+    const logits = penalizeRepeats(lastLogits(out[info.logits], info.n_tokens), seen, options.repetitionPenalty);
+    const token = pickToken(logits, options, random);
+    seen.add(token);
     for (const tensor of Object.values(past)) tensor.dispose?.();  // GPU buffers are freed by hand
     past = Object.fromEntries(info.past_names.map((n, i) => [n, out[info.present_names[i]]]));
     if (token === info.eot_id && !options.noStop) break;
@@ -211,12 +178,17 @@ function settingsFrom(source) {
   };
   const maxNew = number("max_new_tokens", 64);
   if (!Number.isInteger(maxNew) || maxNew < 1) throw new Error(`max_new_tokens=${maxNew}: give a whole number, 1 or more`);
+  const repetitionPenalty = number("repetition_penalty", 1);
+  if (repetitionPenalty <= 0) {
+    throw new Error(`repetition_penalty=${repetitionPenalty}: give a number above 0 (1 = off)`);
+  }
   return {
     prompt: source("prompt") ?? "",
     maxNew,
     temperature: number("temperature", 0.8),
     topK: number("top_k", 50),
     topP: number("top_p", 0.95),
+    repetitionPenalty,
     seed: number("seed", 0),
     noStop: params.get("no_stop") === "1",  // go on past <|endoftext|> (benchmarks), as generate --no-stop
   };
@@ -229,7 +201,7 @@ async function main() {
   $("model").textContent = `${info.description} · ${model.backend}` +
     (model.backend === "wasm" ? ` · ${model.threads} thread${model.threads > 1 ? "s" : ""}` : "") +
     ` · loaded in ${(model.loadMs / 1000).toFixed(1)} s`;
-  for (const name of ["max_new_tokens", "temperature", "top_k", "top_p", "seed"]) {
+  for (const name of ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"]) {
     if (params.has(name)) $(name).value = params.get(name);
   }
   $("prompt").value = params.has("prompt") ? params.get("prompt") : info.default_prompt;

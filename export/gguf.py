@@ -1,0 +1,265 @@
+"""GGUF files for llama.cpp: a GPT's weights and tokenizer in llama.cpp's `gpt2` architecture.
+
+A float model is written as F32, F16 or Q8_0 (rounded here by the `gguf` package's own
+quantizer). A quantized artifact is written code for code: the grids line up, so no weight is
+rounded again --
+
+    symmetric int4, zero point 8      -> Q4_0   d * (q - 8)       per 32 weights, fp16 d
+    asymmetric int4                    -> Q4_1   d * q + m         per 32 weights, fp16 d and m
+    symmetric int8, zero point 128     -> Q8_0   d * (q - 128)     per 32 weights, fp16 d
+
+for groups that are whole multiples of 32 columns (a group of 128 is four blocks with the same
+scale). The block scale is stored in fp16: a scale that fp16 does not hold exactly moves the
+weights it scales, and `write_gguf` returns the largest such change so the caller can record
+it. What GGUF cannot hold code for code (activation order, groups that are not multiples of
+32, int8 activations) is refused with the format that works instead.
+
+llama.cpp reads GPT-2 from these tensor names: token_embd, position_embd, output_norm, output
+(absent when the head is tied to the embedding), blk.N.{attn_norm, attn_qkv, attn_output,
+ffn_norm, ffn_up, ffn_down}. ggml lists dimensions innermost first, so a torch (out, in)
+matrix is stored as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compactgpt.errors import ConfigError
+from compactgpt.model import GPT
+from compactgpt.tokenizer import Tokenizer
+
+GGUF_FILE = "model.gguf"
+BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
+FLOAT_TYPES = ("F32", "F16", "Q8_0")  # what a float model may be written as
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor as it goes into the file: its bytes (packed blocks for quantized types) and
+    the shape of the values it holds."""
+
+    name: str
+    data: np.ndarray
+    shape: tuple[int, ...]  # torch order: (rows, columns)
+    ggml_type: str  # F32, F16, Q4_0, Q4_1, Q8_0
+
+
+# ---------------------------------------------------------------------------------------
+# Integer codes -> llama.cpp blocks (pure functions over one QuantizedWeight)
+
+
+def _block_scales(qw) -> torch.Tensor:
+    """The fp16 scale of every 32-column block, (out, in / 32): each group's scale repeated
+    over the blocks the group spans."""
+    return qw.scales.to(torch.float16).repeat_interleave(qw.group_size // BLOCK, dim=1)
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 (out, in) codes < 16 -> (out, in / 32, 16) bytes in llama.cpp's order: byte j of a
+    block holds element j in its low nibble and element j + 16 in its high nibble."""
+    blocks = codes.reshape(codes.shape[0], -1, BLOCK)
+    return blocks[..., :16] | (blocks[..., 16:] << 4)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's last dimension viewed as its raw little-endian bytes."""
+    return t.contiguous().view(torch.uint8).reshape(*t.shape[:-1], t.shape[-1] * t.element_size())
+
+
+def q4_0_blocks(qw) -> torch.Tensor:
+    """Symmetric int4 codes (zero point 8) as Q4_0 blocks: (out, in / 32 * 18) bytes."""
+    d = _block_scales(qw).unsqueeze(-1)  # (out, blocks, 1)
+    packed = torch.cat([_as_bytes(d), _nibbles(qw.codes)], dim=-1)
+    return packed.reshape(qw.out_features, -1)
+
+
+def q4_1_blocks(qw) -> torch.Tensor:
+    """Asymmetric int4 codes as Q4_1 blocks (d * q + m, m = -d * zero): (out, in / 32 * 20) bytes."""
+    d = _block_scales(qw)
+    zeros = qw.zeros.repeat_interleave(qw.group_size // BLOCK, dim=1)
+    m = (-(d.float() * zeros.float())).to(torch.float16)
+    packed = torch.cat([_as_bytes(d.unsqueeze(-1)), _as_bytes(m.unsqueeze(-1)), _nibbles(qw.codes)], dim=-1)
+    return packed.reshape(qw.out_features, -1)
+
+
+def q8_0_blocks(qw) -> torch.Tensor:
+    """Symmetric int8 codes (zero point 128) as Q8_0 blocks: (out, in / 32 * 34) bytes."""
+    d = _block_scales(qw).unsqueeze(-1)
+    signed = (qw.codes.to(torch.int16) - 128).to(torch.int8).reshape(qw.out_features, -1, BLOCK)
+    packed = torch.cat([_as_bytes(d), signed.view(torch.uint8)], dim=-1)
+    return packed.reshape(qw.out_features, -1)
+
+
+def block_type(qw, name: str) -> str:
+    """The GGUF type that holds `qw` code for code; ConfigError naming the nearest format that
+    works when there is none."""
+    if qw.g_idx is not None:
+        raise ConfigError(f"{name}: activation-order groups (g_idx) have no GGUF equivalent; quantize "
+                          "without --act-order to export GGUF, or export ONNX")
+    if qw.group_size % BLOCK:
+        raise ConfigError(f"{name}: group size {qw.group_size} is not a multiple of {BLOCK}, the GGUF block; "
+                          "quantize with --group-size 32, 64 or 128 (or 0, per channel) to export GGUF")
+    zeros = torch.unique(qw.zeros)
+    if qw.bits == 8:
+        if zeros.tolist() != [128]:
+            raise ConfigError(f"{name}: asymmetric int8 has no GGUF equivalent (Q8_0 is symmetric); quantize "
+                              "with --symmetric to export GGUF")
+        return "Q8_0"
+    return "Q4_0" if zeros.tolist() == [8] else "Q4_1"
+
+
+BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks}
+
+
+def gguf_dequantized(qw) -> torch.Tensor:
+    """The float32 weights the GGUF blocks of `qw` decode to: the artifact's own weights with
+    each scale (and Q4_1 min) rounded to fp16, as llama.cpp computes them."""
+    d = qw.scales.to(torch.float16).float()[:, qw.group_index()]
+    zeros = qw.zeros.float()[:, qw.group_index()]
+    if block_type(qw, "weight") == "Q4_1":
+        m = (-(d * zeros)).to(torch.float16).float()
+        return d * qw.codes.float() + m
+    return d * (qw.codes.float() - zeros)
+
+
+# ---------------------------------------------------------------------------------------
+# A model -> named tensors
+
+
+def _float_tensor(name: str, t: torch.Tensor, ggml_type: str) -> GGUFTensor:
+    """A float tensor as F32 / F16, or rounded to Q8_0 by the gguf package's quantizer."""
+    values = t.detach().float().cpu().numpy()
+    if ggml_type == "F16":
+        return GGUFTensor(name, values.astype(np.float16), tuple(values.shape), "F16")
+    if ggml_type == "Q8_0" and values.ndim == 2 and values.shape[1] % BLOCK == 0:
+        from gguf import GGMLQuantizationType, quants
+
+        return GGUFTensor(name, quants.quantize(values, GGMLQuantizationType.Q8_0), tuple(values.shape), "Q8_0")
+    return GGUFTensor(name, values, tuple(values.shape), "F32")
+
+
+def _matrix(name: str, module, float_type: str, rows: int | None = None) -> GGUFTensor:
+    """A projection or embedding matrix: its codes as blocks when quantized, else a float tensor;
+    `rows` keeps only the first rows (the tokenizer's vocabulary of a padded embedding)."""
+    qw = getattr(module, "qweight", None)
+    if qw is None:
+        return _float_tensor(name, module.weight[:rows], float_type)
+    if getattr(module, "act_bits", None) is not None:
+        raise ConfigError(f"{name}: int8 activations (SmoothQuant) have no GGUF equivalent; export the weights "
+                          "with --method rtn or gptq --bits 8 to export GGUF, or export ONNX")
+    ggml_type = block_type(qw, name)
+    blocks = BLOCK_WRITERS[ggml_type](qw)[:rows]
+    return GGUFTensor(name, blocks.numpy(), (blocks.shape[0], qw.in_features), ggml_type)
+
+
+def _vector(name: str, t: torch.Tensor) -> GGUFTensor:
+    """LayerNorm gains and biases stay float32, as llama.cpp's converter keeps them."""
+    values = t.detach().float().cpu().numpy()
+    return GGUFTensor(name, values, tuple(values.shape), "F32")
+
+
+def _projection(name: str, linear, float_type: str) -> list[GGUFTensor]:
+    """A projection's weight and float32 bias."""
+    return [_matrix(f"{name}.weight", linear, float_type), _vector(f"{name}.bias", linear.bias)]
+
+
+def gguf_tensors(model: GPT, n_vocab: int, float_type: str = "F32") -> list[GGUFTensor]:
+    """Every tensor of `model` under llama.cpp's GPT-2 names. The embedding keeps its first
+    `n_vocab` rows: llama.cpp sizes the vocabulary from the tokenizer, and the rows past it
+    (vocabulary padding) are never predicted. Position table and norms stay float32."""
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(f"GGUF type {float_type!r} is not one of {FLOAT_TYPES}")
+    t = model.transformer
+    out = [_matrix("token_embd.weight", t.wte, float_type, rows=n_vocab),
+           _float_tensor("position_embd.weight", t.wpe.weight, "F32")]
+    for i, block in enumerate(t.h):
+        p = f"blk.{i}"
+        out += [_vector(f"{p}.attn_norm.weight", block.ln_1.weight), _vector(f"{p}.attn_norm.bias", block.ln_1.bias),
+                *_projection(f"{p}.attn_qkv", block.attn.c_attn, float_type),
+                *_projection(f"{p}.attn_output", block.attn.c_proj, float_type),
+                _vector(f"{p}.ffn_norm.weight", block.ln_2.weight), _vector(f"{p}.ffn_norm.bias", block.ln_2.bias),
+                *_projection(f"{p}.ffn_up", block.mlp.c_fc, float_type),
+                *_projection(f"{p}.ffn_down", block.mlp.c_proj, float_type)]
+    out += [_vector("output_norm.weight", t.ln_f.weight), _vector("output_norm.bias", t.ln_f.bias)]
+    # No `output` tensor: the head is tied to the embedding (one copy, quantized or not), which
+    # llama.cpp reads as the head when `output` is absent.
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The file
+
+
+def tokenizer_metadata(writer, tokenizer: Tokenizer) -> None:
+    """GPT-2 byte-level BPE as llama.cpp reads it: every token string by id, the merges in rank
+    order, the `gpt-2` pre-tokenizer and <|endoftext|> as begin, end and unknown token."""
+    import json
+
+    from gguf import TokenType
+
+    spec = json.loads(tokenizer.to_json())
+    vocab = {token: i for token, i in spec["model"]["vocab"].items()}
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [""] * tokenizer.vocab_size
+    for token, i in vocab.items():
+        tokens[i] = token
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if i in special else TokenType.NORMAL for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.eot_id)
+    writer.add_eos_token_id(tokenizer.eot_id)
+    writer.add_unk_token_id(tokenizer.eot_id)
+    writer.add_add_bos_token(False)
+
+
+def write_gguf(path: str | Path, model: GPT, tokenizer: Tokenizer, float_type: str = "F32",
+               name: str = "compactgpt") -> list[GGUFTensor]:
+    """Write `model` (float or quantized) and its tokenizer to one GGUF file at `path`; returns
+    the tensors written. ConfigError for what llama.cpp's GPT-2 cannot compute as CompactGPT does
+    (the exact-erf GELU) and for weights GGUF cannot hold code for code."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    c = model.config
+    if c.activation_function != "gelu_new":
+        raise ConfigError(f"llama.cpp's GPT-2 computes the tanh GELU; this model uses {c.activation_function!r}: "
+                          "export it to ONNX instead")
+    tensors = gguf_tensors(model, tokenizer.vocab_size, float_type)
+    writer = GGUFWriter(str(path), "gpt2")
+    writer.add_name(name)
+    writer.add_context_length(c.n_positions)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_feed_forward_length(c.n_inner)
+    writer.add_block_count(c.n_layer)
+    writer.add_head_count(c.n_head)
+    writer.add_layer_norm_eps(c.layer_norm_epsilon)
+    tokenizer_metadata(writer, tokenizer)
+    for t in tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape,
+                          raw_dtype=GGMLQuantizationType[t.ggml_type])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+def read_gguf_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file dequantized to float32 by the gguf package's own
+    dequantizers, in torch order (rows, columns): what llama.cpp computes with."""
+    from gguf import GGUFReader, quants
+
+    reader = GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        values = quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = np.asarray(values, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+    return out
