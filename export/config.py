@@ -10,12 +10,14 @@ from compactgpt.errors import ConfigError
 from .errors import ExportError, ParityError
 from .spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-__all__ = ["DTYPES", "EXTERNAL_DATA", "INT8_KERNELS", "KV_CACHES", "EXTERNAL_DATA_AUTO_BYTES", "ExportConfig", "ExportError", "ParityError"]
+__all__ = ["DTYPES", "EXTERNAL_DATA", "FORMATS", "GGUF_TYPES", "INT8_KERNELS", "KV_CACHES", "EXTERNAL_DATA_AUTO_BYTES", "ExportConfig", "ExportError", "ParityError"]
 
 DTYPES = ("fp32", "fp16")
 EXTERNAL_DATA = ("auto", "always", "never")
 INT8_KERNELS = ("matmulnbits", "dynamic")
 KV_CACHES = ("copy", "shared")
+FORMATS = ("onnx", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0")
 # Protobuf refuses messages over 2 GiB; "auto" moves weights to model.onnx.data well before that.
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30
 
@@ -26,7 +28,8 @@ class ExportConfig(StageConfig):
 
     model: str = option("", "artifact folder to export: a float model, or a quantized one (its int8/int4 "
                         "weights are exported as they are)")
-    out: str = option("", "folder to write (model.onnx, config.json, tokenizer, genai_config.json, manifest.json)")
+    out: str = option("", "folder to write (model.onnx, config.json, tokenizer, genai_config.json, manifest.json; "
+                      "with --format gguf: model.gguf, config.json, tokenizer, manifest.json)")
     dtype: str = option("fp32", "fp32 (default) or fp16 (half the size; meant for the CUDA provider)")
     optimize: bool = option(True, "fused ONNX Runtime ops (SkipLayerNormalization, FastGelu, MultiHeadAttention; "
                             "default). --no-optimize writes standard ONNX ops only, for other runtimes")
@@ -46,6 +49,11 @@ class ExportConfig(StageConfig):
                            "each step, any batch "
                            "padding) or shared (GroupQueryAttention writes into one preallocated buffer bound as past "
                            "and present: decode step time stays flat as the text grows; rows may not be left-padded)")
+    format: str = option("onnx", added=True, help="onnx (default: model.onnx for ONNX Runtime) or gguf (model.gguf "
+                         "for llama.cpp: a quantized artifact's int4/int8 codes written as they are, Q4_0 / Q4_1 / "
+                         "Q8_0; the tokenizer inside)")
+    gguf_type: str = option("f32", added=True, help="--format gguf of a float model: f32 (default), f16 or q8_0 "
+                            "(rounded by llama.cpp's own grid); a quantized artifact keeps its codes")
     ort_int8: bool = option(False, "baseline: quantize the float export with ONNX Runtime's dynamic int8 "
                             "(MatMulInteger)")
     external_data: str = option("auto", "weights in model.onnx.data: auto (over 1 GiB; default), always, never")
@@ -61,6 +69,12 @@ class ExportConfig(StageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad setting and the fix."""
+        if self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r} is not supported; use one of {FORMATS}")
+        if self.gguf_type not in GGUF_TYPES:
+            raise ConfigError(f"gguf_type {self.gguf_type!r} is not supported; use one of {GGUF_TYPES}")
+        if self.format == "gguf" and (self.ort_int8 or self.ort_format):
+            raise ConfigError("--ort-int8 and --ort-format make ONNX Runtime files; drop them for --format gguf")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
         if self.opset < MIN_OPSET:

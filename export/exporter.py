@@ -18,49 +18,22 @@ from typing import Callable
 
 import numpy as np
 
-from compactgpt.artifacts import begin_write, finish_write, folder_kind, implied_parameters, load_model
+from compactgpt.artifacts import begin_write, finish_write, implied_parameters
 from compactgpt.device import cpu_threads
-from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.errors import ConfigError
 from compactgpt.io import atomic_write_json
 from compactgpt.outputs import claim_output
 
 from .config import EXTERNAL_DATA_AUTO_BYTES, ExportConfig
 from .errors import ExportError
 from .genai import convert_to_ort, genai_config
+from .source import TOKENIZER_FILES, load_source
 from .spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE, DecoderSpec
 from .verify import N_POSITIONS_KEY
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # fp16 exports are compared with the float PyTorch model: half precision rounds each
 # activation to ~3 significant digits, so their bound is relative, like a quantized export's.
 FP16_RTOL = 0.02
-
-
-def load_source(folder: Path):
-    """(model, tokenizer, quantized?) of an artifact folder; typed errors for anything else.
-
-    Raises ArtifactError for a missing, unfinished or non-model folder and for an ONNX export,
-    ExportError for quantized weights that have no ONNX kernel."""
-    kind = folder_kind(folder)
-    if kind == "onnx":
-        raise ArtifactError(
-            f"{folder} is already an ONNX export; pass the model artifact it was exported from"
-        )
-    if kind != "quantized":
-        loaded = load_model(folder)
-        return loaded.model, loaded.tokenizer, False
-    try:
-        from quantize import load_quantized
-    except ImportError as e:
-        raise ExportError(f"{folder} is a quantized artifact but the quantize package is unavailable ({e})") from e
-    q = load_quantized(folder)
-    if getattr(q, "layout", "gptq") != "gptq":
-        raise ExportError(
-            f"{folder} holds bitsandbytes weights (layout {q.layout!r}), which have no ONNX kernel; "
-            "quantize with rtn, gptq, awq or smoothquant to export integer weights, or export the "
-            "float parent (optionally with --ort-int8)"
-        )
-    return q.model.eval(), q.tokenizer, True
 
 
 def weight_bytes(proto) -> int:
@@ -177,6 +150,16 @@ def validate_export(folder: Path, model, spec: DecoderSpec, config: ExportConfig
         report = validate(model, session, spec, atol=config.atol, **cases)
         report["tolerance"] = {"atol": config.atol}
     return report
+
+
+def export(config: ExportConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """The export stage: an ONNX decoder (`export_onnx`) or a GGUF file for llama.cpp
+    (`export.gguf.export_gguf`), as config.format says. Returns the output folder."""
+    if config.format == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(config, log)
+    return export_onnx(config, log)
 
 
 def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:

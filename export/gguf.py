@@ -22,6 +22,7 @@ matrix is stored as it is.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class GGUFTensor:
     data: np.ndarray
     shape: tuple[int, ...]  # torch order: (rows, columns)
     ggml_type: str  # F32, F16, Q4_0, Q4_1, Q8_0
+    weights: torch.Tensor  # float32: the weights this tensor stands for (the artifact's, dequantized)
+    decoded: torch.Tensor | None  # what the stored values must decode to exactly (None: rounded by gguf)
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,14 +135,16 @@ def gguf_dequantized(qw) -> torch.Tensor:
 
 def _float_tensor(name: str, t: torch.Tensor, ggml_type: str) -> GGUFTensor:
     """A float tensor as F32 / F16, or rounded to Q8_0 by the gguf package's quantizer."""
-    values = t.detach().float().cpu().numpy()
+    weights = t.detach().float().cpu()
+    values = weights.numpy()
     if ggml_type == "F16":
-        return GGUFTensor(name, values.astype(np.float16), tuple(values.shape), "F16")
+        return GGUFTensor(name, values.astype(np.float16), tuple(values.shape), "F16", weights, weights.half().float())
     if ggml_type == "Q8_0" and values.ndim == 2 and values.shape[1] % BLOCK == 0:
         from gguf import GGMLQuantizationType, quants
 
-        return GGUFTensor(name, quants.quantize(values, GGMLQuantizationType.Q8_0), tuple(values.shape), "Q8_0")
-    return GGUFTensor(name, values, tuple(values.shape), "F32")
+        blocks = quants.quantize(values, GGMLQuantizationType.Q8_0)
+        return GGUFTensor(name, blocks, tuple(values.shape), "Q8_0", weights, None)
+    return GGUFTensor(name, values, tuple(values.shape), "F32", weights, weights)
 
 
 def _matrix(name: str, module, float_type: str, rows: int | None = None) -> GGUFTensor:
@@ -153,13 +158,14 @@ def _matrix(name: str, module, float_type: str, rows: int | None = None) -> GGUF
                           "with --method rtn or gptq --bits 8 to export GGUF, or export ONNX")
     ggml_type = block_type(qw, name)
     blocks = BLOCK_WRITERS[ggml_type](qw)[:rows]
-    return GGUFTensor(name, blocks.numpy(), (blocks.shape[0], qw.in_features), ggml_type)
+    return GGUFTensor(name, blocks.numpy(), (blocks.shape[0], qw.in_features), ggml_type,
+                      module.weight[:rows].detach().float().cpu(), gguf_dequantized(qw)[:rows].cpu())
 
 
 def _vector(name: str, t: torch.Tensor) -> GGUFTensor:
     """LayerNorm gains and biases stay float32, as llama.cpp's converter keeps them."""
-    values = t.detach().float().cpu().numpy()
-    return GGUFTensor(name, values, tuple(values.shape), "F32")
+    weights = t.detach().float().cpu()
+    return GGUFTensor(name, weights.numpy(), tuple(weights.shape), "F32", weights, weights)
 
 
 def _projection(name: str, linear, float_type: str) -> list[GGUFTensor]:
@@ -233,7 +239,9 @@ def write_gguf(path: str | Path, model: GPT, tokenizer: Tokenizer, float_type: s
         raise ConfigError(f"llama.cpp's GPT-2 computes the tanh GELU; this model uses {c.activation_function!r}: "
                           "export it to ONNX instead")
     tensors = gguf_tensors(model, tokenizer.vocab_size, float_type)
-    writer = GGUFWriter(str(path), "gpt2")
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    writer = GGUFWriter(str(partial), "gpt2")
     writer.add_name(name)
     writer.add_context_length(c.n_positions)
     writer.add_embedding_length(c.n_embd)
@@ -249,6 +257,7 @@ def write_gguf(path: str | Path, model: GPT, tokenizer: Tokenizer, float_type: s
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    partial.replace(path)
     return tensors
 
 
@@ -262,4 +271,67 @@ def read_gguf_weights(path: str | Path) -> dict[str, np.ndarray]:
     for t in reader.tensors:
         values = quants.dequantize(t.data, t.tensor_type)
         out[t.name] = np.asarray(values, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+    return out
+
+
+def verify_gguf(path: str | Path, written: list[GGUFTensor]) -> dict:
+    """Read the file back with the gguf package and check every tensor: the stored bytes are the
+    ones written (codes bit for bit) and decode, with gguf's own dequantizers, to exactly the
+    values they must; returns the largest change from the artifact's weights per GGUF type (fp16
+    scales, F16 rounding, Q8_0 of a float model). Raises ExportError for any mismatch."""
+    from gguf import GGUFReader, quants
+
+    from .errors import ExportError
+
+    stored = {t.name: t for t in GGUFReader(str(path)).tensors}
+    if sorted(stored) != sorted(t.name for t in written):
+        raise ExportError(f"{path} holds tensors {sorted(set(stored) ^ {t.name for t in written})} it should not "
+                          "(or lacks them); export again")
+    change: dict[str, float] = {}
+    for t in written:
+        raw = stored[t.name]
+        if raw.tensor_type.name != t.ggml_type or not np.array_equal(np.asarray(raw.data).reshape(t.data.shape), t.data):
+            raise ExportError(f"{path}: {t.name} does not hold the {t.ggml_type} values written; export again")
+        decoded = torch.from_numpy(np.array(quants.dequantize(raw.data, raw.tensor_type), np.float32).reshape(t.shape))
+        if t.decoded is not None and not torch.equal(decoded, t.decoded):
+            raise ExportError(f"{path}: {t.name} decodes to other weights than the artifact's in llama.cpp's "
+                              f"{t.ggml_type} grid; export again")
+        diff = float((decoded - t.weights).abs().max()) if decoded.numel() else 0.0
+        change[t.ggml_type] = max(change.get(t.ggml_type, 0.0), diff)
+    return {"tensors": len(written), "codes_equal": True, "max_weight_change": change}
+
+
+def export_gguf(config, log=print) -> Path:
+    """The export stage with --format gguf: config.model (a float model or a quantized artifact)
+    -> config.out/model.gguf with config.json and the tokenizer beside it, read back and checked
+    (`verify_gguf`) before the folder is complete. Raises ConfigError for what GGUF cannot hold
+    (with the format that works) and for an --out that claim_output refuses."""
+    from compactgpt.artifacts import begin_write, finish_write, implied_parameters
+    from compactgpt.device import cpu_threads
+    from compactgpt.outputs import claim_output
+
+    from .source import TOKENIZER_FILES, load_source
+
+    src, out = Path(config.model), Path(config.out)
+    if not config.model or not config.out:
+        raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
+    with cpu_threads(config.threads), claim_output(out, stage="export", inputs={"--model": src},
+                                                   overwrite=config.overwrite):
+        model, tokenizer, quantized = load_source(src, "gguf")
+        out = begin_write(out, "export")
+        written = write_gguf(out / GGUF_FILE, model, tokenizer, config.gguf_type.upper(), name=src.name)
+        check = verify_gguf(out / GGUF_FILE, written)
+        shutil.copyfile(src / "config.json", out / "config.json")
+        tokenizer.save(out)
+        size = (out / GGUF_FILE).stat().st_size
+        types: dict[str, int] = {}
+        for t in written:
+            types[t.ggml_type] = types.get(t.ggml_type, 0) + 1
+        metrics = {"gguf_bytes": size, "bits_per_parameter": 8 * size / implied_parameters(model.config),
+                   "max_weight_change": check["max_weight_change"]}
+        finish_write(out, "export", config.to_dict(), parent=src, metrics=metrics,
+                     files=[GGUF_FILE, "config.json", *TOKENIZER_FILES],
+                     extra={"kind": "gguf", "quantized": quantized, "tensor_types": types, "verify": check})
+    log(f"wrote {out}: {GGUF_FILE} ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))}), "
+        f"{metrics['bits_per_parameter']:.2f} bits/param, read back equal to the artifact's weights")
     return out

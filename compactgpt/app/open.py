@@ -54,6 +54,9 @@ def _language_model(model: str | Path) -> tuple[Path, str]:
         parent = manifest.parent["path"] if manifest and manifest.parent else "the export it was made from"
         raise ConfigError(f"{folder} is a deployment bundle ({manifest.extra.get('target')}), run by its own "
                           f"runtime; pass the ONNX export it was made from ({parent}, relative to the bundle)")
+    if kind == "gguf":
+        raise ConfigError(f"{folder} is a GGUF export, run by llama.cpp (`llama-cli -m {folder}/model.gguf`); pass "
+                          "the artifact it was exported from, or its ONNX export, to score or generate here")
     return folder, kind
 
 

@@ -107,3 +107,33 @@ def test_what_gguf_cannot_hold_is_refused_with_the_format_that_works(tmp_path, t
     with pytest.raises(ConfigError, match="tanh GELU"):
         write_gguf(tmp_path / "e.gguf", random_gpt(0, activation_function="gelu"), tokenizer)
     assert not (tmp_path / "e.gguf").exists()
+
+
+def test_export_stage_writes_a_checked_gguf_folder(tmp_path, tokenizer):
+    from compactgpt.artifacts import read_manifest, save_model
+    from compactgpt.app.cli import main
+    from compactgpt.app.kinds import folder_kind
+    from export import ExportConfig, export
+    from quantize import QuantizeConfig, quantize_folder
+
+    save_model(tmp_path / "float", random_gpt(0, n_embd=64), tokenizer, stage="pretrain", settings={})
+    quantize_folder(QuantizeConfig(model=str(tmp_path / "float"), out=str(tmp_path / "int4"),
+                                   method=RTNConfig(bits=4, group_size=32, include_embeddings=True, head_bits=8),
+                                   progress=False), log=lambda m: None)
+    out = export(ExportConfig(model=str(tmp_path / "int4"), out=str(tmp_path / "gguf"), format="gguf"),
+                 log=lambda m: None)
+    manifest = read_manifest(out)
+    assert folder_kind(out) == "gguf" and manifest.stage == "export"
+    assert manifest.extra["tensor_types"] == {"Q4_0": 8, "Q8_0": 1, "F32": 1 + 2 * 8 + 2}  # positions; per block 2 norms and 4 biases; ln_f
+    assert manifest.extra["verify"]["codes_equal"] and manifest.metrics["max_weight_change"]["Q4_0"] == 0.0
+    assert manifest.settings["format"] == "gguf" and "model.gguf" in manifest.files
+    # A file changed after the export no longer matches the manifest's hash.
+    with open(out / "model.gguf", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01" if f.read(1) != b"\x01" else b"\x02")
+    from compactgpt.artifacts import verify_files
+    from compactgpt.errors import ArtifactError
+    with pytest.raises(ArtifactError):
+        verify_files(out, manifest)
+    # GGUF folders are llama.cpp's to run: eval says so in one line.
+    assert main(["eval", "--model", str(out)]) == 2
