@@ -50,7 +50,7 @@ def quantize_(model: GPT, config: QuantConfig, calibration: CalibrationData | No
         raise ConfigError("the model is already quantized; quantize the float model it came from")
     if config.calibrated and calibration is None:
         raise ConfigError(
-            f"{config.method} needs calibration data: pass --calib-data (text or a prepared data folder), "
+            f"{config.method} needs calibration data: pass --data (text or a prepared data folder), "
             "or quantize a model whose manifest records its training data"
         )
     if config.group_size:

@@ -40,8 +40,9 @@ class QuantizeConfig(StageConfig):
     # A QuantConfig (or its dict, as QuantConfig.to_dict writes it); the CLI builds it from
     # --method and the method's own flags.
     method: QuantConfig | None = option(None, "quantization method", flag=False)
-    calib_data: str | None = option(None, "calibration text (file, folder, glob, JSONL) or prepared data folder "
-                                    "(its train split); default: the data the model was trained on")
+    # The same flag as prune's and sparsify's calibration data (compactgpt.calibration reads all three).
+    data: str | None = option(None, "calibration data: text (file, folder, glob, JSONL) or a prepared data folder "
+                              "(its train split); default: the data the model was trained on")
     layout: str | None = option(None, "storage layout: gptq or bnb (default: gptq for integer methods, bnb for "
                                 "bitsandbytes methods)")
     eval: bool = option(False, "measure the quantized model's perplexity on the validation split of the data the "
@@ -70,15 +71,15 @@ class QuantizeConfig(StageConfig):
         return {**super().to_dict(), "method": self.method.to_dict()}
 
 
-def resolve_calibration(loaded, config: QuantConfig, calib_data: str | Path | None = None) -> CalibrationData | None:
+def resolve_calibration(loaded, config: QuantConfig, data: str | Path | None = None) -> CalibrationData | None:
     """The calibration windows for `config` (None for methods that need none), drawn as prune
     and sparsify draw theirs (`compactgpt.calibration.calibration_windows`) from the train
-    split of `calib_data`, else of the data the model was trained on. `loaded` is a loaded
+    split of `data`, else of the data the model was trained on. `loaded` is a loaded
     model (folder, tokenizer, model). Raises ConfigError when neither is there, or for a data
     folder with another tokenizer; DataError for too little text."""
     if not config.calibrated:
         return None
-    tokens = data_tokens(calib_data, loaded, flag="--calib-data")
+    tokens = data_tokens(data, loaded, flag="--data")
     ids = calibration_windows(tokens.train, config.calib_samples, config.calib_seq_len,
                               loaded.model.config.n_positions, config.seed)
     return CalibrationData(ids, f"train split of {tokens.source}")
@@ -112,7 +113,7 @@ def quantize_folder(config: QuantizeConfig, log: Callable[[str], None] = print) 
     """Quantize the float model folder config.model with config.method into the artifact
     folder config.out.
 
-    calib_data: calibration text or prepared data folder (default: the model's training
+    data: calibration text or prepared data folder (default: the model's training
     data); layout: storage layout (default: the method's own, see `artifact.layout_for`);
     eval: also score it against the float model (`evaluate_quantized`) and record the figures
     in the manifest; device: where the model is calibrated, quantized and scored
@@ -125,7 +126,7 @@ def quantize_folder(config: QuantizeConfig, log: Callable[[str], None] = print) 
     """
     config.validate()  # the layout and the device, again: the config may have been changed since
     with cpu_threads(config.threads), claim_output(config.out, stage="quantize", overwrite=config.overwrite,
-                                                   inputs={"--model": config.model, "--calib-data": config.calib_data}):
+                                                   inputs={"--model": config.model, "--data": config.data}):
         return _quantize_into(config, log)
 
 
@@ -134,7 +135,7 @@ def _quantize_into(config: QuantizeConfig, log: Callable[[str], None]) -> Path:
 
     method, out, progress = config.method, config.out, config.progress
     loaded = load_model(resolve_model_path(config.model), device=resolve_device(config.device))
-    calibration = resolve_calibration(loaded, method, config.calib_data)
+    calibration = resolve_calibration(loaded, method, config.data)
     report = quantize_(loaded.model, method, calibration, progress=progress)
     metrics = {"quantize_seconds": round(report.seconds, 3)}
     if config.eval:

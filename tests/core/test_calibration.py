@@ -79,8 +79,8 @@ def test_data_tokens_split_text_and_refuse_another_tokenizer(corpus_dir, data_di
     assert len(tokens.train) > len(tokens.val) > 0 and tokens.source == str(corpus_dir)
     with pytest.raises(ConfigError, match="different tokenizer"):
         data_tokens(str(data_dir), SimpleNamespace(folder="m", tokenizer=byte_tokenizer))
-    with pytest.raises(ConfigError, match="records no training data; pass --calib-data"):
-        data_tokens(None, SimpleNamespace(folder="m", tokenizer=tokenizer), flag="--calib-data")
+    with pytest.raises(ConfigError, match="records no training data; pass --data"):
+        data_tokens(None, SimpleNamespace(folder="m", tokenizer=tokenizer), flag="--data")
 
 
 def test_prune_sparsify_and_quantize_draw_the_same_windows(tmp_path, data_dir, tokenizer, monkeypatch):

@@ -194,7 +194,7 @@ def test_quantize_folder_writes_an_artifact_that_reloads(float_model_dir, tmp_pa
 
 def test_quantize_folder_needs_calibration_data_it_can_find(tmp_path, tokenizer):
     save_model(tmp_path / "orphan", random_gpt(0), tokenizer, stage="test", settings={})
-    with pytest.raises(ConfigError, match="records no training data; pass --calib-data"):
+    with pytest.raises(ConfigError, match="records no training data; pass --data"):
         quantize_folder(QuantizeConfig(model=str(tmp_path / "orphan"), out=str(tmp_path / "q"), method=AWQConfig()),
                         log=lambda m: None)
     assert not (tmp_path / "q").exists()

@@ -19,7 +19,7 @@ DESCRIPTION = (
     "Quantize a model folder's attention and MLP projections (and optionally the tied embedding / LM "
     "head) and write a quantized artifact: GPTQ-layout safetensors with packed integer weights, scales "
     "and zero points (bitsandbytes methods: their own layout). Calibrated methods (gptq, awq, "
-    "smoothquant) read --calib-data, by default the model's own training data. Flags a method does not "
+    "smoothquant) read --data, by default the model's own training data. Flags a method does not "
     "take are refused."
 )
 

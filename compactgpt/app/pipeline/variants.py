@@ -41,7 +41,7 @@ def plan_quantize(spec: dict, ctx: Planning) -> list[Stage]:
         src = ctx.model(target, f"quantize {qname}", known="known so far")
         name = f"{target}-{qname}"
         run = QuantizeConfig(model=str(src.folder), out=str(ctx.out / "quantized" / name), method=config,
-                             calib_data=calib, progress=ctx.progress)
+                             data=calib, progress=ctx.progress)
         stages.append(ctx.add(Stage(name, "quantize", Path(run.out), {**config.fingerprint_dict(), "calib_data": calib},
                                     [src.name], partial(_run_quantize, run, ctx.log), model=name)))
     return stages
