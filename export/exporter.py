@@ -109,7 +109,9 @@ def build_graph(model, config: ExportConfig, source: Path, quantized: bool, log:
                            accuracy_level=config.accuracy_level, int8_kernel=config.int8_kernel, n_tokens=n_tokens,
                            # n_positions: checked against config.json when the folder is opened
                            # (export.verify); the graph shows it only inside the wpe table.
-                           extra_meta={"producer": "compactgpt", "source": str(source.resolve()),
+                           # The source folder by name only: a shipped model file names no directory
+                           # of the machine that made it (the manifest records the parent, relative).
+                           extra_meta={"producer": "compactgpt", "source": source.resolve().name,
                                        N_POSITIONS_KEY: model.config.n_positions})
     log(f"building the decoder graph ({'fused' if config.optimize else 'standard ops'}, {config.dtype}"
         f"{', quantized weights' if quantized else ''})")

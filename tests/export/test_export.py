@@ -286,3 +286,11 @@ def test_incomplete_export_does_not_load(exported, tmp_path):
     (copy / ".incomplete").write_text("")
     with pytest.raises(ArtifactError, match="incomplete"):
         OnnxDecoder(copy)
+
+
+def test_model_file_names_no_directory_of_the_machine_that_made_it(artifact, exported):
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(exported / MODEL_FILE), load_external_data=False).metadata_props}
+    assert meta["source"] == artifact.name
+    assert not any(str(artifact.parent) in value for value in meta.values())
