@@ -137,3 +137,26 @@ def test_export_stage_writes_a_checked_gguf_folder(tmp_path, tokenizer):
         verify_files(out, manifest)
     # GGUF folders are llama.cpp's to run: eval says so in one line.
     assert main(["eval", "--model", str(out)]) == 2
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_runs_the_gguf_as_pytorch_does(tmp_path, tokenizer, corpus_dir):
+    """llama.cpp (its Python binding) tokenizes as CompactGPT does and computes PyTorch's logits,
+    within float rounding (its GELU reads an fp16 table)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from compactgpt.artifacts import save_model
+    from export import ExportConfig, export
+
+    model = random_gpt(0)
+    save_model(tmp_path / "m", model, tokenizer, stage="pretrain", settings={})
+    out = export(ExportConfig(model=str(tmp_path / "m"), out=str(tmp_path / "gguf"), format="gguf"), log=lambda m: None)
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=model.config.n_positions, logits_all=True,
+                          verbose=False, n_threads=1, type_k=0, type_v=0)  # float32 KV cache
+    text = sorted(corpus_dir.glob("*.py"))[0].read_text()
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+    ids = tokenizer.encode(text)[: model.config.n_positions]
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])[:, : tokenizer.vocab_size]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0, :, : tokenizer.vocab_size].numpy()
+    assert np.abs(theirs - ours).max() < 2e-3
