@@ -208,7 +208,7 @@ def tokenizer_metadata(writer, tokenizer: Tokenizer) -> None:
     from gguf import TokenType
 
     spec = json.loads(tokenizer.to_json())
-    vocab = {token: i for token, i in spec["model"]["vocab"].items()}
+    vocab = dict(spec["model"]["vocab"])
     for added in spec.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
     tokens = [""] * tokenizer.vocab_size
