@@ -142,7 +142,7 @@ def test_export_stage_writes_a_checked_gguf_folder(tmp_path, tokenizer):
 @pytest.mark.llamacpp
 def test_llama_cpp_runs_the_gguf_as_pytorch_does(tmp_path, tokenizer, corpus_dir):
     """llama.cpp (its Python binding) tokenizes as CompactGPT does and computes PyTorch's logits,
-    within float rounding (its GELU reads an fp16 table)."""
+    within float rounding (ggml computes some ops, GELU among them, through fp16 tables)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from compactgpt.artifacts import save_model
     from export import ExportConfig, export
