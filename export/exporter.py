@@ -19,15 +19,13 @@ from typing import Callable
 import numpy as np
 
 from compactgpt.artifacts import begin_write, finish_write, implied_parameters
-from compactgpt.device import cpu_threads
 from compactgpt.errors import ConfigError
 from compactgpt.io import atomic_write_json
-from compactgpt.outputs import claim_output
 
 from .config import EXTERNAL_DATA_AUTO_BYTES, ExportConfig
 from .errors import ExportError
 from .genai import convert_to_ort, genai_config
-from .source import TOKENIZER_FILES, load_source
+from .source import TOKENIZER_FILES, claimed_export, load_source
 from .spec import DATA_FILE, GENAI_CONFIG, MODEL_FILE, DecoderSpec
 from .verify import N_POSITIONS_KEY
 
@@ -173,11 +171,7 @@ def export_onnx(config: ExportConfig, log: Callable[[str], None] = lambda m: pri
     An --out that claim_output refuses (the model folder or a folder above it, another artifact
     without config.overwrite, a run already writing it) is a ConfigError before any work.
     """
-    src, out = Path(config.model), Path(config.out)
-    if not config.model or not config.out:
-        raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
-    with cpu_threads(config.threads), claim_output(out, stage="export", inputs={"--model": src},
-                                                   overwrite=config.overwrite):
+    with claimed_export(config) as (src, out):
         return _export_into(config, src, out, log)
 
 

@@ -307,16 +307,10 @@ def export_gguf(config, log=print) -> Path:
     (`verify_gguf`) before the folder is complete. Raises ConfigError for what GGUF cannot hold
     (with the format that works) and for an --out that claim_output refuses."""
     from compactgpt.artifacts import begin_write, finish_write, implied_parameters
-    from compactgpt.device import cpu_threads
-    from compactgpt.outputs import claim_output
 
-    from .source import TOKENIZER_FILES, load_source
+    from .source import TOKENIZER_FILES, claimed_export, load_source
 
-    src, out = Path(config.model), Path(config.out)
-    if not config.model or not config.out:
-        raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
-    with cpu_threads(config.threads), claim_output(out, stage="export", inputs={"--model": src},
-                                                   overwrite=config.overwrite):
+    with claimed_export(config) as (src, out):
         model, tokenizer, quantized = load_source(src, "gguf")
         out = begin_write(out, "export")
         written = write_gguf(out / GGUF_FILE, model, tokenizer, config.gguf_type.upper(), name=src.name)

@@ -3,13 +3,30 @@ the refusal of weights the target format has no kernel for."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from compactgpt.artifacts import load_model
 from compactgpt.artifacts import folder_kind
-from compactgpt.errors import ArtifactError
+from compactgpt.device import cpu_threads
+from compactgpt.errors import ArtifactError, ConfigError
+from compactgpt.outputs import claim_output
 
 from .errors import ExportError
+
+@contextmanager
+def claimed_export(config) -> Iterator[tuple[Path, Path]]:
+    """(source folder, out folder) of an export config, with --out claimed (claim_output) and
+    the config's CPU threads set for the block: what every export format runs inside. ConfigError
+    when --model or --out is missing or --out cannot be claimed, before any work."""
+    if not config.model or not config.out:
+        raise ConfigError("export needs --model (an artifact folder) and --out (the folder to write)")
+    src, out = Path(config.model), Path(config.out)
+    with cpu_threads(config.threads), claim_output(out, stage="export", inputs={"--model": src},
+                                                   overwrite=config.overwrite):
+        yield src, out
+
 
 # The tokenizer files every export copies beside its graph or GGUF file.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
