@@ -45,17 +45,19 @@ AWQ_MAPPINGS = (
 
 
 def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                         clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """w (out, in) rounded group-wise to its grid and mapped back to float."""
+                         clip: torch.Tensor | float = 1.0, gguf_exact: bool = False) -> torch.Tensor:
+    """w (out, in) rounded group-wise to its grid (the one `rtn_quantize` stores for the same
+    arguments) and mapped back to float."""
     out_f, in_f = w.shape
     lo, hi = group_ranges(w, group_size, clip)
-    scale, zero = grid_params(lo, hi, bits, symmetric)
+    scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact)
     g = w.reshape(out_f, in_f // group_size, group_size)
     return fake_quantize(g, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
 
 
 def search_scales(
-    x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int, symmetric: bool, n_grid: int
+    x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int, symmetric: bool, n_grid: int,
+    gguf_exact: bool = False,
 ) -> tuple[torch.Tensor, float, float]:
     """Per-input-channel scales s (in,) for weights that share the input x (N, in).
 
@@ -67,7 +69,7 @@ def search_scales(
     x_mean = x.abs().mean(dim=0).clamp(min=1e-8)
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
     for a, s in candidate_scales(x_mean, None, n_grid):
-        Wq = fake_quantize_groups(W * s, bits, group_size, symmetric) / s
+        Wq = fake_quantize_groups(W * s, bits, group_size, symmetric, gguf_exact=gguf_exact) / s
         err = (x @ Wq.T - ref).pow(2).mean().item()
         if err < best[0]:
             best = (err, s, a)
@@ -99,7 +101,7 @@ def normalized_weight_mean(weights: list[torch.Tensor], group_size: int) -> torc
 @torch.no_grad()
 def search_scales_through(
     x: torch.Tensor, forward, params: list[torch.nn.Parameter], bits: int, group_size: int, symmetric: bool,
-    n_grid: int, duo: bool = True,
+    n_grid: int, duo: bool = True, gguf_exact: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Per-input-channel scales for the weights `params` that read x (..., in), judged by the
     output of `forward(x)`, the module whose output the scaled layers feed (attention, MLP).
@@ -115,7 +117,7 @@ def search_scales_through(
     try:
         for a, s in candidate_scales(x_mean, w_mean, n_grid):
             for p, w in zip(params, originals):
-                p.copy_(fake_quantize_groups(w * s, bits, group_size, symmetric) / s)
+                p.copy_(fake_quantize_groups(w * s, bits, group_size, symmetric, gguf_exact=gguf_exact) / s)
             err = (forward(x) - ref).pow(2).mean().item()
             if err < best[0]:
                 best = (err, s, a)
@@ -127,24 +129,26 @@ def search_scales_through(
 
 def search_clip(
     x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int,
-    max_shrink: float, fixed_rows: int = 0,
+    max_shrink: float, fixed_rows: int = 0, gguf_exact: bool = False,
 ) -> QuantizedWeight:
     """Quantize w (out, in) with a clipping ratio per (row, group) chosen to minimize the
     group's output error on inputs x (N, in). The first `fixed_rows` rows keep the full range
-    (attention queries and keys, whose errors softmax amplifies)."""
+    (attention queries and keys, whose errors softmax amplifies). gguf_exact as in
+    `quantize.rtn.grid_params`: each ratio is scored on the grid that would be stored."""
     x = x.float()
     w = w.float()
     out_f, in_f = w.shape
     groups = in_f // group_size
     if max_shrink <= 0:
-        return rtn_quantize(w, bits, group_size, symmetric)
+        return rtn_quantize(w, bits, group_size, symmetric, gguf_exact=gguf_exact)
     xg = x.reshape(-1, groups, group_size)  # (N, G, gs)
     best_err = torch.full((out_f, groups), float("inf"), device=w.device)
     best_ratio = torch.ones(out_f, groups, device=w.device)
     wg = w.reshape(out_f, groups, group_size)
     for k in range(n_grid):
         ratio = 1.0 - max_shrink * k / n_grid
-        d = (w - fake_quantize_groups(w, bits, group_size, symmetric, ratio)).reshape(out_f, groups, group_size)
+        d = (w - fake_quantize_groups(w, bits, group_size, symmetric, ratio, gguf_exact)).reshape(
+            out_f, groups, group_size)
         # Output error of each group's contribution, averaged over the inputs: (out, G).
         err = torch.einsum("ngk,ogk->ogn", xg, d).pow(2).mean(dim=-1)
         better = err < best_err
@@ -152,7 +156,7 @@ def search_clip(
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
     del wg
     best_ratio[:fixed_rows] = 1.0
-    return rtn_quantize(w, bits, group_size, symmetric, clip=best_ratio)
+    return rtn_quantize(w, bits, group_size, symmetric, clip=best_ratio, gguf_exact=gguf_exact)
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +187,8 @@ class _AWQBlocks(BlockHooks):
     def __init__(self, model, config: AWQConfig):
         self.model, self.config = model, config
         self.inputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in BLOCK_LAYERS}
-        self.search = dict(bits=config.bits, symmetric=config.symmetric, n_grid=config.n_grid)
+        self.search = dict(bits=config.bits, symmetric=config.symmetric, n_grid=config.n_grid,
+                           gguf_exact=config.gguf_exact)
 
     def observe(self, layer: str, x: torch.Tensor) -> None:
         self.inputs[layer].append(x)

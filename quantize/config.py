@@ -53,6 +53,13 @@ class QuantConfig(StageConfig):
     # from it, and it is a large share of a small model's error.
     head_bits: int = option(0, added=True, help="bits of the tied embedding / LM head with --include-embeddings "
                             "(0 = --bits; 8 beside 4-bit blocks keeps the matrix every logit comes from at int8)")
+    # llama.cpp stores each block's numbers in fp16. Scales are always rounded up to fp16, which
+    # covers Q4_0 and Q8_0; Q4_1 also stores scale x zero point (its min), which fp16 rounds
+    # unless the scale was chosen for it.
+    gguf_exact: bool = option(False, added=True, help="for artifacts meant for llama.cpp: asymmetric int4 groups widen "
+                              "their step until float16 holds both the step and the group minimum (step x zero point), "
+                              "as GGUF's Q4_1 stores them, so the GGUF export holds exactly the evaluated weights "
+                              "(+0.3 percent weight error). Symmetric grids (Q4_0, Q8_0) are always fp16-exact")
 
     def validate(self) -> None:
         if self.bits not in self.supported_bits:
@@ -67,6 +74,9 @@ class QuantConfig(StageConfig):
         if self.head_bits and self.head_bits not in self.supported_bits:
             raise ConfigError(f"{self.method}: head_bits={self.head_bits} is not supported; use 0 (= bits) or "
                               f"{' or '.join(map(str, self.supported_bits))}")
+        if self.gguf_exact and not self.integer_weights:
+            raise ConfigError(f"{self.method}: gguf_exact sets how integer grids are chosen; bitsandbytes keeps its "
+                              "own scales; drop --gguf-exact")
         if self.head_bits and not self.include_embeddings:
             raise ConfigError(f"{self.method}: head_bits sets the bits of the quantized embedding / LM head; add "
                               "--include-embeddings, or drop --head-bits")

@@ -44,8 +44,11 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     act_order: bool = True,
     block_columns: int = 128,
+    gguf_exact: bool = False,
 ) -> QuantizedWeight:
-    """Quantize w (out, in) against the Hessian H (in, in) of its inputs.
+    """Quantize w (out, in) against the Hessian H (in, in) of its inputs; gguf_exact as in
+    `quantize.rtn.grid_params`, applied where each group's grid is fixed, so the columns are
+    solved against the grid that is stored.
 
     Returns a QuantizedWeight with contiguous groups of `group_size` columns.
     """
@@ -64,7 +67,7 @@ def gptq_quantize(
     zero = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     if static:
         lo, hi = group_ranges(W.float(), group_size)
-        s, z = grid_params(lo, hi, bits, symmetric)
+        s, z = grid_params(lo, hi, bits, symmetric, gguf_exact)
         scale, zero = s.double(), z.double()
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
@@ -89,7 +92,7 @@ def gptq_quantize(
                 # Without activation order, a group's grid comes from its weights as already
                 # updated by the earlier columns' errors (the original GPTQ rule).
                 lo = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                s, z = grid_params(lo.amin(1).float(), lo.amax(1).float(), bits, symmetric)
+                s, z = grid_params(lo.amin(1).float(), lo.amax(1).float(), bits, symmetric, gguf_exact)
                 scale[:, col // group_size], zero[:, col // group_size] = s.double(), z.double()
             g = group_of[col]
             wcol = W1[:, i]
@@ -145,7 +148,7 @@ class _GPTQBlocks(BlockHooks):
 
 def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, group_size: int, bits: int | None = None) -> QuantizedWeight:
     return gptq_quantize(w, H, bits or config.bits, group_size, config.symmetric, config.damp_percent, config.act_order,
-                         config.block_columns)
+                         config.block_columns, config.gguf_exact)
 
 
 @register_handler(GPTQConfig)

@@ -5,7 +5,9 @@ zero point; a weight w becomes the code clamp(round(w / scale) + zero, 0, 2**bit
 Symmetric grids fix the zero point at 2**(bits-1) and span [-max|w|, max|w|]; asymmetric
 grids span [min(w, 0), max(w, 0)]. Scales are rounded *up* to the nearest float16 value so the
 GPTQ checkpoint layout (float16 scales) stores them exactly and no weight moves more than
-half a step.
+half a step. With `gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in
+float16 (`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum,
+beside the fp16 step, so the GGUF file then holds the very weights that were evaluated.
 
 `_rtn` at the end, registered for RTNConfig, rounds every projection of a GPT this way.
 """
@@ -27,8 +29,45 @@ def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, up, h).float()
 
 
-def grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32) and zero point (float, integral) for ranges [lo, hi] (any shape)."""
+def _fp16_exact(x: torch.Tensor) -> torch.Tensor:
+    """Where x (float32) is a finite value float16 holds exactly."""
+    return x.to(torch.float16).float() == x
+
+
+def fp16_exact_step(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The smallest step >= scale (positive float32, any shape) such that the step and
+    step x zero (zero: integral, same shape) are both exact in float16.
+
+    float16 has 11 significant bits, so a zero point whose odd part has b bits leaves the step
+    about 11 - b of them: the step's mantissa is rounded up to the most bits that work (all
+    11, the step itself, when fp16 holds the product already; zero points that are powers of
+    two cost nothing). A power of two always works, so only a product past float16's range
+    leaves the step unchanged (and inexact).
+    """
+    scale = scale.float()
+    zero = zero.to(scale.dtype)
+    found = _fp16_exact(scale) & _fp16_exact(scale * zero)
+    step = scale.clone()
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
+    for digits in range(10, 0, -1):
+        if bool(found.all()):
+            break
+        candidate = torch.ldexp(torch.ceil(mantissa * 2**digits), exponent - digits)
+        fits = ~found & _fp16_exact(candidate) & _fp16_exact(candidate * zero)
+        step = torch.where(fits, candidate, step)
+        found |= fits
+    return step
+
+
+def grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                gguf_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (float, integral) for ranges [lo, hi] (any shape).
+
+    The scale is always float16-exact. gguf_exact: an asymmetric 4-bit grid also makes scale x
+    zero float16-exact (`fp16_exact_step`; the step only widens, with the zero point chosen for
+    the unwidened step, so the grid still spans [lo, hi]); symmetric zero points are powers of
+    two, whose products with an fp16 scale are exact already.
+    """
     maxq = 2**bits - 1
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
@@ -42,6 +81,11 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) 
     scale = fp16_ceil(torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=2**-24))
     if not symmetric:
         zero = torch.round(-lo / scale).clamp(0, maxq)
+        # Only a 4-bit grid: Q4_1 is the one llama.cpp block that stores scale x zero point, and
+        # asymmetric int8 (no GGUF block at all) would give up to 8 of the step's 11 bits to
+        # its zero points.
+        if gguf_exact and bits == 4:
+            scale = fp16_exact_step(scale, zero)
     return scale, zero
 
 
@@ -63,13 +107,15 @@ def group_ranges(w: torch.Tensor, group_size: int, clip: torch.Tensor | float = 
 
 
 def rtn_quantize(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0,
+    gguf_exact: bool = False,
 ) -> QuantizedWeight:
-    """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the range."""
+    """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the
+    range; gguf_exact as in `grid_params`."""
     w = w.detach().float()
     out_f, in_f = w.shape
     lo, hi = group_ranges(w, group_size, clip)
-    scale, zero = grid_params(lo, hi, bits, symmetric)  # (out, groups)
+    scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact)  # (out, groups)
     groups = in_f // group_size
     codes = quantize_codes(
         w.reshape(out_f, groups, group_size), scale[..., None], zero[..., None], bits
@@ -82,11 +128,11 @@ def rtn_quantize(
 def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
     for name, lin in each_projection(model, "rtn", progress):
         replace_linear(model, name, rtn_quantize(lin.weight, config.bits, config.group_for(lin.in_features, name),
-                                                 config.symmetric))
+                                                 config.symmetric, gguf_exact=config.gguf_exact))
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),
-                                                config.symmetric))
+                                                config.symmetric, gguf_exact=config.gguf_exact))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

@@ -107,7 +107,8 @@ class _SmoothBlocks(BlockHooks):
         for layer in BLOCK_LAYERS:
             name = layer_name(index, layer)
             lin = block.get_submodule(layer)
-            qw = rtn_quantize(lin.weight, 8, self.config.group_for(lin.in_features, name), self.config.symmetric)
+            qw = rtn_quantize(lin.weight, 8, self.config.group_for(lin.in_features, name), self.config.symmetric,
+                              gguf_exact=self.config.gguf_exact)
             replace_linear(self.model, name, qw, act_bits=8)
 
 
@@ -117,7 +118,8 @@ def _smoothquant(model, config: SmoothQuantConfig, calibration, progress: bool) 
     walk_blocks(model, calibration, _SmoothBlocks(model, config), progress, "smoothquant")
     if config.include_embeddings:
         w = model.transformer.wte.weight
-        quantize_embeddings(model, rtn_quantize(w, 8, config.group_for(w.shape[1], "lm_head"), config.symmetric))
+        quantize_embeddings(model, rtn_quantize(w, 8, config.group_for(w.shape[1], "lm_head"), config.symmetric,
+                                                gguf_exact=config.gguf_exact))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

@@ -2,7 +2,7 @@
 opened model serves scoring (a logits function over token windows) and streaming
 generation (`.stream(...)`). A float folder (CompactGPT's or transformers' GPT-2) runs in
 PyTorch, a quantized folder through its integer-weight layers (both on the device asked
-for), an ONNX export in ONNX Runtime.
+for), an ONNX export in ONNX Runtime, a GGUF export in llama.cpp (llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -54,9 +54,6 @@ def _language_model(model: str | Path) -> tuple[Path, str]:
         parent = manifest.parent["path"] if manifest and manifest.parent else "the export it was made from"
         raise ConfigError(f"{folder} is a deployment bundle ({manifest.extra.get('target')}), run by its own "
                           f"runtime; pass the ONNX export it was made from ({parent}, relative to the bundle)")
-    if kind == "gguf":
-        raise ConfigError(f"{folder} is a GGUF export, run by llama.cpp (`llama-cli -m {folder}/model.gguf`); pass "
-                          "the artifact it was exported from, or its ONNX export, to score or generate here")
     return folder, kind
 
 
@@ -78,8 +75,10 @@ def open_model(model: str | Path, threads: int | None = None, device: str | torc
                onnx_device: str = "cpu") -> OpenedModel:
     """A language-model folder of any kind, opened for scoring and streaming: a PyTorch or
     quantized model on `device`, an ONNX export on ONNX Runtime with `threads` intra-op
-    threads on `onnx_device` (cpu | cuda[:N]). Raises ArtifactError for a folder that is not
-    a model, ConfigError for a classifier, a deployment bundle or a device this machine lacks."""
+    threads on `onnx_device` (cpu | cuda[:N]), a GGUF export in llama.cpp on the CPU with
+    `threads`. Raises ArtifactError for a folder that is not a model, ConfigError for a
+    classifier, a deployment bundle, a device this machine lacks, or a GGUF export where
+    llama-cpp-python is not installed."""
     from ..evaluation import model_logits_fn
 
     device = resolve_device(device)
@@ -91,6 +90,12 @@ def open_model(model: str | Path, threads: int | None = None, device: str | torc
         # An export made elsewhere may carry GPT-2's vocab.json + merges.txt instead.
         tokenizer = decoder.tokenizer or Tokenizer.from_folder(folder)
         return OpenedModel(folder, kind, tokenizer, read_manifest(folder), decoder.logits_fn(),
+                           decoder.config.n_positions, decoder, torch.device("cpu"))
+    if kind == "gguf":
+        from export.llamacpp import LlamaCppDecoder
+
+        decoder = LlamaCppDecoder(folder, threads=threads)
+        return OpenedModel(folder, kind, decoder.tokenizer, read_manifest(folder), decoder.logits_fn(),
                            decoder.config.n_positions, decoder, torch.device("cpu"))
     loaded = load_pytorch(folder, kind, device)
     net = loaded.model.eval()

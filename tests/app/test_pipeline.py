@@ -152,7 +152,9 @@ def test_finetuned_teacher_stands_in_for_the_teacher(tmp_path):
     assert {name: stages[name].fingerprint[:16] for name in pinned} == pinned
 
 
-@pytest.mark.parametrize("name, stages, digest", [("default", 30, "d48a6ee65f46dc01"),
+# The default config gained its GGUF exports and their bench rows after runs were made with it:
+# its 30 earlier stages kept their fingerprints except the report's (its list of rows).
+@pytest.mark.parametrize("name, stages, digest", [("default", 36, "be2f6d482af1eb64"),
                                                   ("gpu", 18, "a4125cc8e3295d1c")])
 def test_shipped_configs_keep_their_fingerprints(tmp_path, name, stages, digest):
     """Run folders made by the shipped configs before are still recognised as up to date."""
@@ -176,3 +178,37 @@ def test_deploy_group_bundles_exports_and_is_skipped_when_up_to_date(tmp_path, c
     assert again["deploy/mobile/teacher-onnx"] == "skipped"
     with pytest.raises(ConfigError, match="not an ONNX export"):
         plan({**cfg, "deploy": [{"models": ["teacher"], "target": "mobile"}]}, tmp_path / "q", log=quiet)
+
+
+def test_gguf_exports_sit_beside_onnx_and_rows_follow_the_binding(tmp_path, corpus_dir, monkeypatch):
+    """An export group may list several entries, one per format: GGUF exports go to OUT/gguf and
+    are known as MODEL-gguf. Where llama-cpp-python is missing their bench rows say so, and
+    installing it (another version) measures them again instead of keeping "not measured"."""
+    import sys
+    from importlib import metadata
+
+    pytest.importorskip("gguf")
+    cfg = tiny_config(str(corpus_dir))
+    cfg["export"] = [cfg["export"], {"models": ["teacher", "s-int4"], "format": "gguf"}]
+    cfg["bench"]["models"] = ["teacher-onnx", "teacher-gguf", "s-int4-gguf"]
+    out = tmp_path / "p"
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    real_version = metadata.version
+
+    def version(name):
+        if name == "llama-cpp-python":
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    _, first = run_pipeline(cfg, out, log=quiet, progress=False)
+    assert first["s-int4-gguf"].startswith("ran") and (out / "gguf" / "s-int4" / "model.gguf").is_file()
+    manifest = json.loads((out / "gguf" / "s-int4" / "manifest.json").read_text())
+    assert manifest["extra"]["tensor_types"]["Q4_0"] > 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["teacher-onnx"]
+    assert "llama-cpp-python is not installed" in (out / "report" / "report.md").read_text()
+
+    monkeypatch.setattr(metadata, "version", lambda name: "9.9.9" if name == "llama-cpp-python" else real_version(name))
+    _, plan_now = run_pipeline(cfg, out, log=quiet, progress=False, only_plan=True)
+    assert {k for k, v in plan_now.items() if v == "to run"} == {"bench/teacher-gguf", "bench/s-int4-gguf", "report"}

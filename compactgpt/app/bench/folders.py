@@ -15,11 +15,12 @@ from ...lineage import ancestors
 from ..kinds import folder_kind
 
 # folder_kind -> what bench calls the kind (the runtime, for a language model).
-BENCH_KINDS = {"model": "pytorch", "quantized": "pytorch-quantized", "onnx": "onnx", "classifier": "classifier"}
+BENCH_KINDS = {"model": "pytorch", "quantized": "pytorch-quantized", "onnx": "onnx", "gguf": "gguf",
+               "classifier": "classifier"}
 
 
 def artifact_kind(folder: str | Path) -> str:
-    """How bench measures a folder: pytorch, pytorch-quantized, onnx or classifier.
+    """How bench measures a folder: pytorch, pytorch-quantized, onnx, gguf or classifier.
     ArtifactError for a folder that is not a finished CompactGPT model artifact (no manifest,
     a data folder) or has no tokenizer."""
     folder = Path(folder)
@@ -35,9 +36,9 @@ def artifact_kind(folder: str | Path) -> str:
         raise ArtifactError(f"{folder} is a {kind} folder, not a model bench can run; pass the artifact it was "
                             "made from")
     if not (folder / "tokenizer.json").is_file():
-        if kind == "onnx":
+        if kind in ("onnx", "gguf"):
             raise ArtifactError(
-                f"{folder} is an ONNX export without tokenizer.json: prompts and perplexity text cannot be "
+                f"{folder} is an {'ONNX' if kind == 'onnx' else 'GGUF'} export without tokenizer.json: prompts and perplexity text cannot be "
                 "tokenized; re-export it with `compactgpt export`, which copies the tokenizer"
             )
         raise ArtifactError(f"{folder} has no tokenizer.json; rerun the stage that wrote it")
@@ -62,7 +63,7 @@ def file_bytes(folder: str | Path) -> int:
     """Bytes of the files a deployment ships: weights and graphs (manifest, logs and
     checkpoints excluded)."""
     folder = Path(folder)
-    names = ("model.safetensors", "model.onnx", "model.onnx.data")
+    names = ("model.safetensors", "model.onnx", "model.onnx.data", "model.gguf")
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 

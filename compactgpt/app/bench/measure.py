@@ -77,10 +77,11 @@ def measure_classifier(folder: Path, config: BenchConfig) -> dict:
 
 def measure_speed(model: OpenedModel, tokens: torch.Tensor, config: BenchConfig) -> list[dict]:
     """Streaming speed at each batch size, on prompts of real validation text (so the decode
-    path sees ordinary activations) drawn with the config's seed."""
+    path sees ordinary activations) drawn with the config's seed. llama.cpp runs one sequence
+    per context (export.llamacpp): a GGUF row is timed at batch 1 only."""
     gen = torch.Generator().manual_seed(config.seed)
     speed = []
-    for batch in config.batches:
+    for batch in (1,) if model.kind == "gguf" else config.batches:
         prompt = random_windows(tokens, batch, config.prompt_tokens, gen)
         timing = time_stream(lambda: model.stream(prompt, config.new_tokens), config.warmup, config.repeats,
                              clock=device_clock(model.device))
@@ -140,7 +141,20 @@ def measure(folder: str | Path, config: BenchConfig, reference: str | Path | Non
         return _measure_language_model(folder, kind, config, reference)
 
 
+def runtime_missing(kind: str) -> str | None:
+    """Why an artifact of this bench kind cannot run on this machine, or None: a GGUF export
+    without llama-cpp-python."""
+    if kind != "gguf":
+        return None
+    from export.llamacpp import llama_cpp_missing
+
+    return llama_cpp_missing()
+
+
 def _measure_language_model(folder: Path, kind: str, config: BenchConfig, reference: str | Path | None) -> dict:
+    missing = runtime_missing(kind)
+    if missing:  # the row says why it is absent; the others are still measured
+        return {"folder": str(folder), "runtime": kind, "absent": missing}
     gc.collect()  # runtimes of earlier measurements must not share the CPU with this one
     model = open_measured(folder, config)
     tokens, source = eval_token_ids(config.data, model.tokenizer)
@@ -153,6 +167,8 @@ def _measure_language_model(folder: Path, kind: str, config: BenchConfig, refere
     speed = measure_speed(model, tokens, config)
     ppl, divergence = score(folder, model, tokens, config, reference)
     own = parameter_count(model.runner) if kind == "pytorch" else None  # integer codes are not parameters
+    if kind == "gguf":
+        model.runner.close()  # llama.cpp's threads and caches go now, not at the next collection
     record = {
         "folder": str(folder),
         "runtime": kind,

@@ -21,7 +21,8 @@ device = sys.argv[6]
 import torch
 from compactgpt.app.open import open_model
 # Only the runtime this artifact needs, so the baseline is what a deployment of it loads.
-for module in {"onnx": ["onnxruntime", "export"], "pytorch-quantized": ["quantize.modules", "quantize.artifact"]}.get(kind, []):
+for module in {"onnx": ["onnxruntime", "export"], "pytorch-quantized": ["quantize.modules", "quantize.artifact"],
+               "gguf": ["llama_cpp", "export"]}.get(kind, []):
     importlib.import_module(module)
 
 def status(key):

@@ -12,7 +12,7 @@ from ...outputs import claim_output
 from ..report import build_report, write_report
 from .config import BenchConfig
 from .folders import check_models
-from .measure import eval_token_ids, measure
+from .measure import eval_token_ids, measure, runtime_missing
 
 
 def write_bench_report(folders: dict[str, str], measurements: dict[str, dict], config: BenchConfig,
@@ -29,7 +29,9 @@ def write_bench_report(folders: dict[str, str], measurements: dict[str, dict], c
 
 
 def _log_measurement(log: Callable[[str], None], m: dict, seconds: float) -> None:
-    if "accuracy" in m:
+    if "absent" in m:
+        log(f"  not measured: {m['absent']}")
+    elif "accuracy" in m:
         log(f"  accuracy {m['accuracy']:.4f}, {m['latency_ms_median']:.1f} ms per example  [{seconds:.0f}s]")
     else:
         log(f"  perplexity {m['perplexity']:.3f}, decode {m['speed'][0]['decode_tok_s']:.0f} tok/s (batch "
@@ -60,6 +62,9 @@ def _measure_all(config: BenchConfig, log: Callable[[str], None]) -> None:
     first_lm = next(f for f, k in zip(folders, kinds) if k != "classifier")
     eval_token_ids(config.data, first_lm)
     reference = folders[names.index(config.baseline)] if config.baseline else first_lm
+    missing = runtime_missing(kinds[folders.index(reference)])
+    if missing:
+        raise ConfigError(f"the baseline {reference} cannot run here: {missing}; or choose another --baseline")
     measurements = {}
     for i, (name, folder) in enumerate(zip(names, folders), 1):
         log(f"[bench {i}/{len(folders)}] {name} ({folder})")

@@ -32,6 +32,21 @@ def _run_report(config: BenchConfig, measured: list[Stage], folders: dict[str, s
                        config.replace(command=command), stage.folder)
 
 
+def runtime_version(source: Stage) -> dict:
+    """What a GGUF row's measurement depends on beyond its settings: the llama.cpp binding that
+    runs it, or its absence, so that installing llama-cpp-python (or another version) measures
+    the row again instead of keeping "not measured". Empty for every other row (their
+    fingerprints stay as they were)."""
+    if source.kind != "export" or source.settings.get("format") != "gguf":
+        return {}
+    from importlib import metadata
+
+    try:
+        return {"llama_cpp_python": metadata.version("llama-cpp-python")}
+    except metadata.PackageNotFoundError:
+        return {"llama_cpp_python": None}
+
+
 def plan_bench(settings: dict, ctx: Planning) -> Stage:
     """The bench group ({"models": [...], "baseline": NAME, **BenchConfig fields}; default: every
     ONNX export, the first as baseline): a measurement per model, every row's KL divergence
@@ -50,7 +65,8 @@ def plan_bench(settings: dict, ctx: Planning) -> Stage:
     measured = []
     for target, src in zip(targets, sources):
         parents = [src.name] + ([reference.name] if reference.name != src.name else [])
-        measured.append(ctx.add(Stage(f"bench/{target}", "measure", ctx.out / "bench" / target, config.to_dict(),
+        settings = {**config.to_dict(), **runtime_version(src)}
+        measured.append(ctx.add(Stage(f"bench/{target}", "measure", ctx.out / "bench" / target, settings,
                                       parents, partial(_run_measure, config, src.folder, reference.folder))))
     folders = {target: str(src.folder) for target, src in zip(targets, sources)}
     return ctx.add(Stage("report", "report", ctx.out / "report", {"baseline": baseline, "models": targets},

@@ -1,5 +1,6 @@
 """Planners of the deployable variants: quantized copies of the models named so far
-(OUT/quantized/MODEL-NAME) and ONNX exports of any of them (OUT/onnx/MODEL)."""
+(OUT/quantized/MODEL-NAME) and exports of any of them: ONNX (OUT/onnx/MODEL, known as
+MODEL-onnx) and GGUF for llama.cpp (OUT/gguf/MODEL, known as MODEL-gguf)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from export import ExportConfig, export_onnx
+from export import ExportConfig, export
 from quantize import QuantizeConfig, config_for, quantize_folder
 
 from ...errors import ConfigError
@@ -22,7 +23,7 @@ def _run_quantize(config: QuantizeConfig, log: Callable[[str], None], stage: Sta
 
 
 def _run_export(config: ExportConfig, log: Callable[[str], None], stage: Stage, resume: bool) -> None:
-    export_onnx(config, log=log)
+    export(config, log=log)
 
 
 def plan_quantize(spec: dict, ctx: Planning) -> list[Stage]:
@@ -47,17 +48,22 @@ def plan_quantize(spec: dict, ctx: Planning) -> list[Stage]:
     return stages
 
 
-def plan_exports(settings: dict, ctx: Planning) -> list[Stage]:
-    """The export group ({"models": [...], **ExportConfig fields}): one ONNX export per model,
-    each with the same settings, named MODEL-onnx."""
-    settings = dict(settings)
-    targets = settings.pop("models", [])
-    base = ExportConfig.from_dict(settings, "export", model="x", out="x")
+def plan_exports(group: dict | list, ctx: Planning) -> list[Stage]:
+    """The export group: one entry ({"models": [...], **ExportConfig fields}) or a list of them,
+    e.g. one per format. Each entry exports every model it names with the same settings, as
+    MODEL-onnx (OUT/onnx/MODEL) or, with "format": "gguf", MODEL-gguf (OUT/gguf/MODEL)."""
     stages = []
-    for target in targets:
-        src = ctx.model(target, "export")
-        config = dataclasses.replace(base, model=str(src.folder), out=str(ctx.out / "onnx" / target))
-        settings = fingerprint_settings(config, ("threads",))  # saved before it became a run setting
-        stages.append(ctx.add(Stage(f"{target}-onnx", "export", Path(config.out), settings, [src.name],
-                                    partial(_run_export, config, ctx.log), model=f"{target}-onnx")))
+    for entry in group if isinstance(group, list) else [group]:
+        if not isinstance(entry, dict):
+            raise ConfigError(f"export: each entry is an object with 'models' and export settings, got {entry!r}")
+        settings = dict(entry)
+        targets = settings.pop("models", [])
+        base = ExportConfig.from_dict(settings, "export", model="x", out="x")
+        for target in targets:
+            src = ctx.model(target, "export")
+            config = dataclasses.replace(base, model=str(src.folder), out=str(ctx.out / base.format / target))
+            settings = fingerprint_settings(config, ("threads",))  # saved before it became a run setting
+            name = f"{target}-{base.format}"
+            stages.append(ctx.add(Stage(name, "export", Path(config.out), settings, [src.name],
+                                        partial(_run_export, config, ctx.log), model=name)))
     return stages
