@@ -144,6 +144,8 @@ class LlamaCppDecoder:
         if input_ids.shape[0] != 1:
             raise ConfigError(f"llama.cpp runs one sequence per context here; got {input_ids.shape[0]} prompts: "
                               "generate them one at a time, or use the ONNX export for batches")
+        import llama_cpp
+
         llm = self._context(every_position=False)
         n_vocab = llm.n_vocab()
 
@@ -151,7 +153,8 @@ class LlamaCppDecoder:
             if int(positions[0, 0]) == 0:
                 llm.reset()  # a new prompt: the cache from the last one is dropped by eval
             llm.eval(ids[0].tolist())
-            last = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            # The binding keeps no logits without logits_all: the last row is read from llama.cpp.
+            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
             return self._padded(last)[None]
 
         yield from stream_tokens(step, input_ids, max_new_tokens, self.config.n_positions,

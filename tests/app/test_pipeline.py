@@ -76,6 +76,22 @@ def test_pipeline_skips_reruns_one_branch_and_restarts(tmp_path, corpus_dir):
     assert {k for k, v in fifth.items() if v == "to run"} == {"teacher-int8", "bench/teacher-int8", "report"}
 
 
+def binding_version(monkeypatch, version: str | None) -> None:
+    """Make the installed llama-cpp-python look like `version` (None: not installed)."""
+    from importlib import metadata
+
+    real = metadata.version
+
+    def fake(name):
+        if name != "llama-cpp-python":
+            return real(name)
+        if version is None:
+            raise metadata.PackageNotFoundError(name)
+        return version
+
+    monkeypatch.setattr(metadata, "version", fake)
+
+
 def test_fingerprint_ignores_folders_and_follows_parents():
     a = fingerprint("quantize", {"bits": 4, "out": "/a", "model": "/x"}, ["p1"])
     assert a == fingerprint("quantize", {"model": "/y", "bits": 4, "out": "/b"}, ["p1"])
@@ -156,8 +172,9 @@ def test_finetuned_teacher_stands_in_for_the_teacher(tmp_path):
 # its 30 earlier stages kept their fingerprints except the report's (its list of rows).
 @pytest.mark.parametrize("name, stages, digest", [("default", 36, "be2f6d482af1eb64"),
                                                   ("gpu", 18, "a4125cc8e3295d1c")])
-def test_shipped_configs_keep_their_fingerprints(tmp_path, name, stages, digest):
+def test_shipped_configs_keep_their_fingerprints(tmp_path, name, stages, digest, monkeypatch):
     """Run folders made by the shipped configs before are still recognised as up to date."""
+    binding_version(monkeypatch, None)  # GGUF rows' fingerprints name the llama.cpp binding here
     planned = plan(load_config(name), tmp_path, log=quiet)
     assert len(planned) == stages
     assert hashlib.sha256(" ".join(s.fingerprint for s in planned).encode()).hexdigest()[:16] == digest
@@ -176,7 +193,7 @@ def test_deploy_group_bundles_exports_and_is_skipped_when_up_to_date(tmp_path, c
     assert (bundle / "model.ort").is_file() and manifest["metrics"]["ort_tokens_match"] is True
     _, again = run_pipeline(cfg, out, log=quiet, progress=False)
     assert again["deploy/mobile/teacher-onnx"] == "skipped"
-    with pytest.raises(ConfigError, match="not an ONNX export"):
+    with pytest.raises(ConfigError, match="not an ONNX export, which --target mobile bundles"):
         plan({**cfg, "deploy": [{"models": ["teacher"], "target": "mobile"}]}, tmp_path / "q", log=quiet)
 
 
@@ -185,30 +202,26 @@ def test_gguf_exports_sit_beside_onnx_and_rows_follow_the_binding(tmp_path, corp
     are known as MODEL-gguf. Where llama-cpp-python is missing their bench rows say so, and
     installing it (another version) measures them again instead of keeping "not measured"."""
     import sys
-    from importlib import metadata
 
     pytest.importorskip("gguf")
     cfg = tiny_config(str(corpus_dir))
     cfg["export"] = [cfg["export"], {"models": ["teacher", "s-int4"], "format": "gguf"}]
     cfg["bench"]["models"] = ["teacher-onnx", "teacher-gguf", "s-int4-gguf"]
+    cfg["deploy"] = [{"models": ["s-int4-gguf"], "target": "llama.cpp"}]
+    with pytest.raises(ConfigError, match="'teacher-onnx' is not a GGUF export, which --target llama.cpp bundles"):
+        plan({**cfg, "deploy": [{"models": ["teacher-onnx"], "target": "llama.cpp"}]}, tmp_path / "q", log=quiet)
     out = tmp_path / "p"
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    real_version = metadata.version
-
-    def version(name):
-        if name == "llama-cpp-python":
-            raise metadata.PackageNotFoundError(name)
-        return real_version(name)
-
-    monkeypatch.setattr(metadata, "version", version)
+    binding_version(monkeypatch, None)
     _, first = run_pipeline(cfg, out, log=quiet, progress=False)
     assert first["s-int4-gguf"].startswith("ran") and (out / "gguf" / "s-int4" / "model.gguf").is_file()
     manifest = json.loads((out / "gguf" / "s-int4" / "manifest.json").read_text())
     assert manifest["extra"]["tensor_types"]["Q4_0"] > 0
+    assert (out / "deploy" / "llama.cpp" / "s-int4-gguf" / "model.gguf").is_file()
     report = json.loads((out / "report" / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["teacher-onnx"]
     assert "llama-cpp-python is not installed" in (out / "report" / "report.md").read_text()
 
-    monkeypatch.setattr(metadata, "version", lambda name: "9.9.9" if name == "llama-cpp-python" else real_version(name))
+    binding_version(monkeypatch, "9.9.9")
     _, plan_now = run_pipeline(cfg, out, log=quiet, progress=False, only_plan=True)
     assert {k for k, v in plan_now.items() if v == "to run"} == {"bench/teacher-gguf", "bench/s-int4-gguf", "report"}

@@ -17,7 +17,8 @@ class BenchConfig(StageConfig):
 
     # What is measured and where the report goes. Not saved (saved=False): the report names
     # every row's folder itself, and a pipeline's measurements keep their fingerprints.
-    models: list[str] = option(default_factory=list, help="artifact folders to measure", metavar="DIR",
+    models: list[str] = option(default_factory=list, help="artifact folders to measure: float, quantized, ONNX "
+                               "(ONNX Runtime) or GGUF (llama.cpp, with llama-cpp-python; timed at batch 1)", metavar="DIR",
                                saved=False)
     names: list[str] = option(default_factory=list, help="row names (default: the folder names)", metavar="NAME",
                               saved=False)

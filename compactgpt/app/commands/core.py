@@ -95,12 +95,13 @@ def run_pretrain(args) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Perplexity by the fixed-length sliding-window method, for a float, quantized or ONNX model "
+    p.description = ("Perplexity by the fixed-length sliding-window method, for a float, quantized, ONNX or GGUF model "
                      "folder. Without --data, the model's own held-out validation split is used. With --reference "
                      "(the model it was compressed from), also the KL divergence of its next-token distributions "
                      "from the reference's and how often both rank the same token first: a finer measure of what "
                      "compression cost than a perplexity difference, which can be smaller than its own noise.")
-    p.add_argument("--model", required=True, help="model folder (float, quantized or ONNX)")
+    p.add_argument("--model", required=True, help="model folder: float, quantized, ONNX, or GGUF (run in llama.cpp "
+                   "through llama-cpp-python)")
     p.add_argument("--reference", help="model folder to compare with (same tokenizer), e.g. the fp32 teacher")
     p.add_argument("--data", help="text file, folder, glob, JSONL file or prepared data folder (its val split)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")

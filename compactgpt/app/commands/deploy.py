@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = (
-    "Make an ONNX export ready for where it runs, and check it there: --target web writes a static page "
+    "Make an export ready for where it runs, and check it there: --target web writes a static page "
     "that generates in the browser (onnxruntime-web, WASM threads or WebGPU, the model's BPE tokenizer in "
     "JavaScript; serve it with `python -m compactgpt.app.deploy.serve DIR`); transformers.js writes the "
     "layout pipeline('text-generation', DIR) loads; genai a folder onnxruntime-genai runs; mobile model.ort "
-    "and the operator list of a reduced ONNX Runtime build. The check runs the bundle in its runtime "
-    "and compares its greedy tokens with ONNX Runtime's in Python. The JavaScript libraries come from "
-    "npm once (node and npm needed for web and transformers.js)."
+    "and the operator list of a reduced ONNX Runtime build; llama.cpp takes a GGUF export (compactgpt export "
+    "--format gguf) and writes model.gguf with a README of the llama.cpp commands that run it. The check "
+    "runs the bundle in its runtime and compares its greedy tokens with ONNX Runtime's in Python (llama.cpp: "
+    "with PyTorch's on the model the GGUF came from). The JavaScript libraries come from npm once (node and "
+    "npm needed for web and transformers.js)."
 )
 
 

@@ -1,15 +1,26 @@
-"""`deploy`: an ONNX export in, a bundle for one runtime out, checked in that runtime.
+"""`deploy`: an export in, a bundle for one runtime out, checked in that runtime.
 
 Each target is a module with the same three functions:
     write(source, out, config, log) -> (files, metrics)   the bundle's files, relative to out
     runtime_missing() -> str | None                        why its runtime cannot run here
     check(out, config, expected, log) -> dict               run it; DeployError on other tokens
-and optionally `reference_graph(out, source, config, scratch) -> folder`, the graph whose arithmetic
-its runtime follows when that is not the export's (a rewritten graph in the bundle, or one the
-target writes into the temporary folder `scratch`). `expected` is what ONNX Runtime in Python generates greedily
-from that graph (`greedy_reference`): for the export itself, the same tokens `compactgpt generate
---temperature 0` prints. The bundle is written like every
-artifact: marked incomplete until its manifest (stage "deploy", parent = the export) is written.
+and optionally:
+    SOURCE_KIND                                 the kind of export it takes ("onnx" when absent;
+                                                "gguf" for llama.cpp)
+    verify_source(source)                       ArtifactError, one line, unless the export's bytes
+                                                match its manifest and its model file parses
+                                                (`verify_onnx_export` when absent)
+    reference_tokens(source, config, log) -> dict   the tokens the check expects, when they do not
+                                                come from ONNX Runtime on a graph (llama.cpp's come
+                                                from PyTorch on the export's parent)
+    reference_graph(out, source, config, scratch) -> folder   the graph whose arithmetic its runtime
+                                                follows when that is not the export's (a rewritten
+                                                graph in the bundle, or one the target writes into
+                                                the temporary folder `scratch`)
+`expected` is otherwise what ONNX Runtime in Python generates greedily from that graph
+(`greedy_reference`): for the export itself, the same tokens `compactgpt generate --temperature 0`
+prints. The bundle is written like every artifact: marked incomplete until its manifest (stage
+"deploy", parent = the export) is written.
 """
 
 from __future__ import annotations
@@ -22,19 +33,84 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import export  # noqa: F401  (registers the "onnx" folder kind a source must be)
-from compactgpt.artifacts import begin_write, finish_write, folder_kind
+import export  # noqa: F401  (registers the "onnx" and "gguf" folder kinds a source must be)
+from compactgpt.artifacts import begin_write, finish_write, folder_kind, read_manifest, resolved_parent
 from compactgpt.errors import ArtifactError
 from compactgpt.outputs import claim_output
 
 from .config import DeployConfig, DeployError
 
 # target -> module under compactgpt.app.deploy implementing it
-TARGET_MODULES = {"web": "web", "transformers.js": "transformersjs", "genai": "genai", "mobile": "mobile"}
+TARGET_MODULES = {"web": "web", "transformers.js": "transformersjs", "genai": "genai", "mobile": "mobile",
+                  "llama.cpp": "llamacpp"}
+# export kind -> (what it is called, the `compactgpt export` flag that writes one)
+SOURCE_KINDS = {"onnx": ("an ONNX export", ""), "gguf": ("a GGUF export", " --format gguf")}
 
 
 def target_module(target: str):
     return importlib.import_module(f"{__package__}.{TARGET_MODULES[target]}")
+
+
+def source_kind(target: str) -> str:
+    """The kind of export folder `target` deploys: "onnx" or "gguf"."""
+    return getattr(target_module(target), "SOURCE_KIND", "onnx")
+
+
+def check_source_kind(source: Path, target: str) -> None:
+    """ArtifactError, one line, unless `source` is the kind of export `target` takes; it names
+    the export command to run, and for the other kind of export the target that takes it."""
+    wanted = source_kind(target)
+    found = folder_kind(source)
+    if found == wanted:
+        return
+    what, flag = SOURCE_KINDS[wanted]
+    if found in SOURCE_KINDS:
+        # An export of the other kind: the model it came from is the one to export again.
+        parent = resolved_parent(source, read_manifest(source))
+        takes = " / ".join(t for t in TARGET_MODULES if source_kind(t) == found)
+        how = "with --format gguf" if flag else "to ONNX"
+        raise ArtifactError(f"{source} is {SOURCE_KINDS[found][0]}, and --target {target} takes {what}: export it "
+                            f"{how} first (compactgpt export --model {parent or 'MODEL'} --out EXPORT{flag}), or "
+                            f"deploy this one with --target {takes}")
+    raise ArtifactError(f"{source} is not {what}; export it first: compactgpt export --model {source} --out EXPORT"
+                        f"{flag}, then deploy --model EXPORT")
+
+
+def readable_onnx_graph(path: Path):
+    """The graph of model.onnx (weights left where they are), parsed; ArtifactError, one line,
+    when the file is not one: protobuf refuses most cut or damaged files, and a file cut at a
+    field boundary parses into a graph with no nodes, no outputs or operators of an opset it
+    does not import. A manifest rewritten to match such a file passes the hash check: this is
+    what stops it before a runtime sees it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    fix = "export it again"
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({reason}); {fix}") from None
+    graph = proto.graph
+    imported = {o.domain or "ai.onnx" for o in proto.opset_import}
+    missing = sorted({n.domain or "ai.onnx" for n in graph.node} - imported)
+    if not graph.node or not graph.output:
+        raise ArtifactError(f"{path} is not a readable ONNX graph (it holds no nodes or no outputs: cut short?); "
+                            f"{fix}")
+    if missing:
+        raise ArtifactError(f"{path} is not a readable ONNX graph (its nodes use {', '.join(missing)}, which it "
+                            f"imports no opset of: cut short?); {fix}")
+    return proto
+
+
+def verify_onnx_export(source: Path) -> None:
+    """The files of an ONNX export against its manifest's sha256 (export.verify), then its graph
+    parsed (`readable_onnx_graph`): ArtifactError, one line, for either."""
+    from export.spec import MODEL_FILE
+    from export.verify import verify_export_files
+
+    verify_export_files(source)
+    readable_onnx_graph(source / MODEL_FILE)
 
 
 def greedy_reference(source: str | Path, prompt: str, max_new_tokens: int,
@@ -62,21 +138,21 @@ def greedy_reference(source: str | Path, prompt: str, max_new_tokens: int,
 def deploy(config: DeployConfig, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
     """Write the bundle config.target of the export config.model into config.out and check it.
 
-    Raises ArtifactError when the model folder is not a complete ONNX export, ConfigError for an
-    --out that claim_output refuses, DeployError when the bundle cannot be built (a missing
-    node/npm for web) or its runtime generates other tokens than the export. Returns the folder."""
+    Raises ArtifactError when the model folder is not a complete export of the kind the target
+    takes (ONNX; GGUF for llama.cpp), or its model file does not parse; ConfigError for an --out
+    that claim_output refuses; DeployError when the bundle cannot be built (a missing node/npm
+    for web) or its runtime generates other tokens than the reference. Returns the folder."""
     source, out = Path(config.model), Path(config.out)
     if not config.model or not config.out:
-        raise DeployError("deploy needs --model (an ONNX export folder) and --out (the folder to write)")
-    if folder_kind(source) != "onnx":
-        raise ArtifactError(f"{source} is not an ONNX export; export it first: "
-                            f"compactgpt export --model {source} --out EXPORT, then deploy --model EXPORT")
-    from export.verify import verify_export_files
-
-    # The bundle's manifest hashes what is copied or derived from the export: damaged bytes must
-    # not be certified (and the greedy reference reads the same, verified, files).
-    verify_export_files(source)
+        what = SOURCE_KINDS[source_kind(config.target)][0]
+        raise DeployError(f"deploy needs --model ({what} folder) and --out (the folder to write)")
+    check_source_kind(source, config.target)
     target = target_module(config.target)
+    # The bundle's manifest hashes what is copied or derived from the export: damaged bytes must
+    # not be certified (and the greedy reference reads the same, verified, files). The model file
+    # is parsed too, so that a file cut short (with a manifest rewritten to match) is one line
+    # here rather than a parser's traceback inside a target.
+    getattr(target, "verify_source", verify_onnx_export)(source)
     missing = target.runtime_missing() if config.check != "never" else None
     if missing and config.check == "always":
         raise DeployError(f"--check always: {missing}")
@@ -95,9 +171,15 @@ def deploy(config: DeployConfig, log: Callable[[str], None] = lambda m: print(m,
 
 
 def _check(target, source: Path, out: Path, config: DeployConfig, log: Callable[[str], None]) -> dict:
-    """Run the bundle in its runtime against ONNX Runtime in Python on the graph the bundle holds;
-    a rewritten graph is also compared with the export (recorded, not an error: it is the
-    rewrite's documented arithmetic)."""
+    """Run the bundle in its runtime against ONNX Runtime in Python on the graph the bundle holds
+    (or against the target's own `reference_tokens`); a rewritten graph is also compared with the
+    export (recorded, not an error: it is the rewrite's documented arithmetic)."""
+    if hasattr(target, "reference_tokens"):
+        expected = target.reference_tokens(source, config, log)
+        log(f"checking the bundle in its runtime: {len(expected['new_ids'])} greedy tokens")
+        metrics = target.check(out, config, expected, log)
+        metrics.update(checked=True, check_tokens=len(expected["new_ids"]))
+        return metrics
     with tempfile.TemporaryDirectory(dir=out, prefix=".reference-") as scratch:
         reference = (target.reference_graph(out, source, config, Path(scratch))
                      if hasattr(target, "reference_graph") else source)
