@@ -70,6 +70,17 @@ def random_gpt(seed: int = 0, **overrides) -> GPT:
     return model.eval()
 
 
+def talkative_gpt(seed: int = 0) -> GPT:
+    """random_gpt with its ln_f bias removed and large position embeddings: its greedy tokens
+    change at every position (random_gpt's repeat one token, which a KV-cache or position bug
+    in a runtime would still reproduce)."""
+    model = random_gpt(seed)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.wpe.weight.mul_(30)
+    return model
+
+
 @pytest.fixture
 def byte_tokenizer() -> Tokenizer:
     """A tokenizer trained on a few lines: enough for artifact round trips."""

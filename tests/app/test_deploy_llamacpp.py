@@ -28,22 +28,12 @@ from compactgpt.errors import ArtifactError
 from compactgpt.io import sha256_file
 from compactgpt.tokenizer import Tokenizer, train_bpe
 from export import ExportConfig, export, export_onnx
-from tests.conftest import random_gpt
+from tests.conftest import talkative_gpt
 
 QUIET = dict(log=lambda m: None)
 PROMPT = "def main("
 NEW_TOKENS = 24
 ONNX_TARGETS = ("web", "transformers.js", "genai", "mobile")
-
-
-def talkative_gpt(seed: int = 0):
-    """random_gpt with large position embeddings and no ln_f bias: its greedy tokens change at
-    every position, so a runtime that got positions or the KV cache wrong would part from it."""
-    model = random_gpt(seed)
-    with torch.no_grad():
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.wpe.weight.mul_(30)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -23,22 +23,11 @@ from compactgpt.errors import ArtifactError, ConfigError
 from compactgpt.tokenizer import train_bpe
 from export import ExportConfig, export_onnx
 from export.genai import genai_config
-from tests.conftest import random_gpt
+from tests.conftest import talkative_gpt
 
 QUIET = dict(log=lambda m: None)
 PROMPT = "def main("
 NEW_TOKENS = 24
-
-
-def talkative_gpt(seed: int = 0):
-    """random_gpt with its ln_f bias removed and large position embeddings: its greedy tokens
-    change at every position (random_gpt's repeat one token, which a KV-cache or position bug
-    in a runtime would still reproduce)."""
-    model = random_gpt(seed)
-    with torch.no_grad():
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.wpe.weight.mul_(30)
-    return model
 
 
 @pytest.fixture(scope="module")
