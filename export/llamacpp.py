@@ -29,11 +29,15 @@ INSTALL_HINT = "pip install -e '.[llamacpp]' (llama-cpp-python; pip compiles lla
 
 
 def llama_cpp_missing() -> str | None:
-    """Why llama.cpp cannot run here (its Python binding is not installed), or None."""
+    """Why llama.cpp cannot run here, or None: its Python binding is not installed, or is but
+    its compiled library does not load on this machine (OSError / RuntimeError from ctypes)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return f"llama-cpp-python is not installed: {INSTALL_HINT}"
+    except (OSError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"llama-cpp-python is installed but its llama.cpp library does not load ({reason}): reinstall it, {INSTALL_HINT}"
     return None
 
 

@@ -25,6 +25,7 @@ from compactgpt.errors import ArtifactError
 from compactgpt.io import atomic_write_text
 from compactgpt.tokenizer import Tokenizer
 from export.gguf import GGUF_FILE
+from export.llamacpp import llama_cpp_missing
 from export.source import TOKENIZER_FILES
 
 from .config import DeployConfig, DeployError
@@ -33,18 +34,11 @@ from .files import place, tree_bytes
 SOURCE_KIND = "gguf"
 README_FILE = "README.md"
 COPIED_FILES = (*TOKENIZER_FILES, "config.json")
-INSTALL_HINT = "pip install -e '.[llamacpp]' (or pip install llama-cpp-python)"
 
 
 def runtime_missing() -> str | None:
-    try:
-        import llama_cpp  # noqa: F401
-    except (ImportError, OSError, RuntimeError) as e:
-        # ImportError: not installed; OSError / RuntimeError: installed, but its libllama does
-        # not load on this machine.
-        detail = "" if isinstance(e, ImportError) else f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        return f"llama-cpp-python is not installed{detail}: {INSTALL_HINT}"
-    return None
+    """Why llama.cpp cannot run here, or None (the export stage's own answer)."""
+    return llama_cpp_missing()
 
 
 def _reexport(source: Path) -> str:
