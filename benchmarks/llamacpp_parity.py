@@ -27,17 +27,12 @@ import torch.nn.functional as F
 from compactgpt.artifacts import load_model
 from compactgpt.calibration import data_folder_tokens
 from compactgpt.machine import machine_info
+from export.llamacpp import ggml_gelu
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = ("def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n",
            "import os\nimport sys\n\n\nclass Reader:\n    \"\"\"Read records from a file.\"\"\"\n",
            "    for i, item in enumerate(items):\n        if item is None:\n            continue\n")
-
-
-def ggml_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU as ggml's CPU backend computes it: a table of fp16 results indexed by the fp16 input."""
-    table = F.gelu(x.half().float(), approximate="tanh").half().float()
-    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
 
 
 def tokenization(gguf: Path, tokenizer, val: torch.Tensor) -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from compactgpt.artifacts import check_complete, read_config
 from compactgpt.errors import ArtifactError, ConfigError
-from compactgpt.sampling import stream_tokens, with_prompt
+from compactgpt.sampling import Step, stream_tokens, with_prompt
 from compactgpt.tokenizer import Tokenizer
 
 from .gguf import GGUF_FILE
@@ -39,6 +39,45 @@ def llama_cpp_missing() -> str | None:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return f"llama-cpp-python is installed but its llama.cpp library does not load ({reason}): reinstall it, {INSTALL_HINT}"
     return None
+
+
+def ggml_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU as llama.cpp's CPU backend computes it (GGML_GELU_FP16, set in its source): the input
+    rounded to fp16 and looked up in a table of fp16 results; the identity from 10, 0 below -10.
+    The one op where its arithmetic differs from PyTorch's beyond float32 rounding: tests and
+    benchmarks put it in a PyTorch model to compare the rest exactly."""
+    table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def padded_logits(logits: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """llama.cpp's logits (..., tokenizer vocabulary) widened to `vocab_size` (the model's
+    embedding rows) with the padding columns at the lowest float, as PyTorch and ONNX Runtime
+    mask them (`compactgpt.model.mask_padded_vocab`): every runtime's rows have the same width."""
+    out = torch.from_numpy(np.array(logits, dtype=np.float32))
+    pad = vocab_size - out.shape[-1]
+    if pad <= 0:
+        return out
+    return torch.cat([out, out.new_full((*out.shape[:-1], pad), torch.finfo(torch.float32).min)], dim=-1)
+
+
+def llama_step(llm, vocab_size: int) -> Step:
+    """A `compactgpt.sampling.Step` over one llama_cpp.Llama context (one sequence, no padding):
+    the new ids appended to its KV cache, or a fresh cache when they start at position 0, and the
+    last position's logits widened to `vocab_size` (`padded_logits`)."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+
+    def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if int(positions[0, 0]) == 0:
+            llm.reset()  # a new prompt: the cache from the last one is dropped by eval
+        llm.eval(ids[0].tolist())
+        # The binding keeps no logits without logits_all: the last row is read from llama.cpp.
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return padded_logits(last, vocab_size)[None]
+
+    return step
 
 
 @contextlib.contextmanager
@@ -111,16 +150,6 @@ class LlamaCppDecoder:
             llm.close()
         self._contexts.clear()
 
-    def _padded(self, logits: np.ndarray) -> torch.Tensor:
-        """llama.cpp's logits (..., tokenizer vocabulary) widened to config.vocab_size with the
-        padding columns at the lowest float, as PyTorch and ONNX Runtime mask them
-        (`compactgpt.model.mask_padded_vocab`): every runtime's rows have the same width."""
-        out = torch.from_numpy(np.array(logits, dtype=np.float32))
-        pad = self.config.vocab_size - out.shape[-1]
-        if pad <= 0:
-            return out
-        return torch.cat([out, out.new_full((*out.shape[:-1], pad), torch.finfo(torch.float32).min)], dim=-1)
-
     # -- scoring ------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of whole sequences, each row from an empty cache."""
@@ -132,7 +161,7 @@ class LlamaCppDecoder:
         for row in input_ids.tolist():
             llm.reset()
             llm.eval(row)
-            rows.append(self._padded(llm.scores[:T]))
+            rows.append(padded_logits(llm.scores[:T], self.config.vocab_size))
         return torch.stack(rows)
 
     def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -148,19 +177,7 @@ class LlamaCppDecoder:
         if input_ids.shape[0] != 1:
             raise ConfigError(f"llama.cpp runs one sequence per context here; got {input_ids.shape[0]} prompts: "
                               "generate them one at a time, or use the ONNX export for batches")
-        import llama_cpp
-
-        llm = self._context(every_position=False)
-        n_vocab = llm.n_vocab()
-
-        def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            if int(positions[0, 0]) == 0:
-                llm.reset()  # a new prompt: the cache from the last one is dropped by eval
-            llm.eval(ids[0].tolist())
-            # The binding keeps no logits without logits_all: the last row is read from llama.cpp.
-            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-            return self._padded(last)[None]
-
+        step = llama_step(self._context(every_position=False), self.config.vocab_size)
         yield from stream_tokens(step, input_ids, max_new_tokens, self.config.n_positions,
                                  attention_mask=attention_mask, **sampling)
 

@@ -166,6 +166,9 @@ def fake_llama_cpp(tokens: list[int], tokenize=None) -> types.SimpleNamespace:
             assert add_bos is False and special is False
             return (tokenize or self.tokenizer.encode)(text.decode())
 
+        def reset(self) -> None:  # an empty cache: this stand-in keeps none
+            pass
+
         def eval(self, ids: list[int]) -> None:
             self.ctx[:] = 0
             if self.steps < len(tokens):

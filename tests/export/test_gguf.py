@@ -12,6 +12,7 @@ import torch
 
 from compactgpt.errors import ConfigError
 from export.gguf import BLOCK_WRITERS, block_type, gguf_dequantized, read_gguf_weights, write_gguf
+from export.llamacpp import ggml_gelu
 from quantize import quantize_
 from quantize.calibrate import CalibrationData
 from quantize.config import RTNConfig, SmoothQuantConfig
@@ -137,13 +138,6 @@ def test_export_stage_writes_a_checked_gguf_folder(tmp_path, tokenizer):
         verify_files(out, manifest)
     # GGUF folders are llama.cpp's to run: eval says so in one line.
     assert main(["eval", "--model", str(out)]) == 2
-
-
-def ggml_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU as llama.cpp's CPU backend computes it (GGML_GELU_FP16, on in its source): the input
-    rounded to fp16 and looked up in a table of fp16 results; the identity from 10, 0 below -10."""
-    table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
-    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
 
 
 @pytest.mark.llamacpp

@@ -25,7 +25,7 @@ from compactgpt.errors import ArtifactError
 from compactgpt.io import atomic_write_text
 from compactgpt.tokenizer import Tokenizer
 from export.gguf import GGUF_FILE
-from export.llamacpp import llama_cpp_missing
+from export.llamacpp import llama_cpp_missing, llama_step
 from export.source import TOKENIZER_FILES
 
 from .config import DeployConfig, DeployError
@@ -204,26 +204,23 @@ def reference_tokens(source: Path, config: DeployConfig, log: Callable[[str], No
 
 
 def greedy_llama(llm, prompt_ids: list[int], max_new_tokens: int, stop: int) -> list[int]:
-    """The tokens llama.cpp computes greedily after prompt_ids: the argmax of the last logits at
-    each step (llama.cpp's sampler chain is not used), each fed back, up to max_new_tokens or
-    (not included) `stop`. `llm`: a llama_cpp.Llama with an empty context."""
-    import llama_cpp
-    import numpy as np
+    """The tokens llama.cpp computes greedily after prompt_ids: the one sampling loop
+    (`compactgpt.sampling.stream_tokens`, temperature 0: the argmax of llama.cpp's logits, not its
+    own sampler chain) over `export.llamacpp.llama_step`, up to max_new_tokens or (not included)
+    `stop`. `llm`: a llama_cpp.Llama with an empty context."""
+    import torch
+
+    from compactgpt.sampling import stream_tokens
 
     new: list[int] = []
     if max_new_tokens <= 0:
         return new
-    llm.eval(prompt_ids)
-    while len(new) < max_new_tokens:
-        # The last position's logits from llama.cpp itself: llama-cpp-python keeps them in
-        # llm.scores only when every position's are computed (logits_all).
-        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        token = int(np.argmax(last))
-        if token == stop:
+    n_ctx = len(prompt_ids) + max_new_tokens  # the caller keeps this within the model's positions
+    for token in stream_tokens(llama_step(llm, llm.n_vocab()), torch.tensor([prompt_ids]), max_new_tokens, n_ctx,
+                               temperature=0.0, stop_tokens=(stop,)):
+        if int(token[0]) == stop:
             break
-        new.append(token)
-        if len(new) < max_new_tokens:
-            llm.eval([token])
+        new.append(int(token[0]))
     return new
 
 
