@@ -7,6 +7,7 @@ rounded again --
     symmetric int4, zero point 8      -> Q4_0   d * (q - 8)       per 32 weights, fp16 d
     asymmetric int4                    -> Q4_1   d * q + m         per 32 weights, fp16 d and m
     symmetric int8, zero point 128     -> Q8_0   d * (q - 128)     per 32 weights, fp16 d
+    6-bit codes on the Q6_K grid       -> Q6_K   d * sc * (q - 32) per 16 weights, int8 sc, fp16 d per 256
 
 for groups that are whole multiples of 32 columns (a group of 128 is four blocks with the same
 scale). The block scale is stored in fp16: a scale that fp16 does not hold exactly moves the
@@ -32,6 +33,7 @@ import torch
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
 from compactgpt.tokenizer import Tokenizer
+from quantize.kquant import is_q6_k, q6_k_decompose
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -97,12 +99,33 @@ def q8_0_blocks(qw) -> torch.Tensor:
     return packed.reshape(qw.out_features, -1)
 
 
+def q6_k_blocks(qw) -> torch.Tensor:
+    """6-bit codes on the Q6_K grid (quantize.kquant) as Q6_K blocks: (out, in / 256 * 210) bytes.
+
+    A block is ql[128] (low 4 bits), qh[64] (high 2 bits), 16 int8 scales, fp16 d. Each half
+    of 128 weights is four runs of 32: byte l of the half's ql holds run 0 in its low nibble
+    and run 2 in its high one, byte 32 + l runs 1 and 3; byte l of its qh holds the high bits
+    of runs 0..3 in bit pairs 0..3."""
+    d, sc = q6_k_decompose(qw.scales)
+    out_f = qw.out_features
+    q = qw.codes.reshape(out_f, -1, 2, 4, 32)  # (out, super-blocks, half, run, l)
+    low, high = q & 0x0F, q >> 4
+    ql = torch.cat([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], dim=-1)
+    qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+    supers = q.shape[1]
+    packed = torch.cat([ql.reshape(out_f, supers, 128), qh.reshape(out_f, supers, 64),
+                        sc.reshape(out_f, supers, 16).view(torch.uint8), _as_bytes(d.unsqueeze(-1))], dim=-1)
+    return packed.reshape(out_f, -1)
+
+
 def block_type(qw, name: str) -> str:
     """The GGUF type that holds `qw` code for code; ConfigError naming the nearest format that
     works when there is none."""
     if qw.g_idx is not None:
         raise ConfigError(f"{name}: activation-order groups (g_idx) have no GGUF equivalent; quantize "
                           "without --act-order to export GGUF, or export ONNX")
+    if is_q6_k(qw) and q6_k_decompose(qw.scales) is not None:
+        return "Q6_K"
     if qw.group_size % BLOCK:
         raise ConfigError(f"{name}: group size {qw.group_size} is not a multiple of {BLOCK}, the GGUF block; "
                           "quantize with --group-size 32, 64 or 128 (or 0, per channel) to export GGUF")
@@ -115,15 +138,18 @@ def block_type(qw, name: str) -> str:
     return "Q4_0" if zeros.tolist() == [8] else "Q4_1"
 
 
-BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks}
+BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks, "Q6_K": q6_k_blocks}
 
 
 def gguf_dequantized(qw) -> torch.Tensor:
     """The float32 weights the GGUF blocks of `qw` decode to: the artifact's own weights with
     each scale (and Q4_1 min) rounded to fp16, as llama.cpp computes them."""
+    ggml_type = block_type(qw, "weight")
+    if ggml_type == "Q6_K":  # the scales are d * sc exactly (q6_k_decompose), computed so by llama.cpp
+        return qw.dequantize()
     d = qw.scales.to(torch.float16).float()[:, qw.group_index()]
     zeros = qw.zeros.float()[:, qw.group_index()]
-    if block_type(qw, "weight") == "Q4_1":
+    if ggml_type == "Q4_1":
         m = (-(d * zeros)).to(torch.float16).float()
         return d * qw.codes.float() + m
     return d * (qw.codes.float() - zeros)

@@ -53,8 +53,7 @@ def quantize_(model: GPT, config: QuantConfig, calibration: CalibrationData | No
             f"{config.method} needs calibration data: pass --data (text or a prepared data folder), "
             "or quantize a model whose manifest records its training data"
         )
-    if config.group_size:
-        check_groups(model, config)
+    check_groups(model, config)
     model.eval()
     start = time.perf_counter()
     handler(model, config, calibration, progress)

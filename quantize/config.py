@@ -41,6 +41,7 @@ class QuantConfig(StageConfig):
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
     calibrated: ClassVar[bool] = False  # needs calibration data (prepare -> calibrate -> convert)
     integer_weights: ClassVar[bool] = True  # produces QuantizedWeight (GPTQ layout); False for bitsandbytes
+    head_grids: ClassVar[tuple[int, ...]] = ()  # head bits beyond supported_bits (6: the Q6_K grid)
 
     bits: int = option(8, "bits per weight")
     group_size: int = option(0, "input columns that share one scale (must divide every quantized layer's "
@@ -52,7 +53,9 @@ class QuantConfig(StageConfig):
     # llama.cpp's Q4_K_M keeps its output matrix at 6 bits for the same reason: every logit comes
     # from it, and it is a large share of a small model's error.
     head_bits: int = option(0, added=True, help="bits of the tied embedding / LM head with --include-embeddings "
-                            "(0 = --bits; 8 beside 4-bit blocks keeps the matrix every logit comes from at int8)")
+                            "(0 = --bits; 8 beside 4-bit blocks keeps the matrix every logit comes from at int8; 6 "
+                            "(rtn, gptq, awq): llama.cpp's Q6_K grid, 6.56 bits per weight, needs a width that is a "
+                            "multiple of 256)")
     # llama.cpp stores each block's numbers in fp16. Scales are always rounded up to fp16, which
     # covers Q4_0 and Q8_0; Q4_1 also stores scale x zero point (its min), which fp16 rounds
     # unless the scale was chosen for it.
@@ -71,9 +74,10 @@ class QuantConfig(StageConfig):
             raise ConfigError(f"{self.method}: group_size must be 0 (per channel) or positive, got {self.group_size}")
         if self.group_size and self.group_size % 2:
             raise ConfigError(f"{self.method}: group_size={self.group_size} must be even (int4 packs two per byte)")
-        if self.head_bits and self.head_bits not in self.supported_bits:
+        head_choices = sorted({*self.supported_bits, *self.head_grids})
+        if self.head_bits and self.head_bits not in head_choices:
             raise ConfigError(f"{self.method}: head_bits={self.head_bits} is not supported; use 0 (= bits) or "
-                              f"{' or '.join(map(str, self.supported_bits))}")
+                              f"{' or '.join(map(str, head_choices))}")
         if self.gguf_exact and not self.integer_weights:
             raise ConfigError(f"{self.method}: gguf_exact sets how integer grids are chosen; bitsandbytes keeps its "
                               "own scales; drop --gguf-exact")
@@ -87,6 +91,10 @@ class QuantConfig(StageConfig):
     def bits_for(self, name: str) -> int:
         """The bits of one quantized layer: head_bits for the LM head when set, else bits."""
         return self.head_bits if name == "lm_head" and self.head_bits else self.bits
+
+    def stored_bits_for(self, name: str) -> int:
+        """The storage width of one layer's codes: 6-bit (Q6_K) codes are stored as 8-bit codes."""
+        return 8 if self.bits_for(name) == 6 else self.bits_for(name)
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
@@ -125,12 +133,16 @@ class CalibratedConfig(QuantConfig):
 class RTNConfig(QuantConfig):
     """Round to nearest: per output channel (group_size 0) or per group of input columns."""
 
+    head_grids: ClassVar[tuple[int, ...]] = (6,)
+
 
 @register_method("gptq")
 @dataclass
 class GPTQConfig(CalibratedConfig):
     """GPTQ: each column's rounding error is compensated on the columns not yet quantized,
     weighted by the inverse Hessian of the layer's calibration inputs."""
+
+    head_grids: ClassVar[tuple[int, ...]] = (6,)
 
     bits: int = _default("bits", 4)
     group_size: int = _default("group_size", 128)
@@ -152,6 +164,8 @@ class AWQConfig(CalibratedConfig):
     """AWQ: per-input-channel scales that protect the channels with large activations, searched
     on calibration data and folded into the preceding LayerNorm or projection; then a search
     for the clipping range of every group."""
+
+    head_grids: ClassVar[tuple[int, ...]] = (6,)
 
     bits: int = _default("bits", 4)
     group_size: int = _default("group_size", 128)

@@ -25,7 +25,8 @@ from .format import QuantizedWeight
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
                        replace_linear)
-from .rtn import grid_params, group_ranges, quantize_codes
+from .kquant import Q6_K_BITS, Q6_K_GROUP, q6_k_grid
+from .rtn import grid_params, group_ranges, quantize_codes, stored_bits
 
 
 def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,10 @@ def gptq_quantize(
     `quantize.rtn.grid_params`, applied where each group's grid is fixed, so the columns are
     solved against the grid that is stored.
 
+    bits=6 solves on llama.cpp's Q6_K grid (`quantize.kquant`), fixed up front from the original
+    weights with the input energy (H's diagonal) as the importance of each column's error;
+    group_size is then Q6_K's 16.
+
     Returns a QuantizedWeight with contiguous groups of `group_size` columns.
     """
     W = w.detach().clone().double()
@@ -58,16 +63,21 @@ def gptq_quantize(
     dead = torch.diag(H) == 0  # inputs that are always zero: any weight works, use 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    groups = n // group_size
     maxq = 2**bits - 1
     device = W.device  # the solve runs where the weight is (a GPU when the model is there)
 
-    static = act_order or group_size == n
+    k_grid = bits == Q6_K_BITS
+    if k_grid:
+        group_size = Q6_K_GROUP
+    groups = n // group_size
+    static = act_order or group_size == n or k_grid
     scale = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     zero = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     if static:
-        lo, hi = group_ranges(W.float(), group_size)
-        s, z = grid_params(lo, hi, bits, symmetric, gguf_exact)
+        if k_grid:
+            s, z = q6_k_grid(W.float(), torch.diag(H).float())
+        else:
+            s, z = grid_params(*group_ranges(W.float(), group_size), bits, symmetric, gguf_exact)
         scale, zero = s.double(), z.double()
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
@@ -106,7 +116,7 @@ def gptq_quantize(
 
     inv = torch.argsort(perm)
     codes = codes[:, inv].clamp(0, maxq)
-    return QuantizedWeight(bits, group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8))
+    return QuantizedWeight(stored_bits(bits), group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,7 +168,9 @@ def _gptq(model, config: GPTQConfig, calibration, progress: bool) -> None:
     if config.include_embeddings:
         w = model.transformer.wte.weight
         H = accumulate_hessian(None, model.transformer.ln_f(xs))
-        quantize_embeddings(model, _solve(w, H, config, config.group_for(w.shape[1], "lm_head"), config.bits_for("lm_head")))
+        bits = config.bits_for("lm_head")
+        group_size = Q6_K_GROUP if bits == Q6_K_BITS else config.group_for(w.shape[1], "lm_head")
+        quantize_embeddings(model, _solve(w, H, config, group_size, bits))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

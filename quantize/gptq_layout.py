@@ -38,7 +38,9 @@ class GPTQLayout:
             "true_sequential": True,
             "lm_head": config.include_embeddings,
             # Per-module overrides as GPTQModel writes them (a regex on the module name): the head's bits.
-            **({"dynamic": {"+:^lm_head$": {"bits": config.head_bits}}}
+            # 6-bit (Q6_K) codes are stored as 8-bit codes in groups of 16.
+            **({"dynamic": {"+:^lm_head$": {"bits": config.head_bits} if config.head_bits != 6
+                            else {"bits": 8, "group_size": 16}}}
                if config.include_embeddings and config.bits_for("lm_head") != config.bits else {}),
         }
 
@@ -60,14 +62,14 @@ class GPTQLayout:
 
     def check_layer(self, path: Path, name: str, entries: dict, config: QuantConfig, linear: nn.Linear) -> None:
         """GPTQ words and scales of the layer's bits and shape (see format.check_gptq_header)."""
-        check_gptq_header(path, name, entries, config.bits_for(name), linear.in_features, linear.out_features)
+        check_gptq_header(path, name, entries, config.stored_bits_for(name), linear.in_features, linear.out_features)
 
     def load_layer(self, model: GPT, name: str, tensors: dict[str, torch.Tensor], config: QuantConfig,
                    act_bits: int | None, device) -> None:
         """A QuantLinear (for `lm_head`, the head and the tied embedding sharing one weight)."""
         # On the device before the modules are built: the tied embedding and LM head then
         # share one QuantizedWeight there too (moving the model keeps weights already in place).
-        qw = from_gptq_tensors(tensors, config.bits_for(name), name).to(device)
+        qw = from_gptq_tensors(tensors, config.stored_bits_for(name), name).to(device)
         if name == "lm_head":
             model.lm_head = QuantLinear(qw, None)
             model.transformer.wte = QuantEmbedding(qw)

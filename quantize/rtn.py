@@ -20,6 +20,7 @@ from .config import RTNConfig
 from .format import QuantizedWeight
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import each_projection, quantize_embeddings, register_handler, register_layout, replace_linear
+from .kquant import Q6_K_BITS, q6_k_quantize
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +91,15 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of w on the grid (scale, zero), broadcast elementwise; returned as float."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    """Codes of w on the grid (scale, zero), broadcast elementwise; returned as float. A zero
+    step (a K-quant sub-block of zeros) gives the zero point."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, zero + 0 * w, torch.clamp(torch.round(w / safe) + zero, 0, 2**bits - 1))
+
+
+def stored_bits(bits: int) -> int:
+    """The storage width of codes of `bits`: 6-bit codes (Q6_K) are stored and run as 8-bit codes."""
+    return 8 if bits == Q6_K_BITS else bits
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -108,10 +116,14 @@ def group_ranges(w: torch.Tensor, group_size: int, clip: torch.Tensor | float = 
 
 def rtn_quantize(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0,
-    gguf_exact: bool = False,
+    gguf_exact: bool = False, importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the
-    range; gguf_exact as in `grid_params`."""
+    range; gguf_exact as in `grid_params`. bits=6 rounds to llama.cpp's Q6_K grid instead
+    (`quantize.kquant`; its own groups of 16, its scale search weighted by `importance`, the
+    columns' input energy, where calibration gives one)."""
+    if bits == Q6_K_BITS:
+        return q6_k_quantize(w, importance)
     w = w.detach().float()
     out_f, in_f = w.shape
     lo, hi = group_ranges(w, group_size, clip)

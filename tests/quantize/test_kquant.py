@@ -1,0 +1,157 @@
+"""The Q6_K grid (6-bit LM head): llama.cpp's block structure kept exactly (an fp16 d per 256
+weights times an int8 sc per 16), a searched scale that beats the plain max rule, the same
+weights through PyTorch, the GPTQ checkpoint, ONNX Runtime and the GGUF file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compactgpt.errors import ConfigError
+from quantize import load_quantized, quantize_, save_quantized
+from quantize.calibrate import CalibrationData
+from quantize.config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from quantize.kquant import (Q6_K_GROUP, is_q6_k, q6_k_codes, q6_k_decompose, q6_k_grid, q6_k_quantize,
+                             sub_block_steps)
+from tests.conftest import random_gpt
+
+
+def weight(seed=0, out_f=48, in_f=512):
+    g = torch.Generator().manual_seed(seed)
+    # Heavy-tailed rows, as trained weights are: the extreme of a sub-block is far from the rest.
+    return torch.randn(out_f, in_f, generator=g) * 0.02 * (1 + torch.rand(out_f, 1, generator=g)) + \
+        torch.randn(out_f, in_f, generator=g).pow(3) * 0.005
+
+
+def test_scales_are_an_fp16_d_per_super_block_times_int8():
+    w = weight()
+    qw = q6_k_quantize(w)
+    assert is_q6_k(qw) and qw.bits == 8 and qw.group_size == Q6_K_GROUP
+    assert int(qw.codes.max()) <= 63 and bool((qw.zeros == 32).all())
+    d, sc = q6_k_decompose(qw.scales)
+    assert d.dtype == torch.float16 and sc.dtype == torch.int8 and d.shape == (48, 2)
+    assert torch.equal(d.float().repeat_interleave(16, dim=1) * sc.float(), qw.scales)
+    assert int(sc.min()) == -128  # each super-block's largest step lands on -128, as llama.cpp puts it
+    # Scales made on another grid have no such split.
+    assert q6_k_decompose(qw.scales * (1 + 1e-3 * torch.rand(qw.scales.shape))) is None
+
+
+def test_six_bits_sit_between_four_and_eight():
+    from quantize.rtn import rtn_quantize
+
+    w = weight()
+    errors = {bits: float((rtn_quantize(w, bits, 32, True).dequantize() - w).pow(2).mean()) for bits in (4, 6, 8)}
+    assert errors[8] < errors[6] < errors[4] / 10
+
+
+def test_the_searched_step_beats_the_plain_extreme_rule():
+    x = weight(1).reshape(-1, Q6_K_GROUP)
+    a = x * x
+    extreme = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))
+    plain = extreme / -32
+
+    def weighted_error(step):
+        q = q6_k_codes(x, step) - 32
+        return float((a * (x - q * step) ** 2).sum())
+
+    assert weighted_error(sub_block_steps(x, a)[:, None]) < 0.97 * weighted_error(plain)
+
+
+def test_importance_weights_the_error_it_names():
+    w = weight(2)
+    g = torch.Generator().manual_seed(3)
+    importance = torch.rand(w.shape[1], generator=g) ** 4 * 100  # a few columns carry most input energy
+
+    def weighted_error(scales):
+        codes = q6_k_codes(w.reshape(w.shape[0], -1, Q6_K_GROUP), scales[..., None]).reshape(w.shape)
+        deq = (codes - 32) * scales.repeat_interleave(Q6_K_GROUP, dim=1)
+        return float((importance * (w - deq) ** 2).sum())
+
+    assert weighted_error(q6_k_grid(w, importance)[0]) < weighted_error(q6_k_grid(w)[0])
+
+
+def test_an_all_zero_super_block_stays_zero():
+    w = weight(0, 4, 512)
+    w[1, :256] = 0
+    qw = q6_k_quantize(w)
+    assert torch.equal(qw.dequantize()[1, :256], torch.zeros(256))
+    assert q6_k_decompose(qw.scales) is not None
+
+
+def calibration():
+    return CalibrationData(torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(0)), "random")
+
+
+@pytest.mark.parametrize("config", [
+    RTNConfig(bits=4, group_size=32, include_embeddings=True, head_bits=6),
+    GPTQConfig(bits=4, group_size=32, act_order=False, include_embeddings=True, head_bits=6, calib_samples=8),
+    AWQConfig(bits=4, group_size=32, include_embeddings=True, head_bits=6, calib_samples=8, n_grid=2),
+], ids=["rtn", "gptq", "awq"])
+def test_a_six_bit_head_loads_back_and_runs_the_same_everywhere(tmp_path, tokenizer, config):
+    from export.gguf import block_type, gguf_dequantized, read_gguf_weights, write_gguf
+
+    model = random_gpt(0, n_embd=256, n_head=4)
+    quantize_(model, config, calibration() if config.calibrated else None)
+    head = model.lm_head.qweight
+    assert is_q6_k(head) and block_type(head, "lm_head") == "Q6_K"
+    assert model.transformer.wte.qweight is head
+    save_quantized(tmp_path / "q", model, tokenizer, config)
+    loaded = load_quantized(tmp_path / "q").model
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    n = tokenizer.vocab_size  # the saved model masks the vocabulary's padding rows
+    assert torch.equal(loaded(ids).logits[..., :n], model(ids).logits[..., :n])
+    # GGUF: the head is a Q6_K tensor that decodes to exactly the artifact's weights.
+    written = {t.name: t for t in write_gguf(tmp_path / "m.gguf", loaded, tokenizer)}
+    assert written["token_embd.weight"].ggml_type == "Q6_K"
+    decoded = read_gguf_weights(tmp_path / "m.gguf")["token_embd.weight"]
+    assert np.array_equal(decoded, loaded.lm_head.weight[:n].numpy())
+    assert np.array_equal(decoded, gguf_dequantized(head)[:n].numpy())
+
+
+def test_gptq_solves_on_the_q6_k_grid_it_stores():
+    """GPTQ's head: the grid is fixed from the original weights (input energy as importance),
+    and the solve lowers the output error below rounding to that same grid."""
+    from quantize.gptq import accumulate_hessian, gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = weight(4, 32, 256)
+    x = torch.randn(512, 256, generator=g) * (1 + 4 * torch.rand(256, generator=g))
+    H = accumulate_hessian(None, x)
+    solved = gptq_quantize(w, H, 6, 0, act_order=False)
+    assert is_q6_k(solved)
+    grid, _ = q6_k_grid(w, torch.diag(H).float())
+    assert torch.equal(solved.scales, grid)
+    rounded = q6_k_codes(w.reshape(32, -1, 16), grid[..., None]).reshape(w.shape)
+    rounded = (rounded - 32) * grid.repeat_interleave(16, dim=1)
+
+    def output_error(deq):
+        return float((x @ (w - deq).T).pow(2).mean())
+
+    assert output_error(solved.dequantize()) < 0.9 * output_error(rounded)
+
+
+def test_six_bits_are_refused_where_they_cannot_be_made():
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        quantize_(random_gpt(0, n_embd=64), RTNConfig(bits=4, group_size=32, include_embeddings=True, head_bits=6))
+    with pytest.raises(ConfigError, match="head_bits=6 is not supported"):
+        SmoothQuantConfig(include_embeddings=True, head_bits=6)
+    with pytest.raises(ConfigError, match="head_bits=7 is not supported; use 0 .* or 4 or 6 or 8"):
+        RTNConfig(bits=4, include_embeddings=True, head_bits=7)
+
+
+def test_onnx_runs_the_six_bit_head_as_pytorch_does(tmp_path, tokenizer):
+    import onnxruntime as ort
+
+    from export.graph import BuildOptions, build_decoder, collect_projections
+    from export.spec import DecoderSpec
+    from export.validate import validate
+
+    model = random_gpt(0, n_embd=256, n_head=4)
+    quantize_(model, RTNConfig(bits=4, group_size=32, include_embeddings=True, head_bits=6))
+    proto = build_decoder(model, collect_projections(model), BuildOptions(accuracy_level=0))
+    heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.name == "lm_head"]
+    assert [a.i for a in heads[0].attribute if a.name == "bits"] == [8]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert validate(model, session, DecoderSpec.from_config(model.config), atol=1e-4)["max_logits_diff"] < 1e-4
