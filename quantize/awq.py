@@ -46,19 +46,19 @@ AWQ_MAPPINGS = (
 
 
 def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                         clip: torch.Tensor | float = 1.0, gguf_exact: bool = False) -> torch.Tensor:
+                         clip: torch.Tensor | float = 1.0, gguf_exact: bool = False, full: bool = True) -> torch.Tensor:
     """w (out, in) rounded group-wise to its grid (the one `rtn_quantize` stores for the same
     arguments) and mapped back to float."""
     out_f, in_f = w.shape
     lo, hi = group_ranges(w, group_size, clip)
-    scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact)
+    scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact, full)
     g = w.reshape(out_f, in_f // group_size, group_size)
     return fake_quantize(g, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
 
 
 def search_scales(
     x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int, symmetric: bool, n_grid: int,
-    gguf_exact: bool = False,
+    gguf_exact: bool = False, full: bool = True,
 ) -> tuple[torch.Tensor, float, float]:
     """Per-input-channel scales s (in,) for weights that share the input x (N, in).
 
@@ -70,7 +70,7 @@ def search_scales(
     x_mean = x.abs().mean(dim=0).clamp(min=1e-8)
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
     for a, s in candidate_scales(x_mean, None, n_grid):
-        Wq = fake_quantize_groups(W * s, bits, group_size, symmetric, gguf_exact=gguf_exact) / s
+        Wq = fake_quantize_groups(W * s, bits, group_size, symmetric, gguf_exact=gguf_exact, full=full) / s
         err = (x @ Wq.T - ref).pow(2).mean().item()
         if err < best[0]:
             best = (err, s, a)
@@ -102,7 +102,7 @@ def normalized_weight_mean(weights: list[torch.Tensor], group_size: int) -> torc
 @torch.no_grad()
 def search_scales_through(
     x: torch.Tensor, forward, params: list[torch.nn.Parameter], bits: int, group_size: int, symmetric: bool,
-    n_grid: int, duo: bool = True, gguf_exact: bool = False,
+    n_grid: int, duo: bool = True, gguf_exact: bool = False, full: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Per-input-channel scales for the weights `params` that read x (..., in), judged by the
     output of `forward(x)`, the module whose output the scaled layers feed (attention, MLP).
@@ -118,7 +118,7 @@ def search_scales_through(
     try:
         for a, s in candidate_scales(x_mean, w_mean, n_grid):
             for p, w in zip(params, originals):
-                p.copy_(fake_quantize_groups(w * s, bits, group_size, symmetric, gguf_exact=gguf_exact) / s)
+                p.copy_(fake_quantize_groups(w * s, bits, group_size, symmetric, gguf_exact=gguf_exact, full=full) / s)
             err = (forward(x) - ref).pow(2).mean().item()
             if err < best[0]:
                 best = (err, s, a)
@@ -130,7 +130,7 @@ def search_scales_through(
 
 def search_clip(
     x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int,
-    max_shrink: float, fixed_rows: int = 0, gguf_exact: bool = False,
+    max_shrink: float, fixed_rows: int = 0, gguf_exact: bool = False, full: bool = True,
 ) -> QuantizedWeight:
     """Quantize w (out, in) with a clipping ratio per (row, group) chosen to minimize the
     group's output error on inputs x (N, in). The first `fixed_rows` rows keep the full range
@@ -141,14 +141,14 @@ def search_clip(
     out_f, in_f = w.shape
     groups = in_f // group_size
     if max_shrink <= 0:
-        return rtn_quantize(w, bits, group_size, symmetric, gguf_exact=gguf_exact)
+        return rtn_quantize(w, bits, group_size, symmetric, gguf_exact=gguf_exact, full=full)
     xg = x.reshape(-1, groups, group_size)  # (N, G, gs)
     best_err = torch.full((out_f, groups), float("inf"), device=w.device)
     best_ratio = torch.ones(out_f, groups, device=w.device)
     wg = w.reshape(out_f, groups, group_size)
     for k in range(n_grid):
         ratio = 1.0 - max_shrink * k / n_grid
-        d = (w - fake_quantize_groups(w, bits, group_size, symmetric, ratio, gguf_exact)).reshape(
+        d = (w - fake_quantize_groups(w, bits, group_size, symmetric, ratio, gguf_exact, full)).reshape(
             out_f, groups, group_size)
         # Output error of each group's contribution, averaged over the inputs: (out, G).
         err = torch.einsum("ngk,ogk->ogn", xg, d).pow(2).mean(dim=-1)
@@ -157,7 +157,7 @@ def search_clip(
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
     del wg
     best_ratio[:fixed_rows] = 1.0
-    return rtn_quantize(w, bits, group_size, symmetric, clip=best_ratio, gguf_exact=gguf_exact)
+    return rtn_quantize(w, bits, group_size, symmetric, clip=best_ratio, gguf_exact=gguf_exact, full=full)
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class _AWQBlocks(BlockHooks):
         self.model, self.config = model, config
         self.inputs: dict[str, list[torch.Tensor]] = {layer: [] for layer in BLOCK_LAYERS}
         self.search = dict(bits=config.bits, symmetric=config.symmetric, n_grid=config.n_grid,
-                           gguf_exact=config.gguf_exact)
+                           gguf_exact=config.gguf_exact, full=config.full)
 
     def observe(self, layer: str, x: torch.Tensor) -> None:
         self.inputs[layer].append(x)

@@ -20,6 +20,7 @@ from compactgpt.errors import ConfigError
 # name -> config class, in registration order (the order of the CLI's flags); filled by
 # @register_method below.
 METHODS: dict[str, type["QuantConfig"]] = {}
+GRIDS = ("full", "midpoint")
 
 
 def register_method(name: str):
@@ -38,6 +39,7 @@ class QuantConfig(StageConfig):
     """Settings shared by every method."""
 
     method: ClassVar[str] = ""
+    config_version: ClassVar[int] = 2  # 2: `grid` (symmetric grids use every code by default)
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
     calibrated: ClassVar[bool] = False  # needs calibration data (prepare -> calibrate -> convert)
     integer_weights: ClassVar[bool] = True  # produces QuantizedWeight (GPTQ layout); False for bitsandbytes
@@ -56,6 +58,13 @@ class QuantConfig(StageConfig):
                             "(0 = --bits; 8 beside 4-bit blocks keeps the matrix every logit comes from at int8; 6 "
                             "(rtn, gptq, awq): llama.cpp's Q6_K grid, 6.56 bits per weight, needs a width that is a "
                             "multiple of 256)")
+    # Artifacts saved before `grid` existed (config_version 1) were made on the midpoint grid:
+    # `from_dict` reads their settings so; settings without a version (a pipeline config, the
+    # Python API) are current ones.
+    grid: str = option("full", help="symmetric integer grid: full (every code used, the group's signed extreme on "
+                       "the end code as llama.cpp's Q4_0 puts it, int8 at max|w|/127 as Q8_0, each group's step "
+                       "searched on its squared error) or midpoint (the earlier grid: step 2 max|w| / (2**bits - 1), "
+                       "one code unused)")
     # llama.cpp stores each block's numbers in fp16. Scales are always rounded up to fp16, which
     # covers Q4_0 and Q8_0; Q4_1 also stores scale x zero point (its min), which fp16 rounds
     # unless the scale was chosen for it.
@@ -81,12 +90,27 @@ class QuantConfig(StageConfig):
         if self.gguf_exact and not self.integer_weights:
             raise ConfigError(f"{self.method}: gguf_exact sets how integer grids are chosen; bitsandbytes keeps its "
                               "own scales; drop --gguf-exact")
+        if self.grid not in GRIDS:
+            raise ConfigError(f"{self.method}: grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.head_bits and not self.include_embeddings:
             raise ConfigError(f"{self.method}: head_bits sets the bits of the quantized embedding / LM head; add "
                               "--include-embeddings, or drop --head-bits")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **super().to_dict()}
+
+    @property
+    def full(self) -> bool:
+        """Whether symmetric grids use every code (`quantize.rtn.grid_params`)."""
+        return self.grid == "full"
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "", **fixed: Any):
+        values = dict(values)
+        version = values.get(VERSION_KEY)
+        if isinstance(version, int) and version < 2 and "grid" not in values and "grid" not in fixed:
+            values["grid"] = "midpoint"  # what version 1 computed
+        return super().from_dict(values, where, **fixed)
 
     def bits_for(self, name: str) -> int:
         """The bits of one quantized layer: head_bits for the LM head when set, else bits."""

@@ -26,7 +26,7 @@ from .gptq_layout import GPTQ_LAYOUT
 from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
                        replace_linear)
 from .kquant import Q6_K_BITS, Q6_K_GROUP, q6_k_grid
-from .rtn import grid_params, group_ranges, quantize_codes, stored_bits
+from .rtn import grid_params, group_ranges, quantize_codes, searched_symmetric_grid, stored_bits
 
 
 def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +46,7 @@ def gptq_quantize(
     act_order: bool = True,
     block_columns: int = 128,
     gguf_exact: bool = False,
+    full: bool = True,
 ) -> QuantizedWeight:
     """Quantize w (out, in) against the Hessian H (in, in) of its inputs; gguf_exact as in
     `quantize.rtn.grid_params`, applied where each group's grid is fixed, so the columns are
@@ -76,8 +77,12 @@ def gptq_quantize(
     if static:
         if k_grid:
             s, z = q6_k_grid(W.float(), torch.diag(H).float())
+        elif symmetric and full:
+            # Each group's step searched on the rounding error weighted by its columns' input energy.
+            s, z = searched_symmetric_grid(W.float().reshape(out_f, groups, group_size), bits,
+                                           torch.diag(H).float().reshape(1, groups, group_size))
         else:
-            s, z = grid_params(*group_ranges(W.float(), group_size), bits, symmetric, gguf_exact)
+            s, z = grid_params(*group_ranges(W.float(), group_size), bits, symmetric, gguf_exact, full)
         scale, zero = s.double(), z.double()
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=device)
@@ -101,8 +106,12 @@ def gptq_quantize(
             if not static and col % group_size == 0:
                 # Without activation order, a group's grid comes from its weights as already
                 # updated by the earlier columns' errors (the original GPTQ rule).
-                lo = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                s, z = grid_params(lo.amin(1).float(), lo.amax(1).float(), bits, symmetric, gguf_exact)
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size].float()
+                if symmetric and full:
+                    energy = torch.diag(H)[col:col + group_size].float()
+                    s, z = searched_symmetric_grid(ahead, bits, energy.expand_as(ahead))
+                else:
+                    s, z = grid_params(ahead.amin(1), ahead.amax(1), bits, symmetric, gguf_exact, full)
                 scale[:, col // group_size], zero[:, col // group_size] = s.double(), z.double()
             g = group_of[col]
             wcol = W1[:, i]
@@ -158,7 +167,7 @@ class _GPTQBlocks(BlockHooks):
 
 def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, group_size: int, bits: int | None = None) -> QuantizedWeight:
     return gptq_quantize(w, H, bits or config.bits, group_size, config.symmetric, config.damp_percent, config.act_order,
-                         config.block_columns, config.gguf_exact)
+                         config.block_columns, config.gguf_exact, config.full)
 
 
 @register_handler(GPTQConfig)

@@ -2,10 +2,10 @@
 
 Pure functions on tensors. A group of weights with range [lo, hi] gets a step (scale) and a
 zero point; a weight w becomes the code clamp(round(w / scale) + zero, 0, 2**bits - 1).
-Symmetric grids fix the zero point at 2**(bits-1) and span [-max|w|, max|w|]; asymmetric
-grids span [min(w, 0), max(w, 0)]. Scales are rounded *up* to the nearest float16 value so the
-GPTQ checkpoint layout (float16 scales) stores them exactly and no weight moves more than
-half a step. With `gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in
+Symmetric grids fix the zero point at 2**(bits-1) and use every code, llama.cpp's Q4_0 and
+Q8_0 rules (`grid_params`), with each group's step searched on its weighted squared error
+(`searched_symmetric_grid`); asymmetric grids span [min(w, 0), max(w, 0)]. Scales are rounded
+to float16 values so the GPTQ checkpoint layout (float16 scales) stores them exactly. With `gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in
 float16 (`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum,
 beside the fp16 step, so the GGUF file then holds the very weights that were evaluated.
 
@@ -61,25 +61,39 @@ def fp16_exact_step(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 def grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
-                gguf_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                gguf_exact: bool = False, full: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (float, integral) for ranges [lo, hi] (any shape).
 
-    The scale is always float16-exact. gguf_exact: an asymmetric 4-bit grid also makes scale x
-    zero float16-exact (`fp16_exact_step`; the step only widens, with the zero point chosen for
-    the unwidened step, so the grid still spans [lo, hi]); symmetric zero points are powers of
-    two, whose products with an fp16 scale are exact already.
+    Symmetric grids put the zero point on the middle code 2**(bits-1). `full` (the default)
+    uses every code, as llama.cpp's blocks do: a 4-bit group's signed extreme lands on code 0
+    (step = extreme / -8, Q4_0's rule: the step is negative when the extreme is positive), an
+    8-bit group's max|w| on codes 1 and 255 (step = max|w| / 127, Q8_0's rule). full=False is
+    the earlier "midpoint" grid, step 2 max|w| / (2**bits - 1), which never uses one code and
+    clips the positive extreme by half a step (1.22x Q4_0's squared error at int4 g32).
+
+    The scale's magnitude is always rounded up to float16. gguf_exact: an asymmetric 4-bit
+    grid also makes scale x zero float16-exact (`fp16_exact_step`; the step only widens, with
+    the zero point chosen for the unwidened step, so the grid still spans [lo, hi]); symmetric
+    zero points are powers of two, whose products with an fp16 scale are exact already.
     """
     maxq = 2**bits - 1
     if symmetric:
+        half = 2 ** (bits - 1)
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = 2 * amax / maxq
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+        if not full:
+            scale = 2 * amax / maxq
+        elif bits == 8:
+            scale = amax / (half - 1)
+        else:
+            scale = torch.where(hi >= -lo, hi, lo) / -half
+        zero = torch.full_like(scale, float(half))
     else:
         lo = lo.clamp(max=0)
         hi = hi.clamp(min=0)
         scale = (hi - lo) / maxq
-    # An all-zero group still needs a positive step (any code maps back to 0 with the zero point).
-    scale = fp16_ceil(torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=2**-24))
+    # An all-zero group still needs a nonzero step (any code maps back to 0 with the zero point).
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    scale = sign * fp16_ceil(torch.where(scale != 0, scale.abs(), torch.ones_like(scale)).clamp(min=2**-24))
     if not symmetric:
         zero = torch.round(-lo / scale).clamp(0, maxq)
         # Only a 4-bit grid: Q4_1 is the one llama.cpp block that stores scale x zero point, and
@@ -88,6 +102,41 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
         if gguf_exact and bits == 4:
             scale = fp16_exact_step(scale, zero)
     return scale, zero
+
+
+def searched_symmetric_grid(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
+                            steps: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full symmetric grid (`grid_params`) of groups x (..., group) with each step searched:
+    the group's signed extreme is put on -(2**(bits-1) + k / 10) codes for k in -steps..steps
+    and each candidate's codes are refitted with their least-squares step (llama.cpp's
+    `make_qx_quants`), every step rounded to float16 and scored by the squared error it really
+    gives, weighted by `importance` (broadcast to x: the columns' input energy where
+    calibration exists; None: x^2, as llama.cpp weighs it without an importance matrix). The
+    plain rule is a candidate, so the search never does worse on that score."""
+    half = 2 ** (bits - 1)
+    a = x * x if importance is None else importance.expand_as(x)
+    scale, zero = grid_params(x.amin(-1), x.amax(-1), bits, True)
+
+    def error(step):
+        q = quantize_codes(x, step[..., None], zero[..., None], bits) - zero[..., None]
+        return (a * (x - q * step[..., None]) ** 2).sum(-1)
+
+    best, best_err = scale, error(scale)
+    extreme = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    nonzero = extreme != 0
+    for k in range(-steps, steps + 1):
+        inverse = -(half + k / 10) / torch.where(nonzero, extreme, torch.ones_like(extreme))
+        q = torch.clamp(torch.round(x * inverse[..., None]), -half, half - 1)
+        refit = (a * x * q).sum(-1) / (a * q * q).sum(-1).clamp(min=1e-30)
+        for step in (1 / inverse, refit):
+            ok = nonzero & (step != 0) & torch.isfinite(step)
+            step = torch.where(ok, step, scale).to(torch.float16).float()
+            step = torch.where(step == 0, scale, step)
+            err = error(step)
+            better = ok & (err < best_err)
+            best = torch.where(better, step, best)
+            best_err = torch.where(better, err, best_err)
+    return best, zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -116,19 +165,25 @@ def group_ranges(w: torch.Tensor, group_size: int, clip: torch.Tensor | float = 
 
 def rtn_quantize(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0,
-    gguf_exact: bool = False, importance: torch.Tensor | None = None,
+    gguf_exact: bool = False, importance: torch.Tensor | None = None, full: bool = True, search: bool = True,
 ) -> QuantizedWeight:
     """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the
-    range; gguf_exact as in `grid_params`. bits=6 rounds to llama.cpp's Q6_K grid instead
+    range; gguf_exact and full as in `grid_params`. A full symmetric grid without clipping has
+    its steps searched (`searched_symmetric_grid`, weighted by `importance` (in,) when given)
+    unless search=False. bits=6 rounds to llama.cpp's Q6_K grid instead
     (`quantize.kquant`; its own groups of 16, its scale search weighted by `importance`, the
     columns' input energy, where calibration gives one)."""
     if bits == Q6_K_BITS:
         return q6_k_quantize(w, importance)
     w = w.detach().float()
     out_f, in_f = w.shape
-    lo, hi = group_ranges(w, group_size, clip)
-    scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact)  # (out, groups)
     groups = in_f // group_size
+    if symmetric and full and search and not isinstance(clip, torch.Tensor) and clip == 1.0:
+        imp = None if importance is None else importance.float().to(w.device).reshape(1, groups, group_size)
+        scale, zero = searched_symmetric_grid(w.reshape(out_f, groups, group_size), bits, imp)
+    else:
+        lo, hi = group_ranges(w, group_size, clip)
+        scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact, full)  # (out, groups)
     codes = quantize_codes(
         w.reshape(out_f, groups, group_size), scale[..., None], zero[..., None], bits
     ).reshape(out_f, in_f)
@@ -140,11 +195,11 @@ def rtn_quantize(
 def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
     for name, lin in each_projection(model, "rtn", progress):
         replace_linear(model, name, rtn_quantize(lin.weight, config.bits, config.group_for(lin.in_features, name),
-                                                 config.symmetric, gguf_exact=config.gguf_exact))
+                                                 config.symmetric, gguf_exact=config.gguf_exact, full=config.full))
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),
-                                                config.symmetric, gguf_exact=config.gguf_exact))
+                                                config.symmetric, gguf_exact=config.gguf_exact, full=config.full))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

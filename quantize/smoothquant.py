@@ -108,7 +108,7 @@ class _SmoothBlocks(BlockHooks):
             name = layer_name(index, layer)
             lin = block.get_submodule(layer)
             qw = rtn_quantize(lin.weight, 8, self.config.group_for(lin.in_features, name), self.config.symmetric,
-                              gguf_exact=self.config.gguf_exact)
+                              gguf_exact=self.config.gguf_exact, full=self.config.full)
             replace_linear(self.model, name, qw, act_bits=8)
 
 
@@ -119,7 +119,7 @@ def _smoothquant(model, config: SmoothQuantConfig, calibration, progress: bool) 
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, 8, config.group_for(w.shape[1], "lm_head"), config.symmetric,
-                                                gguf_exact=config.gguf_exact))
+                                                gguf_exact=config.gguf_exact, full=config.full))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

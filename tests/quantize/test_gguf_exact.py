@@ -78,9 +78,20 @@ def test_old_settings_load_and_fingerprint_as_before():
         on = config_from_dict({**old, "gguf_exact": True})
         assert on.fingerprint_dict()["gguf_exact"] is True and on.fingerprint_dict() != loaded.fingerprint_dict()
         assert config_from_dict(on.versioned_dict()) == on
-    # Pinned: the settings a pipeline hashed for this entry before the field existed.
+    # Pinned: a setting that changes what is computed (the grid, config_version 2) is in the
+    # fingerprint, so pipeline stages made on the earlier grid run again.
     assert RTNConfig(bits=4, group_size=32).fingerprint_dict() == {
-        "method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "include_embeddings": False}
+        "method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "include_embeddings": False, "grid": "full"}
+
+
+def test_settings_saved_before_the_grid_existed_read_as_the_midpoint_grid():
+    new = RTNConfig(bits=4, group_size=32)
+    version_1 = {k: v for k, v in new.versioned_dict().items() if k != "grid"} | {"config_version": 1}
+    assert config_from_dict(version_1).grid == "midpoint"
+    assert config_from_dict(new.versioned_dict()).grid == "full"
+    assert config_from_dict({k: v for k, v in new.to_dict().items() if k != "grid"}).grid == "full"  # unversioned
+    with pytest.raises(ConfigError, match="grid must be one of full, midpoint"):
+        RTNConfig(grid="fine")
 
 
 def test_the_flag_and_its_checks(capsys):

@@ -1,5 +1,6 @@
 """Golden codes: a seeded GPTQ run's integer codes, scales and zero points hashed and pinned
-(computed by the code before the stage-contract refactor)."""
+(computed by the code before the stage-contract refactor, on the midpoint grid that was then
+the only one: `grid="midpoint"` still computes exactly it)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ GOLDEN_SHA256 = "356076eb556a3c598a4d050adddd8c9d53ad9a54d5375f561821ba6c056de1e
 def test_gptq_codes_golden():
     model = random_gpt(4)
     ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
-    quantize_(model, GPTQConfig(bits=4, group_size=16), CalibrationData(ids, "golden"))
+    quantize_(model, GPTQConfig(bits=4, group_size=16, grid="midpoint"), CalibrationData(ids, "golden"))
     digest = hashlib.sha256()
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):

@@ -99,16 +99,41 @@ def test_quantized_weight_validates_shapes():
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, 64, True), (8, 64, False), (4, 16, True),
                                                        (4, 16, False), (4, 32, True)])
 def test_rtn_within_half_a_step(bits, group_size, symmetric):
+    """The midpoint grid spans every group's range: no weight moves more than half a step."""
     w = torch.randn(24, 64) * torch.linspace(0.1, 3, 64)
     w[3, :16] = 0  # an all-zero group
     w[5] = w[5].abs()  # an all-positive row (asymmetric zero point at the bottom)
-    qw = rtn_quantize(w, bits, group_size, symmetric)
+    qw = rtn_quantize(w, bits, group_size, symmetric, full=False)
     assert int(qw.codes.max()) < 2**bits
     step = qw.scales[:, qw.group_index()]
     assert torch.all((qw.dequantize() - w).abs() <= step / 2 * (1 + 1e-6))
     assert torch.equal(qw.scales.half().float(), qw.scales)  # exactly storable as float16
     if symmetric:
         assert torch.all(qw.zeros == 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_full_grid_uses_every_code_and_beats_the_midpoint_grid(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=g) * torch.linspace(0.1, 3, 128)
+    w[3, :32] = 0  # an all-zero group decodes to zeros
+    errors = {}
+    for full, search in ((False, False), (True, False), (True, True)):
+        qw = rtn_quantize(w, bits, 32, True, full=full, search=search)
+        assert torch.equal(qw.scales.half().float(), qw.scales) and torch.all(qw.zeros == 2 ** (bits - 1))
+        assert torch.equal(qw.dequantize()[3, :32], torch.zeros(32))
+        deq = qw.dequantize()
+        errors[full, search] = float((w * w * (deq - w) ** 2).sum())  # the score the search minimizes
+        if full and bits == 4:
+            assert int(qw.codes.min()) == 0 and int(qw.codes.max()) == 15
+    assert errors[True, True] < errors[True, False]
+    if bits == 4:  # Q4_0's rule against the midpoint grid: one more code, no clipped extreme
+        assert errors[True, False] < errors[False, False]
+        plain = rtn_quantize(w, 4, 32, True, search=False)
+        # Q4_0's rule: each group's signed extreme decodes exactly (code 0, a negative step for a positive extreme).
+        groups = w.reshape(256, 4, 32)
+        extreme = torch.gather(groups, -1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        assert torch.all(torch.sign(plain.scales[extreme != 0]) == -torch.sign(extreme[extreme != 0]))
 
 
 def test_rtn_int8_per_channel_is_nearly_lossless():

@@ -41,15 +41,15 @@ def float_model_dir(tmp_path, data_dir, tokenizer):
 def test_config_round_trips_with_its_version(method):
     config = config_for(method)
     saved = config.versioned_dict()
-    assert saved["config_version"] == 1 and saved["method"] == method
+    assert saved["config_version"] == 2 and saved["method"] == method
     assert config_from_dict(saved) == config
-    assert config_from_dict(config.to_dict()) == config  # written before versions: reads as 1
+    assert config_from_dict(config.to_dict()) == config  # unversioned settings (a pipeline config) are current
 
 
 def test_newer_config_version_and_unknown_settings_are_refused():
     saved = GPTQConfig(group_size=32).versioned_dict()
-    with pytest.raises(ConfigError, match="format version 2"):
-        config_from_dict({**saved, "config_version": 2})
+    with pytest.raises(ConfigError, match="format version 3"):
+        config_from_dict({**saved, "config_version": 3})
     with pytest.raises(ConfigError, match=r"unknown settings \['alpha'\]"):
         config_for("gptq", alpha=0.5)
     with pytest.raises(ConfigError, match="unknown quantization method"):
@@ -71,12 +71,16 @@ def test_artifact_records_its_config_version_and_refuses_a_newer_one(byte_tokeni
     save_quantized(tmp_path / "q", model, byte_tokenizer, config)
     path = tmp_path / "q" / "config.json"
     hf = json.loads(path.read_text())
-    assert hf["quantization_config"]["compactgpt"]["settings"]["config_version"] == 1
-    assert load_quantized(tmp_path / "q").manifest.settings["config_version"] == 1
+    assert hf["quantization_config"]["compactgpt"]["settings"]["config_version"] == 2
+    assert load_quantized(tmp_path / "q").manifest.settings["config_version"] == 2
 
-    del hf["quantization_config"]["compactgpt"]["settings"]["config_version"]  # an older artifact
+    settings = hf["quantization_config"]["compactgpt"]["settings"]
+    del settings["grid"]  # an artifact of version 1, made before the full grid: read as what made it
+    settings["config_version"] = 1
     path.write_text(json.dumps(hf))
-    assert load_quantized(tmp_path / "q", verify=False).config == config
+    loaded = load_quantized(tmp_path / "q", verify=False)
+    assert loaded.config == config.replace(grid="midpoint")
+    assert torch.equal(loaded.model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
     hf["quantization_config"]["compactgpt"]["settings"]["config_version"] = 99
     path.write_text(json.dumps(hf))
     with pytest.raises(ConfigError, match="format version 99"):
