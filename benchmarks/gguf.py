@@ -48,13 +48,20 @@ RESULTS = Path(__file__).parent / "results"
 OURS: dict[str, tuple[str, str, dict]] = {}
 for _method in ("rtn", "gptq", "awq"):
     for _group in (32, 128):
-        for _head in (8, 4):
+        for _head in (8, 6, 4):
             OURS[f"{_method}4-g{_group}-head{_head}"] = (
-                f"{_method.upper()} int4 g{_group}, int{_head} head", _method,
+                f"{_method.upper()} int4 g{_group}, " + ("Q6_K head" if _head == 6 else f"int{_head} head"), _method,
                 {"bits": 4, "group_size": _group, "symmetric": True, "include_embeddings": True,
                  "head_bits": _head if _head != 4 else 0})
 OURS["rtn8-g32"] = ("RTN int8 g32 (head int8)", "rtn",
                     {"bits": 8, "group_size": 32, "symmetric": True, "include_embeddings": True})
+# The grid symmetric codes had before every code was used (quantize --grid midpoint), for comparison.
+OURS["rtn4-g32-head4-midpoint"] = ("RTN int4 g32, int4 head, midpoint grid", "rtn",
+                                   {**OURS["rtn4-g32-head4"][2], "grid": "midpoint"})
+OURS["gptq4-g32-head8-midpoint"] = ("GPTQ int4 g32, int8 head, midpoint grid", "gptq",
+                                    {**OURS["gptq4-g32-head8"][2], "grid": "midpoint"})
+OURS["rtn8-g32-midpoint"] = ("RTN int8 g32 (head int8), midpoint grid", "rtn",
+                             {**OURS["rtn8-g32"][2], "grid": "midpoint"})
 
 # key -> (label, llama-quantize type, extra flags, uses the importance matrix)
 THEIRS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
@@ -452,7 +459,7 @@ def bench_model(model: Path, args, tools: dict, exact: str | None) -> dict:
 
 
 # Rows the headline table compares (with our best int4 file at or under Q4_K_M's size).
-HEADLINE = ["gptq4-g32-head8", "lc-q4_0", "lc-q4_0-imatrix", "lc-q4_k_m", "lc-q4_k_m-imatrix", "rtn8-g32", "lc-q8_0"]
+HEADLINE = ["gptq4-g32-head8", "gptq4-g32-head6", "lc-q4_0", "lc-q4_0-imatrix", "lc-q4_k_m", "lc-q4_k_m-imatrix", "rtn8-g32", "lc-q8_0"]
 
 
 def kl3(x: float) -> str:

@@ -8,6 +8,8 @@ rounded again --
     asymmetric int4                    -> Q4_1   d * q + m         per 32 weights, fp16 d and m
     symmetric int8, zero point 128     -> Q8_0   d * (q - 128)     per 32 weights, fp16 d
     6-bit codes on the Q6_K grid       -> Q6_K   d * sc * (q - 32) per 16 weights, int8 sc, fp16 d per 256
+    4-bit codes on the Q4_K grid       -> Q4_K   d * sc * q - dmin * m per 32 weights, 6-bit sc and m,
+                                                 fp16 d and dmin per 256
 
 for groups that are whole multiples of 32 columns (a group of 128 is four blocks with the same
 scale). The block scale is stored in fp16: a scale that fp16 does not hold exactly moves the
@@ -33,7 +35,7 @@ import torch
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
 from compactgpt.tokenizer import Tokenizer
-from quantize.kquant import is_q6_k, q6_k_decompose
+from quantize.kquant import is_q6_k, q4_k_decompose, q6_k_decompose
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -118,6 +120,26 @@ def q6_k_blocks(qw) -> torch.Tensor:
     return packed.reshape(out_f, -1)
 
 
+def q4_k_blocks(qw) -> torch.Tensor:
+    """4-bit codes on the Q4_K grid (quantize.kquant) as Q4_K blocks: (out, in / 256 * 144) bytes.
+
+    A block is fp16 d and dmin, 12 bytes of 6-bit sub-block scales and mins, and 128 bytes of
+    codes: each run of 64 weights is 32 bytes, weight l in the low nibble of byte l, weight
+    32 + l in its high nibble. Scales and mins 0..3 fill the low 6 bits of bytes 0..3 and 4..7;
+    those of 4..7 keep their low 4 bits in bytes 8..11 and their top 2 in the top bits of 0..7."""
+    d, sc, dmin, m = q4_k_decompose(qw)
+    out_f = qw.out_features
+    supers = qw.in_features // 256
+    sc, m = sc.reshape(out_f, supers, 8), m.reshape(out_f, supers, 8)
+    packed_scales = torch.cat([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6),
+                               (sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4)], dim=-1)
+    q = qw.codes.reshape(out_f, supers, 4, 2, 32)
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(out_f, supers, 128)
+    packed = torch.cat([_as_bytes(d.reshape(out_f, supers, 1)), _as_bytes(dmin.reshape(out_f, supers, 1)),
+                        packed_scales, qs], dim=-1)
+    return packed.reshape(out_f, -1)
+
+
 def block_type(qw, name: str) -> str:
     """The GGUF type that holds `qw` code for code; ConfigError naming the nearest format that
     works when there is none."""
@@ -126,6 +148,11 @@ def block_type(qw, name: str) -> str:
                           "without --act-order to export GGUF, or export ONNX")
     if is_q6_k(qw) and q6_k_decompose(qw.scales) is not None:
         return "Q6_K"
+    if qw.offsets is not None:
+        if q4_k_decompose(qw) is None:
+            raise ConfigError(f"{name}: group offsets that are not llama.cpp's Q4_K grid have no GGUF equivalent; "
+                              "quantize with --grid k (or full) to export GGUF")
+        return "Q4_K"
     if qw.group_size % BLOCK:
         raise ConfigError(f"{name}: group size {qw.group_size} is not a multiple of {BLOCK}, the GGUF block; "
                           "quantize with --group-size 32, 64 or 128 (or 0, per channel) to export GGUF")
@@ -138,14 +165,15 @@ def block_type(qw, name: str) -> str:
     return "Q4_0" if zeros.tolist() == [8] else "Q4_1"
 
 
-BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks, "Q6_K": q6_k_blocks}
+BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks, "Q6_K": q6_k_blocks,
+                 "Q4_K": q4_k_blocks}
 
 
 def gguf_dequantized(qw) -> torch.Tensor:
     """The float32 weights the GGUF blocks of `qw` decode to: the artifact's own weights with
     each scale (and Q4_1 min) rounded to fp16, as llama.cpp computes them."""
     ggml_type = block_type(qw, "weight")
-    if ggml_type == "Q6_K":  # the scales are d * sc exactly (q6_k_decompose), computed so by llama.cpp
+    if ggml_type in ("Q6_K", "Q4_K"):  # steps d * sc and offsets -dmin * m are exact, as llama.cpp computes them
         return qw.dequantize()
     d = qw.scales.to(torch.float16).float()[:, qw.group_index()]
     zeros = qw.zeros.float()[:, qw.group_index()]

@@ -50,7 +50,7 @@ def projection_of(name: str, module: torch.nn.Module) -> Projection:
         g_idx = None if q.g_idx is None else q.g_idx.cpu().numpy()
         try:
             nb = to_nbits(q.codes.cpu().numpy(), q.scales.float().cpu().numpy(), q.zeros.cpu().numpy(),
-                          q.bits, q.group_size, g_idx)
+                          q.bits, q.group_size, g_idx, None if q.offsets is None else q.offsets.cpu().numpy())
         except ExportError as e:
             raise ExportError(f"{name}: {e}") from e
         return Projection(name, bias, nbits=nb, act_bits=getattr(module, "act_bits", None))

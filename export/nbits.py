@@ -87,14 +87,17 @@ class NBitsWeight:
     k: int  # input features
     packed: np.ndarray  # uint8 (N, n_blocks, block_size * bits / 8)
     scales: np.ndarray  # float32 (N * n_blocks,)
-    zero_points: np.ndarray  # uint8 (N * ceil(n_blocks * bits / 8),)
+    zero_points: np.ndarray  # uint8 (N * ceil(n_blocks * bits / 8),); float32 (N * n_blocks,) with offsets
     order: np.ndarray | None  # int64 (K,): gather activations in this order first
 
 
-def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None) -> NBitsWeight:
-    """quantize/'s (codes, scales, zeros[, g_idx]) -> MatMulNBits arrays, same dequantization.
+def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None, offsets=None) -> NBitsWeight:
+    """quantize/'s (codes, scales, zeros[, g_idx][, offsets]) -> MatMulNBits arrays, same dequantization.
 
-    codes uint8 (N, K); scales float32 (N, K // group_size); zeros uint8 (N, K // group_size).
+    codes uint8 (N, K); scales float32 (N, K // group_size); zeros uint8 (N, K // group_size);
+    offsets float32 (N, K // group_size) or None. MatMulNBits takes float zero points: a group
+    offset o becomes the zero point zero - o / scale ((q - zp) * scale = (q - zero) * scale + o,
+    to float32 rounding; the steps of the Q4_K grid are never 0).
     """
     codes = np.asarray(codes, dtype=np.uint8)
     scales = np.asarray(scales, dtype=np.float32)
@@ -118,6 +121,14 @@ def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None) -> NB
     n_blocks = k // bs
     scales_b = np.repeat(scales, repeat, axis=1)  # (N, n_blocks)
     zeros_b = np.repeat(zeros, repeat, axis=1)
+    if offsets is not None:
+        offsets = np.asarray(offsets, dtype=np.float32)
+        if offsets.shape != (n, n_groups) or not np.all(scales != 0):
+            raise ExportError(f"offsets {offsets.shape} need shape ({n}, {n_groups}) and nonzero scales")
+        zero_points = zeros.astype(np.float32) - offsets / scales
+        packed = pack_nibbles(codes).reshape(n, n_blocks, bs // 2) if bits == 4 else codes.reshape(n, n_blocks, bs)
+        return NBitsWeight(bits, bs, n, k, np.ascontiguousarray(packed), scales_b.reshape(-1).copy(),
+                           np.repeat(zero_points, repeat, axis=1).reshape(-1).copy(), order)
     if bits == 4:
         packed = pack_nibbles(codes).reshape(n, n_blocks, bs // 2)
         zp = pack_nibbles(zeros_b)  # (N, ceil(n_blocks / 2))
@@ -131,7 +142,10 @@ def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None) -> NB
 def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
     """float32 (N, K) from MatMulNBits arrays, in the original column order (for tests)."""
     n_blocks = w.k // w.block_size
-    if w.bits == 4:
+    if w.zero_points.dtype != np.uint8:  # float zero points (group offsets)
+        codes = unpack_nibbles(w.packed.reshape(w.n, -1), w.k) if w.bits == 4 else w.packed.reshape(w.n, w.k)
+        zeros = w.zero_points.reshape(w.n, n_blocks)
+    elif w.bits == 4:
         codes = unpack_nibbles(w.packed.reshape(w.n, -1), w.k)
         zeros = unpack_nibbles(w.zero_points.reshape(w.n, -1), n_blocks)
     else:
@@ -219,6 +233,9 @@ def _dequantize_node(node, inits: dict, numpy_helper, helper):
     n_blocks = k // bs
     packed = numpy_helper.to_array(inits[qweight]).reshape(n, -1)
     codes = unpack_nibbles(packed, k) if bits == 4 else packed[:, :k]
+    if qzeros and numpy_helper.to_array(inits[qzeros]).dtype != np.uint8:
+        raise ExportError(f"MatMulNBits {node.name} has float zero points (llama.cpp's Q4_K grid, --grid k), which "
+                          "DequantizeLinear cannot hold; quantize with --grid full for this target")
     if qzeros:
         z = numpy_helper.to_array(inits[qzeros]).reshape(n, -1)
         zeros = unpack_nibbles(z, n_blocks) if bits == 4 else z[:, :n_blocks]

@@ -20,7 +20,7 @@ from compactgpt.errors import ConfigError
 # name -> config class, in registration order (the order of the CLI's flags); filled by
 # @register_method below.
 METHODS: dict[str, type["QuantConfig"]] = {}
-GRIDS = ("full", "midpoint")
+GRIDS = ("full", "midpoint", "k")
 
 
 def register_method(name: str):
@@ -44,6 +44,7 @@ class QuantConfig(StageConfig):
     calibrated: ClassVar[bool] = False  # needs calibration data (prepare -> calibrate -> convert)
     integer_weights: ClassVar[bool] = True  # produces QuantizedWeight (GPTQ layout); False for bitsandbytes
     head_grids: ClassVar[tuple[int, ...]] = ()  # head bits beyond supported_bits (6: the Q6_K grid)
+    k_grid: ClassVar[bool] = False  # solves on llama.cpp's Q4_K grid (--grid k)
 
     bits: int = option(8, "bits per weight")
     group_size: int = option(0, "input columns that share one scale (must divide every quantized layer's "
@@ -61,10 +62,12 @@ class QuantConfig(StageConfig):
     # Artifacts saved before `grid` existed (config_version 1) were made on the midpoint grid:
     # `from_dict` reads their settings so; settings without a version (a pipeline config, the
     # Python API) are current ones.
-    grid: str = option("full", help="symmetric integer grid: full (every code used, the group's signed extreme on "
-                       "the end code as llama.cpp's Q4_0 puts it, int8 at max|w|/127 as Q8_0, each group's step "
-                       "searched on its squared error) or midpoint (the earlier grid: step 2 max|w| / (2**bits - 1), "
-                       "one code unused)")
+    grid: str = option("full", help="integer grid: full (symmetric codes use every code, the group's signed extreme "
+                       "on the end code as llama.cpp's Q4_0 puts it, int8 at max|w|/127 as Q8_0, each group's step "
+                       "searched on its squared error), midpoint (the earlier symmetric grid: step 2 max|w| / "
+                       "(2**bits - 1), one code unused) or k (rtn, gptq, 4 bits: llama.cpp's Q4_K, a searched step "
+                       "and minimum per 32 columns as 6-bit multiples of fp16 numbers per 256; 4.5 bits per weight; "
+                       "with --include-embeddings the head takes --head-bits 6 or 8)")
     # llama.cpp stores each block's numbers in fp16. Scales are always rounded up to fp16, which
     # covers Q4_0 and Q8_0; Q4_1 also stores scale x zero point (its min), which fp16 rounds
     # unless the scale was chosen for it.
@@ -92,6 +95,15 @@ class QuantConfig(StageConfig):
                               "own scales; drop --gguf-exact")
         if self.grid not in GRIDS:
             raise ConfigError(f"{self.method}: grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.grid == "k":
+            if not self.k_grid:
+                raise ConfigError(f"{self.method}: the k grid (Q4_K) is made by rtn and gptq; use --grid full")
+            if self.bits != 4 or self.group_size not in (0, 32):
+                raise ConfigError(f"{self.method}: the k grid is llama.cpp's Q4_K: 4 bits in groups of 32; use "
+                                  "--bits 4 --group-size 32")
+            if self.include_embeddings and self.bits_for("lm_head") == 4:
+                raise ConfigError(f"{self.method}: with the k grid the embedding / LM head takes --head-bits 6 "
+                                  "(Q6_K, as llama.cpp's Q4_K_M keeps it) or 8")
         if self.head_bits and not self.include_embeddings:
             raise ConfigError(f"{self.method}: head_bits sets the bits of the quantized embedding / LM head; add "
                               "--include-embeddings, or drop --head-bits")
@@ -122,6 +134,8 @@ class QuantConfig(StageConfig):
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
+        if self.grid == "k" and name != "lm_head":
+            return 32
         if self.group_size == 0:
             return in_features
         if in_features % self.group_size:
@@ -158,6 +172,7 @@ class RTNConfig(QuantConfig):
     """Round to nearest: per output channel (group_size 0) or per group of input columns."""
 
     head_grids: ClassVar[tuple[int, ...]] = (6,)
+    k_grid: ClassVar[bool] = True
 
 
 @register_method("gptq")
@@ -167,6 +182,7 @@ class GPTQConfig(CalibratedConfig):
     weighted by the inverse Hessian of the layer's calibration inputs."""
 
     head_grids: ClassVar[tuple[int, ...]] = (6,)
+    k_grid: ClassVar[bool] = True
 
     bits: int = _default("bits", 4)
     group_size: int = _default("group_size", 128)

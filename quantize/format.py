@@ -2,7 +2,9 @@
 
 A `QuantizedWeight` is one projection's integer weights: unsigned codes, one scale and one
 zero point per (output row, group of input columns), and optionally `g_idx`, the group of
-each input column when groups are not contiguous (GPTQ with activation order). Every
+each input column when groups are not contiguous (GPTQ with activation order), and `offsets`,
+a float added per group (llama.cpp's Q4_K grid, whose group minimum is not a whole number of
+steps). Every
 method (RTN, GPTQ, AWQ, SmoothQuant) produces this one structure; smoothing and AWQ scales
 are already folded into the codes and the preceding LayerNorm, so a consumer needs nothing
 else to run the layer.
@@ -28,7 +30,8 @@ SUPPORTED_BITS = (4, 8)
 class QuantizedWeight:
     """Integer weights of one linear layer, `(out_features, in_features)` as in `nn.Linear`.
 
-    dequantize() = (codes - zeros[:, g]) * scales[:, g], g the group of each input column.
+    dequantize() = (codes - zeros[:, g]) * scales[:, g] (+ offsets[:, g]), g the group of each
+    input column.
     """
 
     bits: int  # 8 or 4
@@ -37,6 +40,7 @@ class QuantizedWeight:
     scales: torch.Tensor  # float32 (out, in // group_size)
     zeros: torch.Tensor  # uint8 (out, in // group_size): zero point in code units
     g_idx: torch.Tensor | None = None  # int32 (in,): group of each input column; None: j // group_size
+    offsets: torch.Tensor | None = None  # float32 (out, in // group_size), added to each group; None: 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -55,6 +59,11 @@ class QuantizedWeight:
         if self.zeros.dtype != torch.uint8:
             raise ConfigError(f"QuantizedWeight: zeros must be uint8, got {self.zeros.dtype}")
         self.scales = self.scales.to(torch.float32)
+        if self.offsets is not None:
+            self.offsets = self.offsets.to(torch.float32)
+            if tuple(self.offsets.shape) != (out_f, groups):
+                raise ConfigError(f"QuantizedWeight: offsets has shape {tuple(self.offsets.shape)}, expected "
+                                  f"{(out_f, groups)}")
         if self.g_idx is not None:
             self.g_idx = self.g_idx.to(torch.int32)
             if tuple(self.g_idx.shape) != (in_f,):
@@ -79,22 +88,24 @@ class QuantizedWeight:
         return torch.arange(self.in_features, device=self.codes.device) // self.group_size
 
     def dequantize(self) -> torch.Tensor:
-        """float32 (out, in) = (codes - zeros[:, g]) * scales[:, g]."""
+        """float32 (out, in) = (codes - zeros[:, g]) * scales[:, g] (+ offsets[:, g])."""
         g = self.group_index()
-        return (self.codes.float() - self.zeros.float()[:, g]) * self.scales[:, g]
+        w = (self.codes.float() - self.zeros.float()[:, g]) * self.scales[:, g]
+        return w if self.offsets is None else w + self.offsets[:, g]
 
     def to(self, device) -> "QuantizedWeight":
         """These weights on `device`: itself when they are there already, so a weight shared by
         the tied embedding and LM head stays one object when its modules are moved."""
-        tensors = (self.codes, self.scales, self.zeros, self.g_idx)
+        tensors = (self.codes, self.scales, self.zeros, self.g_idx, self.offsets)
         moved = tuple(None if t is None else t.to(device) for t in tensors)
         if all(a is b for a, b in zip(moved, tensors)):  # Tensor.to returns the tensor itself when it is there
             return self
         return QuantizedWeight(self.bits, self.group_size, *moved)
 
     def nbytes(self) -> int:
-        """Bytes of the packed storage: codes at `bits` each, fp16 scales, packed zero points."""
-        return (self.codes.numel() * self.bits + self.zeros.numel() * self.bits) // 8 + self.scales.numel() * 2
+        """Bytes of the packed storage: codes at `bits` each, fp16 scales, packed zero points, fp16 offsets."""
+        offsets = 0 if self.offsets is None else self.offsets.numel() * 2
+        return (self.codes.numel() * self.bits + self.zeros.numel() * self.bits) // 8 + self.scales.numel() * 2 + offsets
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +163,9 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The GPTQ ("gptq" checkpoint format, v1) tensors of one layer.
 
     qweight int32 (in / per, out), qzeros int32 (groups, out / per) holding zero - 1,
-    scales (groups, out) in float16 when that is exact else float32, g_idx int32 (in,).
+    scales (groups, out) in float16 when that is exact else float32, g_idx int32 (in,); a
+    weight with offsets (Q4_K) adds `offsets` (groups, out), float32 -- a CompactGPT tensor that
+    GPTQ readers other than CompactGPT do not know.
     """
     mask = (1 << qw.bits) - 1
     qweight = _pack_rows(qw.codes.t(), qw.bits)
@@ -161,8 +174,11 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     scales = qw.scales.t().contiguous()
     if torch.equal(scales.half().float(), scales):
         scales = scales.half()
-    return {"qweight": qweight.contiguous(), "qzeros": qzeros, "scales": scales,
-            "g_idx": qw.group_index().to(torch.int32).contiguous()}
+    out = {"qweight": qweight.contiguous(), "qzeros": qzeros, "scales": scales,
+           "g_idx": qw.group_index().to(torch.int32).contiguous()}
+    if qw.offsets is not None:
+        out["offsets"] = qw.offsets.t().contiguous()
+    return out
 
 
 def check_gptq_header(path, name: str, entries: dict[str, tuple[str, tuple[int, ...]]], bits: int,
@@ -184,6 +200,7 @@ def check_gptq_header(path, name: str, entries: dict[str, tuple[str, tuple[int, 
                 "qzeros": (("I32",), (groups, out_features // per)),
                 "scales": (("F16", "F32"), (groups, out_features)),
                 "g_idx": (("I32",), (in_features,)),
+                "offsets": (("F32",), (groups, out_features)),
                 "bias": (FLOAT_DTYPES, (out_features,))}
     for key, found in entries.items():
         if key not in expected:
@@ -205,6 +222,9 @@ def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, name: str = "
         if key in tensors and tensors[key].dtype != torch.int32:
             raise ArtifactError(f"{name}.{key} is {tensors[key].dtype}, expected torch.int32; the file is damaged "
                                 "or not GPTQ; rerun quantize")
+    if "offsets" in tensors and tensors["offsets"].dtype != torch.float32:
+        raise ArtifactError(f"{name}.offsets is {tensors['offsets'].dtype}, expected torch.float32; the file is "
+                            "damaged; rerun quantize")
     if not tensors["scales"].is_floating_point():
         raise ArtifactError(f"{name}.scales is {tensors['scales'].dtype}, expected a float tensor; the file is "
                             "damaged or not GPTQ; rerun quantize")
@@ -224,4 +244,6 @@ def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, name: str = "
     if g_idx is not None:
         contiguous = torch.arange(in_f, dtype=torch.int64) // group_size
         g_idx = None if torch.equal(g_idx.long(), contiguous) else g_idx.to(torch.int32)
-    return QuantizedWeight(bits, group_size, codes, scales, zeros, g_idx)
+    offsets = tensors.get("offsets")
+    return QuantizedWeight(bits, group_size, codes, scales, zeros, g_idx,
+                           None if offsets is None else offsets.t().contiguous())

@@ -25,7 +25,7 @@ from .format import QuantizedWeight
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
                        replace_linear)
-from .kquant import Q6_K_BITS, Q6_K_GROUP, q6_k_grid
+from .kquant import Q4_K_GROUP, Q6_K_BITS, Q6_K_GROUP, q4_k_grid, q6_k_grid
 from .rtn import grid_params, group_ranges, quantize_codes, searched_symmetric_grid, stored_bits
 
 
@@ -47,6 +47,7 @@ def gptq_quantize(
     block_columns: int = 128,
     gguf_exact: bool = False,
     full: bool = True,
+    grid: str = "",
 ) -> QuantizedWeight:
     """Quantize w (out, in) against the Hessian H (in, in) of its inputs; gguf_exact as in
     `quantize.rtn.grid_params`, applied where each group's grid is fixed, so the columns are
@@ -54,7 +55,8 @@ def gptq_quantize(
 
     bits=6 solves on llama.cpp's Q6_K grid (`quantize.kquant`), fixed up front from the original
     weights with the input energy (H's diagonal) as the importance of each column's error;
-    group_size is then Q6_K's 16.
+    group_size is then Q6_K's 16. grid="k" solves 4-bit codes on llama.cpp's Q4_K grid, fixed up
+    front the same way (group_size 32, a float offset per group).
 
     Returns a QuantizedWeight with contiguous groups of `group_size` columns.
     """
@@ -67,16 +69,20 @@ def gptq_quantize(
     maxq = 2**bits - 1
     device = W.device  # the solve runs where the weight is (a GPU when the model is there)
 
-    k_grid = bits == Q6_K_BITS
+    k_grid = bits == Q6_K_BITS or grid == "k"
     if k_grid:
-        group_size = Q6_K_GROUP
+        group_size = Q6_K_GROUP if bits == Q6_K_BITS else Q4_K_GROUP
     groups = n // group_size
     static = act_order or group_size == n or k_grid
     scale = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     zero = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
+    offset = None  # Q4_K's per-group offsets
     if static:
-        if k_grid:
+        if bits == Q6_K_BITS:
             s, z = q6_k_grid(W.float(), torch.diag(H).float())
+        elif k_grid:
+            s, o = q4_k_grid(W.float(), torch.diag(H).float())
+            z, offset = torch.zeros_like(s), o.double()
         elif symmetric and full:
             # Each group's step searched on the rounding error weighted by its columns' input energy.
             s, z = searched_symmetric_grid(W.float().reshape(out_f, groups, group_size), bits,
@@ -115,9 +121,13 @@ def gptq_quantize(
                 scale[:, col // group_size], zero[:, col // group_size] = s.double(), z.double()
             g = group_of[col]
             wcol = W1[:, i]
-            q = quantize_codes(wcol, scale[:, g], zero[:, g], bits)
+            if offset is None:
+                q = quantize_codes(wcol, scale[:, g], zero[:, g], bits)
+                deq = (q - zero[:, g]) * scale[:, g]
+            else:
+                q = quantize_codes(wcol - offset[:, g], scale[:, g], zero[:, g], bits)
+                deq = (q - zero[:, g]) * scale[:, g] + offset[:, g]
             codes[:, col] = q
-            deq = (q - zero[:, g]) * scale[:, g]
             err = (wcol - deq) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
@@ -125,7 +135,8 @@ def gptq_quantize(
 
     inv = torch.argsort(perm)
     codes = codes[:, inv].clamp(0, maxq)
-    return QuantizedWeight(stored_bits(bits), group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8))
+    return QuantizedWeight(stored_bits(bits), group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8),
+                           offsets=None if offset is None else offset.float())
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +163,7 @@ class _GPTQBlocks(BlockHooks):
         (layer,) = layers
         lin = block.get_submodule(layer)
         name = layer_name(index, layer)
-        qw = _solve(lin.weight, self.hessian, self.config, self.config.group_for(lin.in_features, name))
+        qw = _solve(lin.weight, self.hessian, self.config, name)
         self.hessian = None
         # The float layer computes with the quantized weights until the block is done, so
         # the later layers and the next block see the quantized function.
@@ -165,9 +176,14 @@ class _GPTQBlocks(BlockHooks):
         self.done = {}
 
 
-def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, group_size: int, bits: int | None = None) -> QuantizedWeight:
-    return gptq_quantize(w, H, bits or config.bits, group_size, config.symmetric, config.damp_percent, config.act_order,
-                         config.block_columns, config.gguf_exact, config.full)
+def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, name: str) -> QuantizedWeight:
+    """One layer (`name`: a block projection or lm_head) solved at its bits and grid: the k grid
+    is Q4_K for the blocks; the head has its own bits (6: Q6_K, which fixes its own groups)."""
+    bits = config.bits_for(name)
+    head = name == "lm_head"
+    group_size = Q6_K_GROUP if bits == Q6_K_BITS else config.group_for(w.shape[1], name)
+    return gptq_quantize(w, H, bits, group_size, config.symmetric, config.damp_percent, config.act_order,
+                         config.block_columns, config.gguf_exact, config.full, "" if head else config.grid)
 
 
 @register_handler(GPTQConfig)
@@ -177,9 +193,7 @@ def _gptq(model, config: GPTQConfig, calibration, progress: bool) -> None:
     if config.include_embeddings:
         w = model.transformer.wte.weight
         H = accumulate_hessian(None, model.transformer.ln_f(xs))
-        bits = config.bits_for("lm_head")
-        group_size = Q6_K_GROUP if bits == Q6_K_BITS else config.group_for(w.shape[1], "lm_head")
-        quantize_embeddings(model, _solve(w, H, config, group_size, bits))
+        quantize_embeddings(model, _solve(w, H, config, "lm_head"))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

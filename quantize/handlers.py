@@ -27,7 +27,7 @@ from compactgpt.progress import progress_bar
 
 from .config import QuantConfig
 from .format import QuantizedWeight
-from .kquant import Q6_K_BITS, check_q6_k_width
+from .kquant import Q6_K_BITS, check_q4_k_width, check_q6_k_width
 from .modules import QuantEmbedding, QuantLinear, set_module
 
 # The quantized projections of every block, in forward order.
@@ -165,7 +165,10 @@ def check_groups(model: GPT, config: QuantConfig) -> None:
     """Fail before any work when the group size does not divide a layer's width."""
     for i, block in enumerate(model.transformer.h):
         for layer in BLOCK_LAYERS:
-            config.group_for(block.get_submodule(layer).in_features, layer_name(i, layer))
+            width = block.get_submodule(layer).in_features
+            if config.grid == "k":
+                check_q4_k_width(width, layer_name(i, layer))
+            config.group_for(width, layer_name(i, layer))
     if config.include_embeddings and config.integer_weights:
         width = model.config.n_embd
         if config.bits_for("lm_head") == Q6_K_BITS:

@@ -115,31 +115,163 @@ def is_q6_k(qw: QuantizedWeight) -> bool:
             and bool((qw.zeros == Q6_K_ZERO).all()) and int(qw.codes.max()) < 2 * Q6_K_ZERO)
 
 
-def q6_k_decompose(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Split sub-block scales (out, in / 16) into an fp16 d per super-block (out, in / 256) and
-    int8 multiples sc (out, in / 16) with d * sc == scales exactly in float32, or None when some
-    super-block has no such split (scales that were not made on the Q6_K grid).
+def split_super_blocks(values: torch.Tensor, per_super: int, low: int, high: int
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Split per-group values (out, groups) into an fp16 factor per super-block of `per_super`
+    groups (out, groups / per_super) and integer multiples in low..high (out, groups) whose
+    products equal the values exactly in float32, or None when some super-block has no such
+    split (values that were not made on the grid).
 
-    The split need not be the quantizer's own: any (d, sc) with the same products decodes to
-    the same weights. The largest scale of a super-block is d times some multiple in
-    -128..127; each candidate multiple is tried, the quantizer's own (-128) first.
+    The split need not be the quantizer's own: any split with the same products decodes to the
+    same weights. The largest value of a super-block is the factor times some multiple in the
+    range; each candidate multiple is tried, largest first.
     """
-    out_f, n = scales.shape
-    s = scales.float().reshape(out_f, n // (Q6_K_SUPER // Q6_K_GROUP), Q6_K_SUPER // Q6_K_GROUP)
-    largest = torch.gather(s, -1, s.abs().argmax(-1, keepdim=True))
-    d = torch.zeros_like(largest)
-    found = largest == 0  # an all-zero super-block: d = 0, sc = 0
-    for multiple in [-128, *range(127, 0, -1), *range(-1, -128, -1)]:
+    out_f, n = values.shape
+    v = values.float().reshape(out_f, n // per_super, per_super)
+    largest = torch.gather(v, -1, v.abs().argmax(-1, keepdim=True))
+    factor = torch.zeros_like(largest)
+    found = largest == 0  # an all-zero super-block: factor 0, multiples 0
+    multiples = sorted((m for m in range(low, high + 1) if m), key=lambda m: (-abs(m), m))
+    for multiple in multiples:
         if bool(found.all()):
             break
         candidate = largest / multiple
         exact = candidate.to(torch.float16).float() == candidate
-        sc = torch.round(s / torch.where(candidate == 0, 1.0, candidate))
-        fits = (~found & exact & ((sc >= -128) & (sc <= 127)).all(-1, keepdim=True)
-                & ((candidate * sc) == s).all(-1, keepdim=True))
-        d = torch.where(fits, candidate, d)
+        k = torch.round(v / torch.where(candidate == 0, 1.0, candidate))
+        fits = (~found & exact & ((k >= low) & (k <= high)).all(-1, keepdim=True)
+                & ((candidate * k) == v).all(-1, keepdim=True))
+        factor = torch.where(fits, candidate, factor)
         found |= fits
     if not bool(found.all()):
         return None
-    sc = torch.round(s / torch.where(d == 0, 1.0, d))
-    return d.squeeze(-1).to(torch.float16), sc.reshape(out_f, n).to(torch.int8)
+    k = torch.round(v / torch.where(factor == 0, 1.0, factor))
+    return factor.squeeze(-1).to(torch.float16), k.reshape(out_f, n)
+
+
+def q6_k_decompose(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Q6_K's d (fp16, per 256 weights) and sc (int8, per 16) of sub-block scales (out, in / 16)
+    with d * sc == scales exactly, or None (`split_super_blocks`)."""
+    split = split_super_blocks(scales, Q6_K_SUPER // Q6_K_GROUP, -128, 127)
+    return None if split is None else (split[0], split[1].to(torch.int8))
+
+
+# ---------------------------------------------------------------------------------------
+# Q4_K: w = d * sc[j] * q - dmin * m[j], q in 0..15, sc and m 6-bit per 32, d and dmin fp16 per 256
+
+Q4_K_SUPER = 256
+Q4_K_GROUP = 32
+Q4_K_BITS = 4
+
+
+def check_q4_k_width(in_features: int, name: str) -> None:
+    """ConfigError when a matrix's rows are not whole Q4_K super-blocks."""
+    if in_features % Q4_K_SUPER:
+        raise ConfigError(f"{name}: the k grid (llama.cpp's Q4_K) uses super-blocks of {Q4_K_SUPER} columns, and "
+                          f"its {in_features} columns are not a multiple of {Q4_K_SUPER}; use --grid full")
+
+
+def _fit_scale_and_min(x: torch.Tensor, a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares step and minimum (<= 0) of x ~ step * q + minimum under weights a."""
+    sw, sl, sl2 = a.sum(-1), (a * q).sum(-1), (a * q * q).sum(-1)
+    sx, sxl = (a * x).sum(-1), (a * x * q).sum(-1)
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    det = torch.where(ok, det, torch.ones_like(det))
+    step = (sw * sxl - sx * sl) / det
+    minimum = (sl2 * sx - sl * sxl) / det
+    through_zero = minimum > 0  # the grid must reach 0: refit the step alone with the minimum at 0
+    step = torch.where(through_zero, sxl / sl2.clamp(min=1e-30), step)
+    minimum = torch.where(through_zero, torch.zeros_like(minimum), minimum)
+    return torch.where(ok, step, torch.zeros_like(step)), torch.where(ok, minimum, torch.zeros_like(minimum))
+
+
+def sub_block_steps_and_mins(x: torch.Tensor, a: torch.Tensor, nmax: int = 15, steps: int = 20
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step and minimum (<= 0) of every sub-block of x (..., 32) minimizing the weighted
+    squared error (llama.cpp's `make_qkx2_quants`: the range [min(x, 0), max(x)] spread over
+    nmax - 1 + k/10 codes for k = 0..steps, each candidate's codes refitted by least squares)."""
+    lo = x.amin(-1).clamp(max=0)
+    hi = x.amax(-1)
+    span = hi - lo
+    flat = span <= 0
+    span = torch.where(flat, torch.ones_like(span), span)
+
+    def error(step, minimum):
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        q = torch.clamp(torch.round((x - minimum[..., None]) / safe[..., None]), 0, nmax)
+        return (a * (step[..., None] * q + minimum[..., None] - x) ** 2).sum(-1)
+
+    best_step, best_min = span / nmax, lo
+    best_err = error(best_step, best_min)
+    for k in range(steps + 1):
+        inverse = (nmax - 1 + 0.1 * k) / span
+        q = torch.clamp(torch.round(inverse[..., None] * (x - lo[..., None])), 0, nmax)
+        step, minimum = _fit_scale_and_min(x, a, q)
+        err = error(step, minimum)
+        better = (step > 0) & (err < best_err)
+        best_step = torch.where(better, step, best_step)
+        best_min = torch.where(better, minimum, best_min)
+        best_err = torch.where(better, err, best_err)
+    # A constant sub-block at or below zero: no step, its value as the minimum.
+    return torch.where(flat, torch.zeros_like(best_step), best_step), torch.where(flat, lo, best_min)
+
+
+def q4_k_grid(w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q4_K grid of w (out, in): float32 steps d * sc (out, in / 32) and offsets -dmin * m
+    (out, in / 32), exact products of an fp16 d and dmin per super-block and 6-bit sc and m per
+    sub-block (`quantize_row_q4_K`). Sub-block errors are weighted as llama.cpp weighs them:
+    mean|x| + |x| without an importance, importance * sqrt(sigma^2 + x^2) with one (the input
+    energy of each column, (in,)). Every step is at least one unit of d, so ONNX Runtime's
+    MatMulNBits, which takes the offset as a float zero point offset / step, can hold it."""
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    check_q4_k_width(in_f, "weight")
+    per_super = Q4_K_SUPER // Q4_K_GROUP
+    x = w.reshape(out_f, in_f // Q4_K_GROUP, Q4_K_GROUP)
+    if importance is None:
+        a = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    else:
+        sigma2 = 2 * w.reshape(out_f, -1, Q4_K_SUPER).pow(2).mean(-1)  # per super-block
+        sigma2 = sigma2.repeat_interleave(per_super, dim=1)[..., None]
+        a = importance.detach().float().to(w.device).reshape(1, -1, Q4_K_GROUP) * (sigma2 + x * x).sqrt()
+    steps, mins = sub_block_steps_and_mins(x, a)
+    steps = steps.reshape(out_f, -1, per_super)
+    mins = (-mins).reshape(out_f, -1, per_super)  # stored positive, subtracted
+    max_step = steps.amax(-1, keepdim=True)
+    max_min = mins.amax(-1, keepdim=True)
+    d = (max_step / 63).to(torch.float16).float()
+    d = torch.where(d > 0, d, torch.full_like(d, 2.0**-24))
+    dmin = (max_min / 63).to(torch.float16).float()
+    sc = torch.clamp(torch.round(steps / d), 1, 63)
+    m = torch.where(dmin > 0, torch.clamp(torch.round(mins / torch.where(dmin > 0, dmin, 1.0)), 0, 63),
+                    torch.zeros_like(mins))
+    return (d * sc).reshape(out_f, -1), (-(dmin * m)).reshape(out_f, -1)
+
+
+def q4_k_codes(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (float) of w (..., n) on steps and offsets broadcast to it."""
+    return torch.clamp(torch.round((w - offsets) / scales), 0, 15)
+
+
+def q4_k_quantize(w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """w (out, in) rounded to the nearest point of its Q4_K grid (`q4_k_grid`)."""
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    scales, offsets = q4_k_grid(w, importance)
+    codes = q4_k_codes(w.reshape(out_f, -1, Q4_K_GROUP), scales[..., None], offsets[..., None]).reshape(out_f, in_f)
+    return QuantizedWeight(4, Q4_K_GROUP, codes.to(torch.uint8), scales, torch.zeros_like(scales, dtype=torch.uint8),
+                           offsets=offsets)
+
+
+def q4_k_decompose(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(d, sc, dmin, m) of a weight on the Q4_K grid -- fp16 d and dmin (out, in / 256), sc and m
+    in 0..63 (out, in / 32) with d * sc == steps and -dmin * m == offsets exactly -- or None."""
+    if (qw.bits != 4 or qw.group_size != Q4_K_GROUP or qw.offsets is None or qw.g_idx is not None
+            or qw.in_features % Q4_K_SUPER or bool((qw.zeros != 0).any())):
+        return None
+    per_super = Q4_K_SUPER // Q4_K_GROUP
+    steps = split_super_blocks(qw.scales, per_super, 0, 63)
+    mins = split_super_blocks(-qw.offsets, per_super, 0, 63)
+    if steps is None or mins is None:
+        return None
+    return steps[0], steps[1].to(torch.uint8), mins[0], mins[1].to(torch.uint8)

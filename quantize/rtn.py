@@ -20,7 +20,7 @@ from .config import RTNConfig
 from .format import QuantizedWeight
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import each_projection, quantize_embeddings, register_handler, register_layout, replace_linear
-from .kquant import Q6_K_BITS, q6_k_quantize
+from .kquant import Q6_K_BITS, q4_k_quantize, q6_k_quantize
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -166,15 +166,18 @@ def group_ranges(w: torch.Tensor, group_size: int, clip: torch.Tensor | float = 
 def rtn_quantize(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: torch.Tensor | float = 1.0,
     gguf_exact: bool = False, importance: torch.Tensor | None = None, full: bool = True, search: bool = True,
+    grid: str = "",
 ) -> QuantizedWeight:
     """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the
     range; gguf_exact and full as in `grid_params`. A full symmetric grid without clipping has
     its steps searched (`searched_symmetric_grid`, weighted by `importance` (in,) when given)
-    unless search=False. bits=6 rounds to llama.cpp's Q6_K grid instead
+    unless search=False. grid="k" rounds 4-bit codes to llama.cpp's Q4_K grid (`quantize.kquant`). bits=6 rounds to llama.cpp's Q6_K grid instead
     (`quantize.kquant`; its own groups of 16, its scale search weighted by `importance`, the
     columns' input energy, where calibration gives one)."""
     if bits == Q6_K_BITS:
         return q6_k_quantize(w, importance)
+    if grid == "k":
+        return q4_k_quantize(w, importance)
     w = w.detach().float()
     out_f, in_f = w.shape
     groups = in_f // group_size
@@ -195,7 +198,8 @@ def rtn_quantize(
 def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
     for name, lin in each_projection(model, "rtn", progress):
         replace_linear(model, name, rtn_quantize(lin.weight, config.bits, config.group_for(lin.in_features, name),
-                                                 config.symmetric, gguf_exact=config.gguf_exact, full=config.full))
+                                                 config.symmetric, gguf_exact=config.gguf_exact, full=config.full,
+                                                 grid=config.grid))
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),

@@ -155,3 +155,94 @@ def test_onnx_runs_the_six_bit_head_as_pytorch_does(tmp_path, tokenizer):
     assert [a.i for a in heads[0].attribute if a.name == "bits"] == [8]
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert validate(model, session, DecoderSpec.from_config(model.config), atol=1e-4)["max_logits_diff"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Q4_K (--grid k)
+
+
+def test_q4_k_grid_is_six_bit_multiples_of_fp16_numbers():
+    from quantize.kquant import q4_k_decompose, q4_k_quantize
+    from quantize.rtn import rtn_quantize
+
+    w = weight(5, 64, 512)
+    qk = q4_k_quantize(w)
+    assert qk.bits == 4 and qk.group_size == 32 and qk.offsets is not None and bool((qk.zeros == 0).all())
+    d, sc, dmin, m = q4_k_decompose(qk)
+    assert d.dtype == dmin.dtype == torch.float16 and int(sc.max()) <= 63 and int(m.max()) <= 63
+    assert int(sc.min()) >= 1  # a step is never 0: MatMulNBits takes the offset as offset / step
+    assert torch.equal(d.float().repeat_interleave(8, dim=1) * sc.float(), qk.scales)
+    assert torch.equal(-(dmin.float().repeat_interleave(8, dim=1) * m.float()), qk.offsets)
+    err = lambda q: float((q.dequantize() - w).pow(2).mean())
+    # A searched step and minimum per 32 weights beat a symmetric grid with the same group.
+    assert err(qk) < 0.8 * err(rtn_quantize(w, 4, 32, True))
+
+
+def k_configs():
+    return [RTNConfig(bits=4, group_size=32, grid="k", include_embeddings=True, head_bits=6),
+            GPTQConfig(bits=4, group_size=32, grid="k", act_order=False, include_embeddings=True, head_bits=6,
+                       calib_samples=8)]
+
+
+@pytest.mark.parametrize("config", k_configs(), ids=["rtn", "gptq"])
+def test_the_k_grid_loads_back_and_runs_the_same_everywhere(tmp_path, tokenizer, config):
+    import onnxruntime as ort
+
+    from export.gguf import read_gguf_weights, write_gguf
+    from export.graph import BuildOptions, build_decoder, collect_projections
+    from export.spec import DecoderSpec
+    from export.validate import validate
+
+    model = random_gpt(0, n_embd=256, n_head=4)
+    quantize_(model, config, calibration() if config.calibrated else None)
+    layer = model.transformer.h[1].mlp.c_proj.qweight  # 1024 columns: four super-blocks
+    assert layer.offsets is not None and layer.group_size == 32
+    save_quantized(tmp_path / "q", model, tokenizer, config)
+    loaded = load_quantized(tmp_path / "q").model
+    assert torch.equal(loaded.transformer.h[1].mlp.c_proj.weight, model.transformer.h[1].mlp.c_proj.weight)
+    written = {t.name: t for t in write_gguf(tmp_path / "m.gguf", loaded, tokenizer)}
+    assert written["blk.1.ffn_down.weight"].ggml_type == "Q4_K" and written["token_embd.weight"].ggml_type == "Q6_K"
+    decoded = read_gguf_weights(tmp_path / "m.gguf")
+    assert np.array_equal(decoded["blk.1.ffn_down.weight"], model.transformer.h[1].mlp.c_proj.weight.numpy())
+    assert np.array_equal(decoded["blk.0.attn_qkv.weight"], model.transformer.h[0].attn.c_attn.weight.numpy())
+    # ONNX Runtime: the offsets as float zero points, equal to float32 rounding.
+    proto = build_decoder(model, collect_projections(model), BuildOptions(accuracy_level=0))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert validate(model, session, DecoderSpec.from_config(model.config), atol=1e-4)["max_logits_diff"] < 1e-4
+
+
+def test_gptq_solves_on_the_q4_k_grid_it_stores():
+    from quantize.gptq import accumulate_hessian, gptq_quantize
+    from quantize.kquant import q4_k_codes, q4_k_grid
+
+    g = torch.Generator().manual_seed(0)
+    w = weight(6, 32, 256)
+    x = torch.randn(512, 256, generator=g) * (1 + 4 * torch.rand(256, generator=g))
+    H = accumulate_hessian(None, x)
+    solved = gptq_quantize(w, H, 4, 32, act_order=False, grid="k")
+    steps, offsets = q4_k_grid(w, torch.diag(H).float())
+    assert torch.equal(solved.scales, steps) and torch.equal(solved.offsets, offsets)
+    rounded = q4_k_codes(w.reshape(32, -1, 32), steps[..., None], offsets[..., None])
+    rounded = (rounded * steps[..., None] + offsets[..., None]).reshape(w.shape)
+    output_error = lambda deq: float((x @ (w - deq).T).pow(2).mean())
+    assert output_error(solved.dequantize()) < 0.9 * output_error(rounded)
+
+
+def test_the_k_grid_is_refused_where_it_cannot_be_made():
+    with pytest.raises(ConfigError, match="4 bits in groups of 32"):
+        RTNConfig(bits=8, grid="k")
+    with pytest.raises(ConfigError, match="4 bits in groups of 32"):
+        RTNConfig(bits=4, group_size=64, grid="k")
+    with pytest.raises(ConfigError, match="made by rtn and gptq"):
+        AWQConfig(grid="k", group_size=32, symmetric=True)
+    with pytest.raises(ConfigError, match="--head-bits 6"):
+        RTNConfig(bits=4, group_size=32, grid="k", include_embeddings=True)
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        quantize_(random_gpt(0, n_embd=64), RTNConfig(bits=4, group_size=32, grid="k"))
+    from export.gguf import block_type
+    from quantize.kquant import q4_k_quantize
+
+    qw = q4_k_quantize(weight(0, 8, 256))
+    qw.offsets = qw.offsets * (1 + 1e-3)  # offsets off the grid
+    with pytest.raises(ConfigError, match="not llama.cpp's Q4_K grid"):
+        block_type(qw, "blk.0.ffn_up.weight")
