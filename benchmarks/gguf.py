@@ -55,6 +55,11 @@ for _method in ("rtn", "gptq", "awq"):
                  "head_bits": _head if _head != 4 else 0})
 OURS["rtn8-g32"] = ("RTN int8 g32 (head int8)", "rtn",
                     {"bits": 8, "group_size": 32, "symmetric": True, "include_embeddings": True})
+# llama.cpp's Q4_K grid (quantize --grid k) with a Q6_K head: the types of its Q4_K_M, code for code.
+for _method in ("rtn", "gptq"):
+    OURS[f"{_method}4k-head6"] = (f"{_method.upper()} Q4_K, Q6_K head", _method,
+                                  {"bits": 4, "group_size": 32, "grid": "k", "include_embeddings": True,
+                                   "head_bits": 6})
 # The grid symmetric codes had before every code was used (quantize --grid midpoint), for comparison.
 OURS["rtn4-g32-head4-midpoint"] = ("RTN int4 g32, int4 head, midpoint grid", "rtn",
                                    {**OURS["rtn4-g32-head4"][2], "grid": "midpoint"})
@@ -73,7 +78,7 @@ THEIRS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
     "lc-q8_0": ("llama.cpp Q8_0", "Q8_0", (), False),
 }
 # (ours, theirs) timed against each other: the same types (all Q4_0), and the default mixes.
-SPEED_PAIRS = [("rtn4-g32-head4", "lc-q4_0-pure"), ("rtn4-g32-head8", "lc-q4_0")]
+SPEED_PAIRS = [("rtn4-g32-head4", "lc-q4_0-pure"), ("rtn4-g32-head8", "lc-q4_0"), ("gptq4k-head6", "lc-q4_k_m")]
 
 
 def log(msg: str) -> None:
@@ -459,7 +464,7 @@ def bench_model(model: Path, args, tools: dict, exact: str | None) -> dict:
 
 
 # Rows the headline table compares (with our best int4 file at or under Q4_K_M's size).
-HEADLINE = ["gptq4-g32-head8", "gptq4-g32-head6", "lc-q4_0", "lc-q4_0-imatrix", "lc-q4_k_m", "lc-q4_k_m-imatrix", "rtn8-g32", "lc-q8_0"]
+HEADLINE = ["gptq4-g32-head8", "gptq4-g32-head6", "gptq4k-head6", "lc-q4_0", "lc-q4_0-imatrix", "lc-q4_k_m", "lc-q4_k_m-imatrix", "rtn8-g32", "lc-q8_0"]
 
 
 def kl3(x: float) -> str:

@@ -23,6 +23,7 @@ from . import awq, bnb, gptq, rtn, smoothquant  # noqa: F401
 from .calibrate import CalibrationData
 from .config import QuantConfig
 from .handlers import check_groups, handler_for
+from .mix import plan_mix
 from .modules import QuantEmbedding, QuantLinear
 
 
@@ -31,9 +32,10 @@ class QuantizeReport:
     method: str
     seconds: float
     calibration: dict | None
+    config: QuantConfig | None = None  # the settings applied: with the layers' bits when a mix chose them
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "config"}
 
 
 def quantize_(model: GPT, config: QuantConfig, calibration: CalibrationData | None = None,
@@ -56,7 +58,9 @@ def quantize_(model: GPT, config: QuantConfig, calibration: CalibrationData | No
     check_groups(model, config)
     model.eval()
     start = time.perf_counter()
+    if getattr(config, "bits_per_weight", 0) and not config.module_bits:
+        config = config.replace(module_bits=plan_mix(model, config, calibration, progress))
     handler(model, config, calibration, progress)
     model.eval()  # new layers start in training mode, which changes LLM.int8's forward
     return QuantizeReport(config.method, time.perf_counter() - start,
-                          calibration.describe() if calibration is not None and config.calibrated else None)
+                          calibration.describe() if calibration is not None and config.calibrated else None, config)

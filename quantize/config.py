@@ -67,7 +67,12 @@ class QuantConfig(StageConfig):
                        "searched on its squared error), midpoint (the earlier symmetric grid: step 2 max|w| / "
                        "(2**bits - 1), one code unused) or k (rtn, gptq, 4 bits: llama.cpp's Q4_K, a searched step "
                        "and minimum per 32 columns as 6-bit multiples of fp16 numbers per 256; 4.5 bits per weight; "
-                       "with --include-embeddings the head takes --head-bits 6 or 8)")
+                       "the embedding / LM head, and layers at 6 or 8 bits, stay on the full grid)")
+    # Chosen by --bits-per-weight (quantize.mix) and saved, so the loader reads each layer at its
+    # width (GPTQModel's per-module overrides, `dynamic` in config.json, say the same).
+    module_bits: dict = option(default_factory=dict, flag=False, added=True,
+                               help="bits of single layers (GPT-wide name or lm_head -> 4, 6 or 8), overriding "
+                                    "--bits and --head-bits; set by --bits-per-weight")
     # llama.cpp stores each block's numbers in fp16. Scales are always rounded up to fp16, which
     # covers Q4_0 and Q8_0; Q4_1 also stores scale x zero point (its min), which fp16 rounds
     # unless the scale was chosen for it.
@@ -93,6 +98,10 @@ class QuantConfig(StageConfig):
         if self.gguf_exact and not self.integer_weights:
             raise ConfigError(f"{self.method}: gguf_exact sets how integer grids are chosen; bitsandbytes keeps its "
                               "own scales; drop --gguf-exact")
+        for name, bits in self.module_bits.items():
+            if bits not in (*self.supported_bits, *self.head_grids):
+                raise ConfigError(f"{self.method}: module_bits gives {name} {bits} bits; this method quantizes to "
+                                  f"{' or '.join(map(str, sorted({*self.supported_bits, *self.head_grids})))}")
         if self.grid not in GRIDS:
             raise ConfigError(f"{self.method}: grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.grid == "k":
@@ -101,9 +110,7 @@ class QuantConfig(StageConfig):
             if self.bits != 4 or self.group_size not in (0, 32):
                 raise ConfigError(f"{self.method}: the k grid is llama.cpp's Q4_K: 4 bits in groups of 32; use "
                                   "--bits 4 --group-size 32")
-            if self.include_embeddings and self.bits_for("lm_head") == 4:
-                raise ConfigError(f"{self.method}: with the k grid the embedding / LM head takes --head-bits 6 "
-                                  "(Q6_K, as llama.cpp's Q4_K_M keeps it) or 8")
+
         if self.head_bits and not self.include_embeddings:
             raise ConfigError(f"{self.method}: head_bits sets the bits of the quantized embedding / LM head; add "
                               "--include-embeddings, or drop --head-bits")
@@ -113,8 +120,8 @@ class QuantConfig(StageConfig):
 
     @property
     def full(self) -> bool:
-        """Whether symmetric grids use every code (`quantize.rtn.grid_params`)."""
-        return self.grid == "full"
+        """Whether symmetric grids use every code (`quantize.rtn.grid_params`): all but midpoint."""
+        return self.grid != "midpoint"
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "", **fixed: Any):
@@ -126,7 +133,16 @@ class QuantConfig(StageConfig):
 
     def bits_for(self, name: str) -> int:
         """The bits of one quantized layer: head_bits for the LM head when set, else bits."""
+        if name in self.module_bits:
+            return self.module_bits[name]
         return self.head_bits if name == "lm_head" and self.head_bits else self.bits
+
+    def grid_for(self, name: str) -> str:
+        """The grid of one layer: the k grid (Q4_K) holds only the blocks' 4-bit layers; a layer at
+        other bits is on the full grid (Q6_K for 6 bits, Q8_0's rule for 8)."""
+        if self.grid == "k" and (name == "lm_head" or self.bits_for(name) != 4):
+            return "full"
+        return self.grid
 
     def stored_bits_for(self, name: str) -> int:
         """The storage width of one layer's codes: 6-bit (Q6_K) codes are stored as 8-bit codes."""
@@ -135,7 +151,7 @@ class QuantConfig(StageConfig):
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
         if self.grid == "k" and name != "lm_head":
-            return 32
+            return 32  # Q4_K's sub-blocks, and Q8_0's blocks for a layer the mix gives 8 bits
         if self.group_size == 0:
             return in_features
         if in_features % self.group_size:
@@ -187,6 +203,10 @@ class GPTQConfig(CalibratedConfig):
     bits: int = _default("bits", 4)
     group_size: int = _default("group_size", 128)
     damp_percent: float = option(0.01, "GPTQ: Hessian dampening, as a share of its mean diagonal")
+    bits_per_weight: float = option(0.0, added=True, help="GPTQ: mixed precision under this budget of bits per "
+                                    "weight over the quantized matrices (scales included, as GGUF stores them: 4-bit "
+                                    "4.5, Q6_K 6.5625, Q8_0 8.5): each matrix's format is chosen from its measured "
+                                    "effect on the KL from the float model (0 = every matrix at --bits)")
     act_order: bool = option(True, "GPTQ: quantize columns in order of decreasing activation energy")
     block_columns: int = option(128, "GPTQ: columns updated together in one lazy batch")
 
@@ -196,6 +216,12 @@ class GPTQConfig(CalibratedConfig):
             raise ConfigError(f"gptq: damp_percent must be in (0, 1), got {self.damp_percent}")
         if self.block_columns <= 0:
             raise ConfigError(f"gptq: block_columns must be positive, got {self.block_columns}")
+        if self.bits_per_weight and not 4.5 <= self.bits_per_weight <= 8.5:
+            raise ConfigError(f"gptq: bits_per_weight must be 0 (off) or from 4.5 (all 4-bit) to 8.5 (all Q8_0), "
+                              f"got {self.bits_per_weight}")
+        if self.bits_per_weight and (self.bits != 4 or self.group_size not in (0, 32)):
+            raise ConfigError("gptq: --bits-per-weight mixes 4-bit groups of 32 with Q6_K and Q8_0; use --bits 4 "
+                              "--group-size 32")
 
 
 @register_method("awq")

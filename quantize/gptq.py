@@ -180,10 +180,9 @@ def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, name: str) -> Q
     """One layer (`name`: a block projection or lm_head) solved at its bits and grid: the k grid
     is Q4_K for the blocks; the head has its own bits (6: Q6_K, which fixes its own groups)."""
     bits = config.bits_for(name)
-    head = name == "lm_head"
     group_size = Q6_K_GROUP if bits == Q6_K_BITS else config.group_for(w.shape[1], name)
     return gptq_quantize(w, H, bits, group_size, config.symmetric, config.damp_percent, config.act_order,
-                         config.block_columns, config.gguf_exact, config.full, "" if head else config.grid)
+                         config.block_columns, config.gguf_exact, config.full, config.grid_for(name))
 
 
 @register_handler(GPTQConfig)

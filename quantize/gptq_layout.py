@@ -6,6 +6,7 @@ register it beside their handlers.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,18 @@ from .config import QuantConfig
 from .format import check_gptq_header, from_gptq_tensors, gptq_tensors
 from .handlers import SavedLayers
 from .modules import QuantEmbedding, QuantLinear, quantized_linears, set_module
+
+
+def _overrides(config: QuantConfig) -> dict:
+    """Per-module overrides as GPTQModel writes them (a regex on the module name -> settings): the
+    layers whose bits differ from --bits. 6-bit (Q6_K) codes are stored as 8-bit codes in groups of 16."""
+    names = sorted(set(config.module_bits) | ({"lm_head"} if config.include_embeddings else set()))
+    out = {}
+    for name in names:
+        bits = config.bits_for(name)
+        if bits != config.bits:
+            out[f"+:^{re.escape(name)}$"] = {"bits": 8, "group_size": 16} if bits == 6 else {"bits": bits}
+    return out
 
 
 class GPTQLayout:
@@ -38,10 +51,7 @@ class GPTQLayout:
             "true_sequential": True,
             "lm_head": config.include_embeddings,
             # Per-module overrides as GPTQModel writes them (a regex on the module name): the head's bits.
-            # 6-bit (Q6_K) codes are stored as 8-bit codes in groups of 16.
-            **({"dynamic": {"+:^lm_head$": {"bits": config.head_bits} if config.head_bits != 6
-                            else {"bits": 8, "group_size": 16}}}
-               if config.include_embeddings and config.bits_for("lm_head") != config.bits else {}),
+            **({"dynamic": overrides} if (overrides := _overrides(config)) else {}),
         }
 
     def save(self, model: GPT) -> SavedLayers:

@@ -197,9 +197,10 @@ def rtn_quantize(
 @torch.no_grad()
 def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
     for name, lin in each_projection(model, "rtn", progress):
-        replace_linear(model, name, rtn_quantize(lin.weight, config.bits, config.group_for(lin.in_features, name),
-                                                 config.symmetric, gguf_exact=config.gguf_exact, full=config.full,
-                                                 grid=config.grid))
+        replace_linear(model, name, rtn_quantize(lin.weight, config.bits_for(name),
+                                                 config.group_for(lin.in_features, name), config.symmetric,
+                                                 gguf_exact=config.gguf_exact, full=config.full,
+                                                 grid=config.grid_for(name)))
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),

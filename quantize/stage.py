@@ -137,6 +137,7 @@ def _quantize_into(config: QuantizeConfig, log: Callable[[str], None]) -> Path:
     loaded = load_model(resolve_model_path(config.model), device=resolve_device(config.device))
     calibration = resolve_calibration(loaded, method, config.data)
     report = quantize_(loaded.model, method, calibration, progress=progress)
+    method = report.config  # with the bits of each layer when --bits-per-weight chose them
     metrics = {"quantize_seconds": round(report.seconds, 3)}
     if config.eval:
         metrics.update(evaluate_quantized(loaded.model, loaded.folder, progress=progress))
@@ -150,6 +151,12 @@ def _quantize_into(config: QuantizeConfig, log: Callable[[str], None]) -> Path:
 def _summary(out: str | Path, config: QuantConfig, seconds: float, metrics: dict) -> str:
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     head = f" (LM head {config.bits_for('lm_head')}-bit)" if config.bits_for("lm_head") != config.bits else ""
+    if config.module_bits:
+        counts: dict[int, int] = {}
+        for bits in config.module_bits.values():
+            counts[bits] = counts.get(bits, 0) + 1
+        head = f" mixed ({', '.join(f'{n} x {b}-bit' for b, n in sorted(counts.items()))}"
+        head += f"; LM head {config.bits_for('lm_head')}-bit)" if config.include_embeddings else ")"
     line = f"wrote {out}: {config.method} {config.bits}-bit{head} in {seconds:.1f}s, weights {size / 1e6:.2f} MB"
     if "val_perplexity" in metrics:
         delta = 100 * (metrics["val_perplexity"] / metrics["float_val_perplexity"] - 1)

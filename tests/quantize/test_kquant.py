@@ -235,8 +235,6 @@ def test_the_k_grid_is_refused_where_it_cannot_be_made():
         RTNConfig(bits=4, group_size=64, grid="k")
     with pytest.raises(ConfigError, match="made by rtn and gptq"):
         AWQConfig(grid="k", group_size=32, symmetric=True)
-    with pytest.raises(ConfigError, match="--head-bits 6"):
-        RTNConfig(bits=4, group_size=32, grid="k", include_embeddings=True)
     with pytest.raises(ConfigError, match="multiple of 256"):
         quantize_(random_gpt(0, n_embd=64), RTNConfig(bits=4, group_size=32, grid="k"))
     from export.gguf import block_type
@@ -246,3 +244,52 @@ def test_the_k_grid_is_refused_where_it_cannot_be_made():
     qw.offsets = qw.offsets * (1 + 1e-3)  # offsets off the grid
     with pytest.raises(ConfigError, match="not llama.cpp's Q4_K grid"):
         block_type(qw, "blk.0.ffn_up.weight")
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision (--bits-per-weight)
+
+
+def test_the_budget_goes_where_it_buys_the_most_kl():
+    from quantize.mix import STORED_BITS, choose_bits
+
+    kl = {"a": {4: 10.0, 6: 1.0, 8: 0.5}, "b": {4: 2.0, 6: 1.5, 8: 1.4}, "c": {4: 5.0, 8: 0.0}}
+    sizes = {"a": 100, "b": 100, "c": 100}
+    assert choose_bits(kl, sizes, 4.5) == {"a": 4, "b": 4, "c": 4}
+    # 2.0625 extra bits per weight on a third of the weights: a's upgrade saves the most per bit.
+    assert choose_bits(kl, sizes, 4.5 + 2.0625 / 3) == {"a": 6, "b": 4, "c": 4}
+    chosen = choose_bits(kl, sizes, 6.6)  # then c's 8 bits (0.0125 nats per bit) before a's (0.0026)
+    spent = sum(STORED_BITS[b] * sizes[n] for n, b in chosen.items()) / 300
+    assert spent <= 6.6 and chosen == {"a": 6, "b": 4, "c": 8}
+    assert choose_bits(kl, sizes, 8.5) == {"a": 8, "b": 8, "c": 8}
+    with pytest.raises(ConfigError, match="below the smallest mix"):
+        choose_bits(kl, sizes, 4.0)
+
+
+def test_bits_per_weight_measures_chooses_records_and_loads(tmp_path, tokenizer):
+    from quantize.mix import STORED_BITS
+
+    model = random_gpt(0, n_embd=256, n_head=4)
+    config = GPTQConfig(bits=4, group_size=32, grid="k", act_order=False, include_embeddings=True, head_bits=6,
+                        calib_samples=8, bits_per_weight=5.5)
+    report = quantize_(model, config, calibration())
+    chosen = report.config.module_bits
+    assert set(chosen) == {f"transformer.h.{i}.{p}" for i in range(2)
+                           for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")} | {"lm_head"}
+    sizes = {name: (model.lm_head if name == "lm_head" else model.get_submodule(name)).weight.numel() for name in chosen}
+    spent = sum(STORED_BITS[chosen[n]] * sizes[n] for n in chosen) / sum(sizes.values())
+    assert 4.5 < spent <= 5.5 and len(set(chosen.values())) > 1
+    for name, bits in chosen.items():  # every layer quantized at its chosen bits
+        qw = (model.lm_head if name == "lm_head" else model.get_submodule(name)).qweight
+        assert (qw.offsets is not None) == (bits == 4 and name != "lm_head")
+        assert is_q6_k(qw) == (bits == 6)
+    save_quantized(tmp_path / "q", model, tokenizer, report.config)
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.config.module_bits == chosen
+    for name in chosen:
+        get = (lambda m: m.lm_head) if name == "lm_head" else (lambda m, n=name: m.get_submodule(n))
+        assert torch.equal(get(loaded.model).weight, get(model).weight)
+    with pytest.raises(ConfigError, match="bits_per_weight must be"):
+        GPTQConfig(bits_per_weight=4.0, group_size=32)
+    with pytest.raises(ConfigError, match="--bits 4 --group-size 32"):
+        GPTQConfig(bits_per_weight=5.0, group_size=128)
