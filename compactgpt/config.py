@@ -113,7 +113,8 @@ class StageConfig:
         names fields had before a rename (`renamed`): what decides whether a pipeline stage
         is up to date."""
         unchanged = {f.name for f in dataclasses.fields(self)
-                     if f.metadata.get("added") and f.default is not MISSING and getattr(self, f.name) == f.default}
+                     if f.metadata.get("added") and _default_of(f) is not MISSING
+                     and getattr(self, f.name) == _default_of(f)}
         return {self.renamed.get(k, k): v for k, v in self.to_dict().items() if k not in unchanged}
 
     def versioned_dict(self) -> dict:
@@ -146,6 +147,13 @@ class StageConfig:
     def replace(self: C, **changes: Any) -> C:
         """A copy with some settings changed, checked again."""
         return dataclasses.replace(self, **changes)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its factory), or MISSING."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
 
 
 def field_help(cls: type, name: str) -> str:

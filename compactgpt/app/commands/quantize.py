@@ -39,6 +39,8 @@ def _method_flags() -> type:
     for method, cls in METHODS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if not f.metadata.get("flag", True):
+                continue  # set by the stage itself (module_bits) or only through the Python API
             types.setdefault(f.name, hints[f.name])
             texts.setdefault(f.name, field_help(cls, f.name))
             takers.setdefault(f.name, []).append(method)
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
     from ...errors import ConfigError
 
     cls = METHODS[args.method]
-    own = {f.name for f in dataclasses.fields(cls)}
+    own = {f.name for f in dataclasses.fields(cls) if f.metadata.get("flag", True)}
     given = given_args(args, _method_flags())
     foreign = sorted(set(given) - own)
     if foreign:
