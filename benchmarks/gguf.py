@@ -60,6 +60,13 @@ for _method in ("rtn", "gptq"):
     OURS[f"{_method}4k-head6"] = (f"{_method.upper()} Q4_K, Q6_K head", _method,
                                   {"bits": 4, "group_size": 32, "grid": "k", "include_embeddings": True,
                                    "head_bits": 6})
+# Mixed precision (quantize --bits-per-weight B): GPTQ on the Q4_K grid, each matrix (the head too)
+# at 4, 6 or 8 bits as its measured KL decides, B stored bits per weight over the matrices.
+MIX_BUDGETS = (4.75, 5.0, 5.25, 5.5, 5.75, 6.0)
+for _budget in MIX_BUDGETS:
+    OURS[f"gptq4k-mix{_budget:g}"] = (f"GPTQ mix at {_budget:g} bits/weight", "gptq",
+                                      {"bits": 4, "group_size": 32, "grid": "k", "include_embeddings": True,
+                                       "head_bits": 6, "bits_per_weight": _budget})
 # The grid symmetric codes had before every code was used (quantize --grid midpoint), for comparison.
 OURS["rtn4-g32-head4-midpoint"] = ("RTN int4 g32, int4 head, midpoint grid", "rtn",
                                    {**OURS["rtn4-g32-head4"][2], "grid": "midpoint"})
@@ -75,6 +82,9 @@ THEIRS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
     "lc-q4_0-imatrix": ("llama.cpp Q4_0 + imatrix", "Q4_0", (), True),
     "lc-q4_k_m": ("llama.cpp Q4_K_M", "Q4_K_M", (), False),
     "lc-q4_k_m-imatrix": ("llama.cpp Q4_K_M + imatrix", "Q4_K_M", (), True),
+    "lc-q5_k_m": ("llama.cpp Q5_K_M", "Q5_K_M", (), False),
+    "lc-q5_k_m-imatrix": ("llama.cpp Q5_K_M + imatrix", "Q5_K_M", (), True),
+    "lc-q6_k": ("llama.cpp Q6_K", "Q6_K", (), False),
     "lc-q8_0": ("llama.cpp Q8_0", "Q8_0", (), False),
 }
 # (ours, theirs) timed against each other: the same types (all Q4_0), and the default mixes.
@@ -189,7 +199,8 @@ def our_files(model: Path, work: Path, calib_samples: int, exact: str | None, th
         artifact, exported = work / "artifacts" / key, work / "exports" / key
         manifest = artifact / "manifest.json"
         made = json.loads(manifest.read_text()).get("settings", {}) if manifest.is_file() else None
-        if made is None or any(made.get(k) != v for k, v in config.to_dict().items()):
+        # module_bits is what a mix chose (saved), not a setting asked for
+        if made is None or any(made.get(k) != v for k, v in config.to_dict().items() if k != "module_bits"):
             log(f"quantizing {key} ({label})")
             quantize_folder(QuantizeConfig(model=str(model), out=str(artifact), method=config, progress=False,
                                            data=str(data) if data else None, threads=threads, overwrite=True),

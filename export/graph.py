@@ -309,12 +309,14 @@ class DecoderBuilder:
         return p is not None and p.nbits is not None and p.nbits.bits == 8 and self.options.int8_kernel == "dynamic"
 
     def nbits_inits(self, p: Projection) -> list[str]:
-        """(codes, scales, zero points) of a MatMulNBits projection, written on first use."""
+        """(codes, scales[, zero points]) of a MatMulNBits projection, written on first use; the zero
+        points are left out where they are all the middle code (symmetric codes), the default."""
         if p.name not in self._nbits:
             nb = p.nbits
             self._nbits[p.name] = [self.g.init(p.name + ".qweight", nb.packed),
-                                   self.g.init(p.name + ".scales", nb.scales.astype(self.np_dt)),
-                                   self.g.init(p.name + ".qzeros", nb.zero_points)]
+                                   self.g.init(p.name + ".scales", nb.scales.astype(self.np_dt))]
+            if not nb.default_zero_points:
+                self._nbits[p.name].append(self.g.init(p.name + ".qzeros", nb.zero_points))
         return self._nbits[p.name]
 
     def dynamic_inits(self, p: Projection) -> list[str]:
@@ -334,8 +336,8 @@ class DecoderBuilder:
             if nb.order is not None:
                 x = g.one("Gather", [x, g.const(p.name + ".order", nb.order, np.int64)], axis=-1)
             ins = [x, *self.nbits_inits(p)]
-            if with_bias and p.bias is not None:
-                ins += ["", g.init(p.name + ".bias", p.bias)]
+            if with_bias and p.bias is not None:  # inputs: A, B, scales, zero_points, g_idx, bias
+                ins += [""] * (5 - len(ins)) + [g.init(p.name + ".bias", p.bias)]
             # SmoothQuant's W8A8 layers were calibrated for int8 activations: level 4 is their
             # arithmetic whatever the weight-only layers use.
             level = 4 if p.act_bits == 8 else self.options.accuracy_level

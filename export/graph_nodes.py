@@ -121,12 +121,12 @@ def nbits_lookup(g: OnnxGraph, nb: NBitsWeight, inits: list[str], ids: str) -> s
     once. MatMulNBits keeps its codes as (V, blocks, bytes per block) and GatherBlockQuantized
     reads (V, bytes per row): the Reshapes only relabel the same bytes."""
     i64 = np.int64
-    codes, scales, zeros = inits
+    codes, scales, *zeros = inits  # no zero points: the middle code, as for MatMulNBits
     n_blocks = nb.k // nb.block_size
     data = g.one("Reshape", [codes, g.const("wte_codes_shape", [nb.n, -1], i64)])
     scales = g.one("Reshape", [scales, g.const("wte_scales_shape", [nb.n, n_blocks], i64)])
-    zeros = g.one("Reshape", [zeros, g.const("wte_zeros_shape", [nb.n, -1], i64)])
-    return g.one("GatherBlockQuantized", [data, ids, scales, zeros], name="transformer.wte", domain=MS_DOMAIN,
+    zeros = [g.one("Reshape", [z, g.const("wte_zeros_shape", [nb.n, -1], i64)]) for z in zeros]
+    return g.one("GatherBlockQuantized", [data, ids, scales, *zeros], name="transformer.wte", domain=MS_DOMAIN,
                  gather_axis=0, quantize_axis=1, block_size=nb.block_size, bits=nb.bits)
 
 

@@ -90,6 +90,18 @@ class NBitsWeight:
     zero_points: np.ndarray  # uint8 (N * ceil(n_blocks * bits / 8),); float32 (N * n_blocks,) with offsets
     order: np.ndarray | None  # int64 (K,): gather activations in this order first
 
+    @property
+    def default_zero_points(self) -> bool:
+        """Whether every zero point is the middle code, MatMulNBits' (and GatherBlockQuantized's)
+        default when the input is left out: symmetric codes need none stored."""
+        if self.zero_points.dtype != np.uint8:
+            return False
+        n_blocks = self.k // self.block_size
+        zeros = self.zero_points.reshape(self.n, -1)
+        if self.bits == 4:
+            zeros = unpack_nibbles(zeros, n_blocks)
+        return bool(np.all(zeros == 1 << (self.bits - 1)))
+
 
 def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None, offsets=None) -> NBitsWeight:
     """quantize/'s (codes, scales, zeros[, g_idx][, offsets]) -> MatMulNBits arrays, same dequantization.
