@@ -107,8 +107,7 @@ def plan_mix(model: GPT, config, calibration, progress: bool = False, windows: i
 
     include_head = config.include_embeddings
     matrices = mix_matrices(model, include_head)
-    formats = {name: candidate_bits(config.bits_for(name) if name == "lm_head" else config.bits, w.shape[1])
-               for name, w in matrices.items()}
+    formats = {name: candidate_bits(config.bits, w.shape[1]) for name, w in matrices.items()}  # the head too
 
     def quantizer(name: str, weight: torch.Tensor, bits: int) -> torch.Tensor:
         one = config.replace(module_bits={name: bits}, bits_per_weight=0.0)
