@@ -313,8 +313,16 @@ class DecoderBuilder:
         points are left out where they are all the middle code (symmetric codes), the default."""
         if p.name not in self._nbits:
             nb = p.nbits
-            self._nbits[p.name] = [self.g.init(p.name + ".qweight", nb.packed),
-                                   self.g.init(p.name + ".scales", nb.scales.astype(self.np_dt))]
+            scales = nb.scales.astype(self.np_dt)
+            if self.np_dt == np.float32 and np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+                # float16 holds every scale (quantize rounds them so): stored at half the bytes and cast
+                # once, which ONNX Runtime folds into a float32 initializer when the session loads.
+                half = self.g.init(p.name + ".scales_fp16", scales.astype(np.float16), cast=False)
+                scales = self.g.one("Cast", [half], name=p.name + ".scales_cast", to=TensorProto.FLOAT,
+                                    outputs=[p.name + ".scales"])
+            else:
+                scales = self.g.init(p.name + ".scales", scales)
+            self._nbits[p.name] = [self.g.init(p.name + ".qweight", nb.packed), scales]
             if not nb.default_zero_points:
                 self._nbits[p.name].append(self.g.init(p.name + ".qzeros", nb.zero_points))
         return self._nbits[p.name]

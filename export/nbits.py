@@ -194,15 +194,17 @@ def dequantize_linear_graph(proto):
     proto = copy.deepcopy(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
+    # Scales stored in float16 reach MatMulNBits through a Cast to the graph's float type.
+    casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in inits}
     dequantized: dict[str, str] = {}  # MatMulNBits codes initializer -> its (N, K) float weight
     prologue, nodes, added = [], [], []
     for node in graph.node:
         if node.op_type != "MatMulNBits":
             nodes.append(node)
             continue
-        weight, dq_node, tensors = _dequantize_node(node, inits, numpy_helper, helper)
+        weight, dq_nodes, tensors = _dequantize_node(node, inits, casts, numpy_helper, helper)
         added += tensors
-        prologue.append(dq_node)  # first: the embedding lookup, early in the graph, may read it
+        prologue += dq_nodes  # first: the embedding lookup, early in the graph, may read it
         dequantized[node.input[1]] = weight
         base = node.name or node.input[1]
         inputs = list(node.input) + [""] * (6 - len(node.input))
@@ -230,9 +232,10 @@ def dequantize_linear_graph(proto):
     return proto, len(dequantized)
 
 
-def _dequantize_node(node, inits: dict, numpy_helper, helper):
-    """(name of the (N, K) float weight, its DequantizeLinear node, the initializers it reads)
-    for one MatMulNBits node."""
+def _dequantize_node(node, inits: dict, casts: dict, numpy_helper, helper):
+    """(name of the (N, K) float weight, its DequantizeLinear node (and the Cast after it), the
+    initializers it reads) for one MatMulNBits node; `casts` maps a Cast's output to the initializer it casts (float16
+    scales cast to float32)."""
     import onnx
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -253,21 +256,35 @@ def _dequantize_node(node, inits: dict, numpy_helper, helper):
         zeros = unpack_nibbles(z, n_blocks) if bits == 4 else z[:, :n_blocks]
     else:  # MatMulNBits' default zero point: the middle of the code range
         zeros = np.full((n, n_blocks), 1 << (bits - 1), np.uint8)
-    scale = numpy_helper.to_array(inits[scales]).reshape(n, n_blocks)
+    cast = scales in casts  # float16 scales, cast to the graph's float32 after dequantizing
+    scale = numpy_helper.to_array(inits[casts.get(scales, scales)]).reshape(n, n_blocks)
 
-    def codes_tensor(name: str, values: np.ndarray):
+    def codes_tensor(name: str, values: np.ndarray, signed: bool):
         if bits == 8:
-            return numpy_helper.from_array(np.ascontiguousarray(values, np.uint8), name)
+            return numpy_helper.from_array(np.ascontiguousarray(values, np.int8 if signed else np.uint8), name)
         # ONNX stores 4-bit tensors two to a byte, low nibble first, in row-major order.
-        return helper.make_tensor(name, onnx.TensorProto.UINT4, list(values.shape),
-                                  pack_nibbles(values.reshape(-1)).tobytes(), raw=True)
+        nibbles = (values.astype(np.int16) & 0x0F).astype(np.uint8)
+        return helper.make_tensor(name, onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4,
+                                  list(values.shape), pack_nibbles(nibbles.reshape(-1)).tobytes(), raw=True)
 
     base = node.name or qweight
-    tensors = [codes_tensor(f"{base}.dq_codes", codes), codes_tensor(f"{base}.dq_zeros", zeros),
-               numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.dq_scales")]
     weight = f"{base}.dq_weight"
-    dq = helper.make_node("DequantizeLinear", [f"{base}.dq_codes", f"{base}.dq_scales", f"{base}.dq_zeros"],
-                          [weight], name=f"{base}.dequantize", axis=1, block_size=bs)
+    # Symmetric codes (every zero point the middle code): signed codes with no zero point, as small
+    # as the MatMulNBits codes; otherwise unsigned codes and their zero points.
+    symmetric = bool(np.all(zeros == 1 << (bits - 1)))
+    if symmetric:
+        tensors = [codes_tensor(f"{base}.dq_codes", codes.astype(np.int16) - (1 << (bits - 1)), True)]
+        inputs = [f"{base}.dq_codes", f"{base}.dq_scales"]
+    else:
+        tensors = [codes_tensor(f"{base}.dq_codes", codes, False), codes_tensor(f"{base}.dq_zeros", zeros, False)]
+        inputs = [f"{base}.dq_codes", f"{base}.dq_scales", f"{base}.dq_zeros"]
+    dq = [helper.make_node("DequantizeLinear", inputs, [weight], name=f"{base}.dequantize", axis=1, block_size=bs)]
+    if cast:  # the float16 scales stay float16 in the file; the product is taken in float32
+        tensors.append(numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.dq_scales_fp16"))
+        dq.insert(0, helper.make_node("Cast", [f"{base}.dq_scales_fp16"], [f"{base}.dq_scales"],
+                                      name=f"{base}.dq_scales_cast", to=onnx.TensorProto.FLOAT))
+    else:
+        tensors.append(numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.dq_scales"))
     return weight, dq, tensors
 
 
