@@ -86,6 +86,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compactgpt.app.report import place_labels
+
     models = results["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], models.items()):
@@ -101,10 +103,6 @@ def plot(results: dict, path: Path) -> None:
             if group:
                 ax.plot([p["bpp"] for p in group], [1e3 * p["kl"] for p in group], style, color=color, label=label,
                         markersize=6)
-        for p in pts:
-            if p["origin"] == "llama.cpp" or p["key"] in ("gptq4k-head6", "rtn4-g32-head4", "rtn8-g32"):
-                ax.annotate(p["label"].replace("llama.cpp ", ""), (p["bpp"], 1e3 * p["kl"]), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("bits per parameter (GGUF file)")
         ax.set_ylabel("KL from fp32 (1e-3 nats/token, llama-perplexity)")
@@ -112,6 +110,11 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    for ax, m in zip(axes[0], models.values()):  # labels last: they are placed on the final layout
+        named = [p for p in m["points"] if p["origin"] == "llama.cpp"
+                 or p["key"] in ("gptq4k-head6", "rtn4-g32-head4", "rtn8-g32", "gptq4k-mix5.5")]
+        place_labels(ax, [(p["bpp"], 1e3 * p["kl"]) for p in named],
+                     [p["label"].replace("llama.cpp ", "") for p in named], [4.0] * len(named), fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
