@@ -46,6 +46,23 @@ def points(model_result: dict) -> list[dict]:
     return sorted(out, key=lambda p: p["bpp"])
 
 
+def envelope_at(group: list[dict], bpp: float) -> float | None:
+    """The KL of a group's lower envelope at `bpp` bits per parameter (log-linear between its
+    points), or None outside the envelope's range of bits."""
+    import math
+
+    front, best = [], math.inf
+    for p in sorted(group, key=lambda p: p["bpp"]):
+        if p["kl"] < best:
+            front.append(p)
+            best = p["kl"]
+    for a, b in zip(front, front[1:]):
+        if a["bpp"] <= bpp <= b["bpp"]:
+            t = (bpp - a["bpp"]) / (b["bpp"] - a["bpp"]) if b["bpp"] > a["bpp"] else 0.0
+            return math.exp((1 - t) * math.log(a["kl"]) + t * math.log(b["kl"]))
+    return None
+
+
 def checks(pts: list[dict]) -> list[dict]:
     """The claims, each with the figures it rests on and whether it holds."""
     by = {p["key"]: p for p in pts}
@@ -73,6 +90,16 @@ def checks(pts: list[dict]) -> list[dict]:
               best is None or m["kl"] < best["kl"],
               f"KL {kl3(m['kl'])}" + (f"; best other at <= its bits: {best['label']} {kl3(best['kl'])} at "
                                       f"{best['bpp']:.3f}" if best else ""))
+    # "At the same bits": each curve's lower envelope (a file at more bits with a higher KL is
+    # dominated), log KL interpolated linearly between its points; no claim outside its range.
+    for who, group in (("llama.cpp's", [p for p in pts if p["origin"] == "llama.cpp"]),
+                       ("the uniform formats'", [p for p in others if p["origin"] == "CompactGPT"
+                                                 and "midpoint" not in p["key"]])):
+        for m in mixes:
+            at = envelope_at(group, m["bpp"])
+            if at is not None:
+                claim(f"{m['label']} lies below {who} curve at its {m['bpp']:.3f} bits/param", m["kl"] < at,
+                      f"KL {kl3(m['kl'])} vs {kl3(at)} interpolated")
     if {"rtn8-g32", "lc-q8_0"} <= set(by):
         a, b = by["rtn8-g32"], by["lc-q8_0"]
         claim("8-bit (RTN int8 g32, Q8_0 blocks) has KL <= llama.cpp's Q8_0",
