@@ -36,8 +36,9 @@ class ExportConfig(StageConfig):
     opset: int = option(DEFAULT_OPSET, "ONNX opset (default 17, the oldest with LayerNormalization)")
     # 4 is the default: int8 activations let single-token decode on CPU use the integer dot-product
     # kernels (benchmarks/results/ has the figures).
-    accuracy_level: int = option(4, "MatMulNBits compute type for quantized weights: 0 float activations, 4 int8 "
-                                 "activations (default; faster single-token decode on CPU)")
+    accuracy_level: int = option(4, "MatMulNBits compute type for quantized weights: 0 float activations "
+                                 "(weight-only; measured on int8: 0.35x the KL but 10x slower decode on CPU), 4 int8 "
+                                 "activations (default; benchmarks/results/int8_kernels.md)")
     # Opt-in: per-tensor activations are coarser than matmulnbits' per-block ones
     # (benchmarks/results/decode_bandwidth.md and decode_quality.md have the speed and the cost).
     int8_kernel: str = option("matmulnbits", added=True, help="kernel of int8 weights (blocks and a quantized LM "
