@@ -64,12 +64,21 @@ ROWS: dict[str, tuple[str, str | None, dict]] = {
     "rtn8-emb": ("int8 RTN + int8 embeddings", "rtn", {"bits": 8, "include_embeddings": True}),
     "gptq4-g32-emb": ("int4 GPTQ g32 + int4 embeddings", "gptq",
                       {"bits": 4, "group_size": 32, "symmetric": False, "include_embeddings": True}),
+    # Symmetric grids use every code (--grid full, the default); midpoint rows are the grid before it.
+    "rtn4-g32-sym": ("int4 RTN g32 symmetric", "rtn", {"bits": 4, "group_size": 32, "symmetric": True}),
+    "gptq4-g32-sym": ("int4 GPTQ g32 symmetric", "gptq", {"bits": 4, "group_size": 32, "symmetric": True}),
+    "rtn4-g32-sym-midpoint": ("int4 RTN g32 symmetric, midpoint grid", "rtn",
+                              {"bits": 4, "group_size": 32, "symmetric": True, "grid": "midpoint"}),
+    "rtn8-midpoint": ("int8 RTN per-channel, midpoint grid", "rtn", {"bits": 8, "grid": "midpoint"}),
+    # llama.cpp's Q4_K grid (--grid k).
+    "rtn4-k": ("int4 RTN on the Q4_K grid", "rtn", {"bits": 4, "group_size": 32, "grid": "k"}),
+    "gptq4-k": ("int4 GPTQ on the Q4_K grid", "gptq", {"bits": 4, "group_size": 32, "grid": "k"}),
 }
 # (4-bit method row, RTN row at the same bits and group size) pairs judged against the aims.
 GAP_PAIRS = [("gptq4-g128", "rtn4-g128"), ("awq4-g128", "rtn4-g128"), ("gptq4-g32", "rtn4-g32"),
              ("awq4-g32", "rtn4-g32"), ("awq4-g128-noclip", "rtn4-g128"),
              ("awq4-g32-noclip", "rtn4-g32"), ("gptq4-pc", "rtn4-pc"), ("awq4-pc", "rtn4-pc"),
-             ("gptq4-g128-sym", "rtn4-g128-sym")]
+             ("gptq4-g128-sym", "rtn4-g128-sym"), ("gptq4-g32-sym", "rtn4-g32-sym"), ("gptq4-k", "rtn4-k")]
 EXTRA_DATA = {"wikitext": "wikitext-2-raw", "shakespeare": "tinyshakespeare"}
 
 
