@@ -17,6 +17,8 @@ from compactgpt.calibration import (calib_samples_option, calib_seed_option, cal
 from compactgpt.config import VERSION_KEY, StageConfig, option
 from compactgpt.errors import ConfigError
 
+from .kquant import Q6_K_BITS, Q6_K_GROUP
+
 # name -> config class, in registration order (the order of the CLI's flags); filled by
 # @register_method below.
 METHODS: dict[str, type["QuantConfig"]] = {}
@@ -150,6 +152,8 @@ class QuantConfig(StageConfig):
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
+        if self.bits_for(name) == Q6_K_BITS:
+            return Q6_K_GROUP  # Q6_K's sub-blocks, whatever --group-size says
         if self.grid == "k" and name != "lm_head":
             return 32  # Q4_K's sub-blocks, and Q8_0's blocks for a layer the mix gives 8 bits
         if self.group_size == 0:

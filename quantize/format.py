@@ -108,6 +108,14 @@ class QuantizedWeight:
         return (self.codes.numel() * self.bits + self.zeros.numel() * self.bits) // 8 + self.scales.numel() * 2 + offsets
 
 
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of w on the grid (scale, zero), broadcast elementwise; returned as float: the inverse
+    of `QuantizedWeight.dequantize`, which every grid (RTN, GPTQ, AWQ, the K-quants) rounds with.
+    A zero step (a K-quant sub-block of zeros) gives the zero point."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, zero + 0 * w, torch.clamp(torch.round(w / safe) + zero, 0, 2**bits - 1))
+
+
 # ---------------------------------------------------------------------------------------
 # int4 nibble packing (the layout ONNX MatMulNBits and the GPTQ words share)
 

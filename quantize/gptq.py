@@ -177,12 +177,11 @@ class _GPTQBlocks(BlockHooks):
 
 
 def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, name: str) -> QuantizedWeight:
-    """One layer (`name`: a block projection or lm_head) solved at its bits and grid: the k grid
-    is Q4_K for the blocks; the head has its own bits (6: Q6_K, which fixes its own groups)."""
-    bits = config.bits_for(name)
-    group_size = Q6_K_GROUP if bits == Q6_K_BITS else config.group_for(w.shape[1], name)
-    return gptq_quantize(w, H, bits, group_size, config.symmetric, config.damp_percent, config.act_order,
-                         config.block_columns, config.gguf_exact, config.full, config.grid_for(name))
+    """One layer (`name`: a block projection or lm_head) solved at its bits, groups and grid (the
+    k grid is Q4_K for the blocks; 6 bits are Q6_K)."""
+    return gptq_quantize(w, H, config.bits_for(name), config.group_for(w.shape[1], name), config.symmetric,
+                         config.damp_percent, config.act_order, config.block_columns, config.gguf_exact, config.full,
+                         config.grid_for(name))
 
 
 @register_handler(GPTQConfig)

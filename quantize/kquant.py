@@ -23,7 +23,7 @@ import torch
 
 from compactgpt.errors import ConfigError
 
-from .format import QuantizedWeight
+from .format import QuantizedWeight, quantize_codes
 
 Q6_K_SUPER = 256  # weights per super-block (one fp16 d)
 Q6_K_GROUP = 16  # weights per sub-block (one int8 scale)
@@ -39,10 +39,13 @@ def check_q6_k_width(in_features: int, name: str) -> None:
                           "(--head-bits 8)")
 
 
-def _refit(x: torch.Tensor, importance: torch.Tensor, inverse_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (signed, -32..31) of x (..., 16) at 1 / inverse_step (..., 1), the least-squares
-    step for those codes, and the weighted error reduction it reaches (sum(a x q)^2 / sum(a q^2))."""
-    q = torch.clamp(torch.round(x * inverse_step), -Q6_K_ZERO, Q6_K_ZERO - 1)
+def refit_symmetric(x: torch.Tensor, importance: torch.Tensor, inverse_step: torch.Tensor,
+                    half: int = Q6_K_ZERO) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate of a symmetric step search (llama.cpp's `make_qx_quants`): the signed codes
+    (-half..half-1) of x (..., group) at 1 / inverse_step (..., 1), the least-squares step for
+    those codes (0 where every code is 0), and the weighted error reduction it reaches
+    (sum(a x q)^2 / sum(a q^2))."""
+    q = torch.clamp(torch.round(x * inverse_step), -half, half - 1)
     xq = (importance * x * q).sum(-1)
     qq = (importance * q * q).sum(-1)
     step = torch.where(qq > 0, xq / qq.clamp(min=1e-30), torch.zeros_like(xq))
@@ -54,11 +57,11 @@ def sub_block_steps(x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     candidate with the lowest weighted squared error (`make_qx_quants`, 19 candidates)."""
     extreme = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))  # signed, (..., 1)
     safe = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
-    best_step, best = _refit(x, importance, -Q6_K_ZERO / safe)
+    best_step, best = refit_symmetric(x, importance, -Q6_K_ZERO / safe)
     for tenth in range(-9, 10):
         if tenth == 0:
             continue
-        step, score = _refit(x, importance, -(Q6_K_ZERO + 0.1 * tenth) / safe)
+        step, score = refit_symmetric(x, importance, -(Q6_K_ZERO + 0.1 * tenth) / safe)
         better = score > best
         best_step = torch.where(better, step, best_step)
         best = torch.where(better, score, best)
@@ -91,20 +94,13 @@ def q6_k_grid(w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[
     return scales, torch.full_like(scales, float(Q6_K_ZERO))
 
 
-def q6_k_codes(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Codes 0..63 (float) of w (..., n) on steps `scales` broadcast to it; a zero step (a
-    sub-block of zeros) gives the zero point."""
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    q = torch.clamp(torch.round(w / safe) + Q6_K_ZERO, 0, 2 * Q6_K_ZERO - 1)
-    return torch.where(scales == 0, torch.full_like(q, float(Q6_K_ZERO)), q)
-
-
 def q6_k_quantize(w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
     """w (out, in) rounded to the nearest point of its Q6_K grid (`q6_k_grid`)."""
     w = w.detach().float()
     out_f, in_f = w.shape
     scales, zeros = q6_k_grid(w, importance)
-    codes = q6_k_codes(w.reshape(out_f, -1, Q6_K_GROUP), scales[..., None]).reshape(out_f, in_f)
+    codes = quantize_codes(w.reshape(out_f, -1, Q6_K_GROUP), scales[..., None], Q6_K_ZERO, Q6_K_BITS)
+    codes = codes.reshape(out_f, in_f)
     return QuantizedWeight(8, Q6_K_GROUP, codes.to(torch.uint8), scales, zeros.to(torch.uint8))
 
 
@@ -248,17 +244,13 @@ def q4_k_grid(w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[
     return (d * sc).reshape(out_f, -1), (-(dmin * m)).reshape(out_f, -1)
 
 
-def q4_k_codes(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 (float) of w (..., n) on steps and offsets broadcast to it."""
-    return torch.clamp(torch.round((w - offsets) / scales), 0, 15)
-
-
 def q4_k_quantize(w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
     """w (out, in) rounded to the nearest point of its Q4_K grid (`q4_k_grid`)."""
     w = w.detach().float()
     out_f, in_f = w.shape
     scales, offsets = q4_k_grid(w, importance)
-    codes = q4_k_codes(w.reshape(out_f, -1, Q4_K_GROUP), scales[..., None], offsets[..., None]).reshape(out_f, in_f)
+    codes = quantize_codes(w.reshape(out_f, -1, Q4_K_GROUP) - offsets[..., None], scales[..., None], 0, Q4_K_BITS)
+    codes = codes.reshape(out_f, in_f)
     return QuantizedWeight(4, Q4_K_GROUP, codes.to(torch.uint8), scales, torch.zeros_like(scales, dtype=torch.uint8),
                            offsets=offsets)
 

@@ -111,8 +111,8 @@ def plan_mix(model: GPT, config, calibration, progress: bool = False, windows: i
 
     def quantizer(name: str, weight: torch.Tensor, bits: int) -> torch.Tensor:
         one = config.replace(module_bits={name: bits}, bits_per_weight=0.0)
-        group = one.group_for(weight.shape[1], name) if bits != Q6_K_BITS else 0
-        return rtn_quantize(weight, bits, group, one.symmetric, full=one.full, grid=one.grid_for(name)).dequantize()
+        return rtn_quantize(weight, bits, one.group_for(weight.shape[1], name), one.symmetric, full=one.full,
+                            grid=one.grid_for(name)).dequantize()
 
     sensitivities = layer_sensitivities(model, calibration.ids[:windows], quantizer, formats, progress)
     sizes = {name: w.numel() for name, w in matrices.items()}

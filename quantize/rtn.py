@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 
 from .config import RTNConfig
-from .format import QuantizedWeight
+from .format import QuantizedWeight, quantize_codes
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import each_projection, quantize_embeddings, register_handler, register_layout, replace_linear
-from .kquant import Q6_K_BITS, q4_k_quantize, q6_k_quantize
+from .kquant import Q6_K_BITS, q4_k_quantize, q6_k_quantize, refit_symmetric
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +126,7 @@ def searched_symmetric_grid(x: torch.Tensor, bits: int, importance: torch.Tensor
     nonzero = extreme != 0
     for k in range(-steps, steps + 1):
         inverse = -(half + k / 10) / torch.where(nonzero, extreme, torch.ones_like(extreme))
-        q = torch.clamp(torch.round(x * inverse[..., None]), -half, half - 1)
-        refit = (a * x * q).sum(-1) / (a * q * q).sum(-1).clamp(min=1e-30)
+        refit, _ = refit_symmetric(x, a, inverse[..., None], half)
         for step in (1 / inverse, refit):
             ok = nonzero & (step != 0) & torch.isfinite(step)
             step = torch.where(ok, step, scale).to(torch.float16).float()
@@ -137,13 +136,6 @@ def searched_symmetric_grid(x: torch.Tensor, bits: int, importance: torch.Tensor
             best = torch.where(better, step, best)
             best_err = torch.where(better, err, best_err)
     return best, zero
-
-
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of w on the grid (scale, zero), broadcast elementwise; returned as float. A zero
-    step (a K-quant sub-block of zeros) gives the zero point."""
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.where(scale == 0, zero + 0 * w, torch.clamp(torch.round(w / safe) + zero, 0, 2**bits - 1))
 
 
 def stored_bits(bits: int) -> int:

@@ -12,7 +12,8 @@ from compactgpt.errors import ConfigError
 from quantize import load_quantized, quantize_, save_quantized
 from quantize.calibrate import CalibrationData
 from quantize.config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
-from quantize.kquant import (Q6_K_GROUP, is_q6_k, q6_k_codes, q6_k_decompose, q6_k_grid, q6_k_quantize,
+from quantize.format import quantize_codes
+from quantize.kquant import (Q6_K_GROUP, is_q6_k, q6_k_decompose, q6_k_grid, q6_k_quantize,
                              sub_block_steps)
 from tests.conftest import random_gpt
 
@@ -52,7 +53,7 @@ def test_the_searched_step_beats_the_plain_extreme_rule():
     plain = extreme / -32
 
     def weighted_error(step):
-        q = q6_k_codes(x, step) - 32
+        q = quantize_codes(x, step, 32, 6) - 32
         return float((a * (x - q * step) ** 2).sum())
 
     assert weighted_error(sub_block_steps(x, a)[:, None]) < 0.97 * weighted_error(plain)
@@ -64,7 +65,7 @@ def test_importance_weights_the_error_it_names():
     importance = torch.rand(w.shape[1], generator=g) ** 4 * 100  # a few columns carry most input energy
 
     def weighted_error(scales):
-        codes = q6_k_codes(w.reshape(w.shape[0], -1, Q6_K_GROUP), scales[..., None]).reshape(w.shape)
+        codes = quantize_codes(w.reshape(w.shape[0], -1, Q6_K_GROUP), scales[..., None], 32, 6).reshape(w.shape)
         deq = (codes - 32) * scales.repeat_interleave(Q6_K_GROUP, dim=1)
         return float((importance * (w - deq) ** 2).sum())
 
@@ -123,7 +124,7 @@ def test_gptq_solves_on_the_q6_k_grid_it_stores():
     assert is_q6_k(solved)
     grid, _ = q6_k_grid(w, torch.diag(H).float())
     assert torch.equal(solved.scales, grid)
-    rounded = q6_k_codes(w.reshape(32, -1, 16), grid[..., None]).reshape(w.shape)
+    rounded = quantize_codes(w.reshape(32, -1, 16), grid[..., None], 32, 6).reshape(w.shape)
     rounded = (rounded - 32) * grid.repeat_interleave(16, dim=1)
 
     def output_error(deq):
@@ -213,7 +214,7 @@ def test_the_k_grid_loads_back_and_runs_the_same_everywhere(tmp_path, tokenizer,
 
 def test_gptq_solves_on_the_q4_k_grid_it_stores():
     from quantize.gptq import accumulate_hessian, gptq_quantize
-    from quantize.kquant import q4_k_codes, q4_k_grid
+    from quantize.kquant import q4_k_grid
 
     g = torch.Generator().manual_seed(0)
     w = weight(6, 32, 256)
@@ -222,7 +223,7 @@ def test_gptq_solves_on_the_q4_k_grid_it_stores():
     solved = gptq_quantize(w, H, 4, 32, act_order=False, grid="k")
     steps, offsets = q4_k_grid(w, torch.diag(H).float())
     assert torch.equal(solved.scales, steps) and torch.equal(solved.offsets, offsets)
-    rounded = q4_k_codes(w.reshape(32, -1, 32), steps[..., None], offsets[..., None])
+    rounded = quantize_codes(w.reshape(32, -1, 32) - offsets[..., None], steps[..., None], 0, 4)
     rounded = (rounded * steps[..., None] + offsets[..., None]).reshape(w.shape)
     output_error = lambda deq: float((x @ (w - deq).T).pow(2).mean())
     assert output_error(solved.dequantize()) < 0.9 * output_error(rounded)
