@@ -586,6 +586,25 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llamacpp_setup(args) -> tuple[dict, dict] | None:
+    """PyTorch at args.threads, and llama.cpp's tools (built once) with what they were built from
+    (`llamacpp_info`, the tool paths left out); None, the error printed, when they cannot be built."""
+    import torch
+
+    from benchmarks.llamacpp_tools import llamacpp_info, llamacpp_tools
+    from compactgpt.errors import CompactGPTError
+
+    torch.set_num_threads(args.threads)
+    try:
+        tools = llamacpp_tools(args.llamacpp_cache, log=log, sdist=args.llamacpp_sdist)
+    except CompactGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    info = llamacpp_info(tools)
+    info.pop("tools", None)
+    return tools, info
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Reads llama.cpp's tools from benchmarks/llamacpp_tools.py (built once).")
@@ -614,26 +633,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown rows {unknown}; see --help for the rows")
 
-    import torch
-
     from benchmarks import write_results
-    from benchmarks.llamacpp_tools import installed_version, llamacpp_info, llamacpp_tools
-    from compactgpt.errors import CompactGPTError
+    from benchmarks.llamacpp_tools import installed_version
     from compactgpt.machine import machine_info
 
-    torch.set_num_threads(args.threads)
-    try:
-        tools = llamacpp_tools(args.llamacpp_cache, log=log, sdist=args.llamacpp_sdist)
-    except CompactGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+    setup = llamacpp_setup(args)
+    if setup is None:
         return 2
+    tools, info = setup
     exact = exact_option()
     models = args.model or [Path("runs/pipeline/teacher")]
-    result = {"machine": machine_info(),
-              "llamacpp": {**llamacpp_info(tools), "installed_llama_cpp_python": installed_version()},
+    result = {"machine": machine_info(), "llamacpp": {**info, "installed_llama_cpp_python": installed_version()},
               "exact_option": exact, "exact_option_used": exact is not None, "models": {},
               "command": "python -m benchmarks.gguf " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    result["llamacpp"].pop("tools", None)
     for model in models:
         result["models"][model.name] = bench_model(model, args, tools, exact)
     write_results(args.out, result, to_markdown(result))

@@ -27,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.gguf import MIX_BUDGETS, OURS, RESULTS, THEIRS, bench_model, exact_option, kl3, log
+from benchmarks.gguf import MIX_BUDGETS, OURS, RESULTS, THEIRS, bench_model, exact_option, kl3, llamacpp_setup
 
 OUR_ROWS = ["rtn4-g32-head4", "rtn4-g32-head6", "rtn4-g32-head8", "gptq4-g32-head4", "gptq4-g32-head6",
             "gptq4-g32-head8", "rtn4k-head6", "gptq4k-head6", *(f"gptq4k-mix{b:g}" for b in MIX_BUDGETS),
@@ -187,21 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {unknown}")
     args.parts, args.rounds, args.reps = "quality", 0, 0
 
-    import torch
-
     from benchmarks import write_results
-    from benchmarks.llamacpp_tools import llamacpp_info, llamacpp_tools
-    from compactgpt.errors import CompactGPTError
     from compactgpt.machine import machine_info
 
-    torch.set_num_threads(args.threads)
-    try:
-        tools = llamacpp_tools(args.llamacpp_cache, log=log, sdist=args.llamacpp_sdist)
-    except CompactGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+    setup = llamacpp_setup(args)
+    if setup is None:
         return 2
-    info = llamacpp_info(tools)
-    info.pop("tools", None)
+    tools, info = setup
     results = {"machine": machine_info(), "llamacpp": info, "models": {},
                "command": "python -m benchmarks.quality_per_bit " + shlex.join(argv if argv is not None else sys.argv[1:])}
     for model in args.model or [Path("runs/pipeline/teacher")]:

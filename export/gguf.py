@@ -169,10 +169,11 @@ BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks, 
                  "Q4_K": q4_k_blocks}
 
 
-def gguf_dequantized(qw) -> torch.Tensor:
+def gguf_dequantized(qw, ggml_type: str | None = None) -> torch.Tensor:
     """The float32 weights the GGUF blocks of `qw` decode to: the artifact's own weights with
-    each scale (and Q4_1 min) rounded to fp16, as llama.cpp computes them."""
-    ggml_type = block_type(qw, "weight")
+    each scale (and Q4_1 min) rounded to fp16, as llama.cpp computes them. ggml_type: its
+    `block_type` when the caller has it (finding a K-quant's super-block factors is not free)."""
+    ggml_type = ggml_type or block_type(qw, "weight")
     if ggml_type in ("Q6_K", "Q4_K"):  # steps d * sc and offsets -dmin * m are exact, as llama.cpp computes them
         return qw.dequantize()
     d = qw.scales.to(torch.float16).float()[:, qw.group_index()]
@@ -213,7 +214,7 @@ def _matrix(name: str, module, float_type: str, rows: int | None = None) -> GGUF
     ggml_type = block_type(qw, name)
     blocks = BLOCK_WRITERS[ggml_type](qw)[:rows]
     return GGUFTensor(name, blocks.numpy(), (blocks.shape[0], qw.in_features), ggml_type,
-                      module.weight[:rows].detach().float().cpu(), gguf_dequantized(qw)[:rows].cpu())
+                      module.weight[:rows].detach().float().cpu(), gguf_dequantized(qw, ggml_type)[:rows].cpu())
 
 
 def _vector(name: str, t: torch.Tensor) -> GGUFTensor:

@@ -132,21 +132,15 @@ def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None, offse
     repeat = group_size // bs
     n_blocks = k // bs
     scales_b = np.repeat(scales, repeat, axis=1)  # (N, n_blocks)
-    zeros_b = np.repeat(zeros, repeat, axis=1)
+    packed = pack_nibbles(codes).reshape(n, n_blocks, bs // 2) if bits == 4 else codes.reshape(n, n_blocks, bs)
     if offsets is not None:
         offsets = np.asarray(offsets, dtype=np.float32)
         if offsets.shape != (n, n_groups) or not np.all(scales != 0):
             raise ExportError(f"offsets {offsets.shape} need shape ({n}, {n_groups}) and nonzero scales")
-        zero_points = zeros.astype(np.float32) - offsets / scales
-        packed = pack_nibbles(codes).reshape(n, n_blocks, bs // 2) if bits == 4 else codes.reshape(n, n_blocks, bs)
-        return NBitsWeight(bits, bs, n, k, np.ascontiguousarray(packed), scales_b.reshape(-1).copy(),
-                           np.repeat(zero_points, repeat, axis=1).reshape(-1).copy(), order)
-    if bits == 4:
-        packed = pack_nibbles(codes).reshape(n, n_blocks, bs // 2)
-        zp = pack_nibbles(zeros_b)  # (N, ceil(n_blocks / 2))
+        zp = np.repeat(zeros.astype(np.float32) - offsets / scales, repeat, axis=1)  # float, one per block
     else:
-        packed = codes.reshape(n, n_blocks, bs)
-        zp = zeros_b
+        zeros_b = np.repeat(zeros, repeat, axis=1)
+        zp = pack_nibbles(zeros_b) if bits == 4 else zeros_b  # (N, ceil(n_blocks / 2)) for 4 bits
     return NBitsWeight(bits, bs, n, k, np.ascontiguousarray(packed), scales_b.reshape(-1).copy(),
                        np.ascontiguousarray(zp).reshape(-1), order)
 
@@ -154,14 +148,10 @@ def to_nbits(codes, scales, zeros, bits: int, group_size: int, g_idx=None, offse
 def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
     """float32 (N, K) from MatMulNBits arrays, in the original column order (for tests)."""
     n_blocks = w.k // w.block_size
-    if w.zero_points.dtype != np.uint8:  # float zero points (group offsets)
-        codes = unpack_nibbles(w.packed.reshape(w.n, -1), w.k) if w.bits == 4 else w.packed.reshape(w.n, w.k)
-        zeros = w.zero_points.reshape(w.n, n_blocks)
-    elif w.bits == 4:
-        codes = unpack_nibbles(w.packed.reshape(w.n, -1), w.k)
+    codes = unpack_nibbles(w.packed.reshape(w.n, -1), w.k) if w.bits == 4 else w.packed.reshape(w.n, w.k)
+    if w.bits == 4 and w.zero_points.dtype == np.uint8:  # packed two to a byte; float zero points are not
         zeros = unpack_nibbles(w.zero_points.reshape(w.n, -1), n_blocks)
     else:
-        codes = w.packed.reshape(w.n, w.k)
         zeros = w.zero_points.reshape(w.n, n_blocks)
     scales = w.scales.reshape(w.n, n_blocks)
     per_col = lambda a: np.repeat(a, w.block_size, axis=1)
@@ -233,9 +223,9 @@ def dequantize_linear_graph(proto):
 
 
 def _dequantize_node(node, inits: dict, casts: dict, numpy_helper, helper):
-    """(name of the (N, K) float weight, its DequantizeLinear node (and the Cast after it), the
-    initializers it reads) for one MatMulNBits node; `casts` maps a Cast's output to the initializer it casts (float16
-    scales cast to float32)."""
+    """(name of the (N, K) float weight, its nodes (DequantizeLinear, after a Cast of float16
+    scales), the initializers they read) for one MatMulNBits node; `casts` maps a Cast's output
+    to the initializer it casts (float16 scales cast to float32)."""
     import onnx
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
