@@ -5,8 +5,8 @@ zero point; a weight w becomes the code clamp(round(w / scale) + zero, 0, 2**bit
 Symmetric grids fix the zero point at 2**(bits-1) and use every code, llama.cpp's Q4_0 and
 Q8_0 rules (`grid_params`), with each group's step searched on its weighted squared error
 (`searched_symmetric_grid`); asymmetric grids span [min(w, 0), max(w, 0)]. Scales are rounded
-to float16 values so the GPTQ checkpoint layout (float16 scales) stores them exactly. With `gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in
-float16 (`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum,
+to float16 values so the GPTQ checkpoint layout (float16 scales) stores them exactly. With
+`gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in float16 (`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum,
 beside the fp16 step, so the GGUF file then holds the very weights that were evaluated.
 
 `_rtn` at the end, registered for RTNConfig, rounds every projection of a GPT this way.
@@ -163,9 +163,9 @@ def rtn_quantize(
     """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the
     range; gguf_exact and full as in `grid_params`. A full symmetric grid without clipping has
     its steps searched (`searched_symmetric_grid`, weighted by `importance` (in,) when given)
-    unless search=False. grid="k" rounds 4-bit codes to llama.cpp's Q4_K grid (`quantize.kquant`). bits=6 rounds to llama.cpp's Q6_K grid instead
-    (`quantize.kquant`; its own groups of 16, its scale search weighted by `importance`, the
-    columns' input energy, where calibration gives one)."""
+    unless search=False. llama.cpp's K-quant grids (`quantize.kquant`) take their own groups:
+    bits=6 rounds to Q6_K, grid="k" 4-bit codes to Q4_K, their searches weighted by `importance`
+    (the columns' input energy) where calibration gives one."""
     if bits == Q6_K_BITS:
         return q6_k_quantize(w, importance)
     if grid == "k":
