@@ -6,8 +6,9 @@ Symmetric grids fix the zero point at 2**(bits-1) and use every code, llama.cpp'
 Q8_0 rules (`grid_params`), with each group's step searched on its weighted squared error
 (`searched_symmetric_grid`); asymmetric grids span [min(w, 0), max(w, 0)]. Scales are rounded
 to float16 values so the GPTQ checkpoint layout (float16 scales) stores them exactly. With
-`gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in float16 (`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum,
-beside the fp16 step, so the GGUF file then holds the very weights that were evaluated.
+`gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in float16
+(`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum, beside
+the fp16 step, so the GGUF file then holds the very weights that were evaluated.
 
 `_rtn` at the end, registered for RTNConfig, rounds every projection of a GPT this way.
 """
