@@ -49,21 +49,24 @@ RESULTS = Path(__file__).parent / "results"
 OURS: dict[str, tuple[str, str, dict]] = {}
 for _method in ("rtn", "gptq", "awq"):
     for _group in (32, 128):
-        for _head in (8, 6, 4):
+        for _head in (8, 6, 5, 4):
             OURS[f"{_method}4-g{_group}-head{_head}"] = (
-                f"{_method.upper()} int4 g{_group}, " + ("Q6_K head" if _head == 6 else f"int{_head} head"), _method,
+                f"{_method.upper()} int4 g{_group}, " + {6: "Q6_K head", 5: "Q5_0 head"}.get(_head, f"int{_head} head"),
+                _method,
                 {"bits": 4, "group_size": _group, "symmetric": True, "include_embeddings": True,
                  "head_bits": _head if _head != 4 else 0})
 OURS["rtn8-g32"] = ("RTN int8 g32 (head int8)", "rtn",
                     {"bits": 8, "group_size": 32, "symmetric": True, "include_embeddings": True})
 # llama.cpp's Q4_K grid (quantize --grid k) with a Q6_K head: the types of its Q4_K_M, code for code.
 for _method in ("rtn", "gptq"):
-    OURS[f"{_method}4k-head6"] = (f"{_method.upper()} Q4_K, Q6_K head", _method,
-                                  {"bits": 4, "group_size": 32, "grid": "k", "include_embeddings": True,
-                                   "head_bits": 6})
+    for _head in (6, 5):
+        OURS[f"{_method}4k-head{_head}"] = (f"{_method.upper()} Q4_K, Q{_head}_{'K' if _head == 6 else '0'} head",
+                                            _method, {"bits": 4, "group_size": 32, "grid": "k",
+                                                      "include_embeddings": True, "head_bits": _head})
 # Mixed precision (quantize --bits-per-weight B): GPTQ on the Q4_K grid, each matrix (the head too)
-# at 4, 6 or 8 bits as its measured KL decides, B stored bits per weight over the matrices.
-MIX_BUDGETS = (4.75, 5.0, 5.25, 5.5, 5.75, 6.0)
+# at Q3_K, Q4_K, Q5_0, Q6_K or Q8_0 as its measured KL decides, B stored bits per weight over the
+# matrices.
+MIX_BUDGETS = (4.0, 4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 5.75, 6.0)
 for _budget in MIX_BUDGETS:
     OURS[f"gptq4k-mix{_budget:g}"] = (f"GPTQ mix at {_budget:g} bits/weight", "gptq",
                                       {"bits": 4, "group_size": 32, "grid": "k", "include_embeddings": True,
@@ -78,6 +81,8 @@ OURS["rtn8-g32-midpoint"] = ("RTN int8 g32 (head int8), midpoint grid", "rtn",
 
 # key -> (label, llama-quantize type, extra flags, uses the importance matrix)
 THEIRS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
+    "lc-q3_k_m": ("llama.cpp Q3_K_M", "Q3_K_M", (), False),
+    "lc-q3_k_m-imatrix": ("llama.cpp Q3_K_M + imatrix", "Q3_K_M", (), True),
     "lc-q4_0": ("llama.cpp Q4_0 (default mix)", "Q4_0", (), False),
     "lc-q4_0-pure": ("llama.cpp Q4_0 --pure", "Q4_0", ("--pure",), False),
     "lc-q4_0-imatrix": ("llama.cpp Q4_0 + imatrix", "Q4_0", (), True),

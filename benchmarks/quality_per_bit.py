@@ -6,11 +6,12 @@ Every point is a GGUF file run by llama-perplexity --kl-divergence against the f
 logits (benchmarks/gguf.py makes the files and runs the tool; its intermediate files under
 --work are shared):
 
-  ours       RTN / GPTQ int4 on the full grid (Q4_0 blocks) with an int4, Q6_K or int8 head; RTN /
-             GPTQ on llama.cpp's Q4_K grid with a Q6_K head; GPTQ mixes chosen by --bits-per-weight
-             at 4.75 .. 6.0; RTN int8 (Q8_0); and the earlier midpoint grid for comparison.
-  llama.cpp  Q4_0 (--pure and its default mix), Q4_K_M and Q5_K_M (with and without an importance
-             matrix from the same calibration text), Q6_K, Q8_0.
+  ours       RTN / GPTQ int4 on the full grid (Q4_0 blocks) with an int4, Q5_0, Q6_K or int8 head;
+             RTN / GPTQ on llama.cpp's Q4_K grid with a Q5_0 or Q6_K head; GPTQ mixes chosen by
+             --bits-per-weight at 4.0 .. 6.0; RTN int8 (Q8_0); and the earlier midpoint grid for
+             comparison.
+  llama.cpp  Q3_K_M, Q4_0 (its default mix), Q4_K_M and Q5_K_M (each with and without an
+             importance matrix from the same calibration text), Q4_0 --pure, Q6_K, Q8_0.
 
 Writes benchmarks/results/quality_per_bit.{json,md} and quality_per_bit.png (KL against bits per
 parameter, log scale, both tools' points), and checks the claims the table supports: RTN int4
@@ -29,8 +30,9 @@ from pathlib import Path
 
 from benchmarks.gguf import MIX_BUDGETS, OURS, RESULTS, THEIRS, bench_model, exact_option, kl3, llamacpp_setup
 
-OUR_ROWS = ["rtn4-g32-head4", "rtn4-g32-head6", "rtn4-g32-head8", "gptq4-g32-head4", "gptq4-g32-head6",
-            "gptq4-g32-head8", "rtn4k-head6", "gptq4k-head6", *(f"gptq4k-mix{b:g}" for b in MIX_BUDGETS),
+OUR_ROWS = ["rtn4-g32-head4", "rtn4-g32-head5", "rtn4-g32-head6", "rtn4-g32-head8", "gptq4-g32-head4",
+            "gptq4-g32-head5", "gptq4-g32-head6", "gptq4-g32-head8", "rtn4k-head6", "gptq4k-head5", "gptq4k-head6",
+            *(f"gptq4k-mix{b:g}" for b in MIX_BUDGETS),
             "rtn8-g32", "rtn4-g32-head4-midpoint", "gptq4-g32-head8-midpoint", "rtn8-g32-midpoint"]
 THEIR_ROWS = list(THEIRS)
 

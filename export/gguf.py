@@ -7,7 +7,9 @@ rounded again --
     symmetric int4, zero point 8      -> Q4_0   d * (q - 8)       per 32 weights, fp16 d
     asymmetric int4                    -> Q4_1   d * q + m         per 32 weights, fp16 d and m
     symmetric int8, zero point 128     -> Q8_0   d * (q - 128)     per 32 weights, fp16 d
+    symmetric 5-bit codes, zero 16     -> Q5_0   d * (q - 16)      per 32 weights, fp16 d
     6-bit codes on the Q6_K grid       -> Q6_K   d * sc * (q - 32) per 16 weights, int8 sc, fp16 d per 256
+    3-bit codes on the Q3_K grid       -> Q3_K   d * sc * (q - 4)  per 16 weights, 6-bit sc, fp16 d per 256
     4-bit codes on the Q4_K grid       -> Q4_K   d * sc * q - dmin * m per 32 weights, 6-bit sc and m,
                                                  fp16 d and dmin per 256
 
@@ -35,7 +37,7 @@ import torch
 from compactgpt.errors import ConfigError
 from compactgpt.model import GPT
 from compactgpt.tokenizer import Tokenizer
-from quantize.kquant import is_q6_k, q4_k_decompose, q6_k_decompose
+from quantize.kquant import K_SUPER, Q3_K, Q6_K, q4_k_decompose, signed_k_decompose, signed_k_kind
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -50,7 +52,7 @@ class GGUFTensor:
     name: str
     data: np.ndarray
     shape: tuple[int, ...]  # torch order: (rows, columns)
-    ggml_type: str  # F32, F16, Q4_0, Q4_1, Q8_0
+    ggml_type: str  # F32, F16, or a block type of BLOCK_WRITERS
     weights: torch.Tensor  # float32: the weights this tensor stands for (the artifact's, dequantized)
     decoded: torch.Tensor | None  # what the stored values must decode to exactly (None: rounded by gguf)
 
@@ -101,6 +103,47 @@ def q8_0_blocks(qw) -> torch.Tensor:
     return packed.reshape(qw.out_features, -1)
 
 
+def q5_0_blocks(qw) -> torch.Tensor:
+    """Symmetric 5-bit codes (zero point 16, stored as 8-bit codes) as Q5_0 blocks: (out, in / 32 *
+    22) bytes. A block is fp16 d, 4 bytes of high bits (bit j: element j's fifth bit), and 16
+    bytes whose byte j holds element j's low 4 bits in its low nibble and element j + 16's in
+    its high one."""
+    d = _block_scales(qw).unsqueeze(-1)
+    codes = qw.codes.reshape(qw.out_features, -1, BLOCK)
+    high = (codes >> 4).to(torch.int64)
+    qh = (high << torch.arange(BLOCK)).sum(-1)  # bit j = element j's high bit
+    qh = torch.where(qh >= 2**31, qh - 2**32, qh).to(torch.int32)  # the same 32 bits, as int32
+    packed = torch.cat([_as_bytes(d), _as_bytes(qh.unsqueeze(-1)), _nibbles(codes.reshape(qw.out_features, -1) & 0x0F)],
+                       dim=-1)
+    return packed.reshape(qw.out_features, -1)
+
+
+def q3_k_blocks(qw) -> torch.Tensor:
+    """3-bit codes on the Q3_K grid (quantize.kquant, stored as 4-bit codes) as Q3_K blocks:
+    (out, in / 256 * 110) bytes.
+
+    A block is hmask[32], qs[64], 12 bytes of 6-bit scales, fp16 d. Weight j's code (0..7) keeps
+    its top bit in bit j / 32 of hmask[j % 32]; its low 2 bits sit in qs: each half of 128
+    weights is four runs of 32, byte l of the half's 32 holding runs 0..3 in bit pairs 0..3.
+    The scales are stored as sc + 32: the low nibbles of sub-blocks 0..7 and 8..15 in bytes
+    0..7 (low, high nibble), their top 2 bits in bytes 8..11 (byte 8 + j % 4, bits 2 (j / 4))."""
+    d, sc = signed_k_decompose(qw.scales, Q3_K)
+    out_f = qw.out_features
+    supers = qw.in_features // K_SUPER
+    codes = qw.codes.reshape(out_f, supers, K_SUPER)
+    high = (codes >> 2).reshape(out_f, supers, 8, 32)  # (.., bit, byte)
+    hmask = (high << torch.arange(8).view(8, 1)).sum(-2).to(torch.uint8)
+    low = (codes & 3).reshape(out_f, supers, 2, 4, 32)  # (.., half, run, l)
+    qs = (low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)).reshape(
+        out_f, supers, 64)
+    u = (sc.to(torch.int16) + 32).to(torch.uint8).reshape(out_f, supers, 16)
+    nibbles = (u[..., :8] & 0x0F) | ((u[..., 8:] & 0x0F) << 4)
+    top = (u >> 4).reshape(out_f, supers, 4, 4)  # (.., j / 4, j % 4)
+    tops = (top << (2 * torch.arange(4)).view(4, 1)).sum(-2).to(torch.uint8)
+    packed = torch.cat([hmask, qs, nibbles, tops, _as_bytes(d.reshape(out_f, supers, 1))], dim=-1)
+    return packed.reshape(out_f, -1)
+
+
 def q6_k_blocks(qw) -> torch.Tensor:
     """6-bit codes on the Q6_K grid (quantize.kquant) as Q6_K blocks: (out, in / 256 * 210) bytes.
 
@@ -108,7 +151,7 @@ def q6_k_blocks(qw) -> torch.Tensor:
     of 128 weights is four runs of 32: byte l of the half's ql holds run 0 in its low nibble
     and run 2 in its high one, byte 32 + l runs 1 and 3; byte l of its qh holds the high bits
     of runs 0..3 in bit pairs 0..3."""
-    d, sc = q6_k_decompose(qw.scales)
+    d, sc = signed_k_decompose(qw.scales, Q6_K)
     out_f = qw.out_features
     q = qw.codes.reshape(out_f, -1, 2, 4, 32)  # (out, super-blocks, half, run, l)
     low, high = q & 0x0F, q >> 4
@@ -146,8 +189,9 @@ def block_type(qw, name: str) -> str:
     if qw.g_idx is not None:
         raise ConfigError(f"{name}: activation-order groups (g_idx) have no GGUF equivalent; quantize "
                           "without --act-order to export GGUF, or export ONNX")
-    if is_q6_k(qw) and q6_k_decompose(qw.scales) is not None:
-        return "Q6_K"
+    kind = signed_k_kind(qw)
+    if kind is not None and signed_k_decompose(qw.scales, kind) is not None:
+        return kind.name
     if qw.offsets is not None:
         if q4_k_decompose(qw) is None:
             raise ConfigError(f"{name}: group offsets that are not llama.cpp's Q4_K grid have no GGUF equivalent; "
@@ -158,6 +202,8 @@ def block_type(qw, name: str) -> str:
                           "quantize with --group-size 32, 64 or 128 (or 0, per channel) to export GGUF")
     zeros = torch.unique(qw.zeros)
     if qw.bits == 8:
+        if zeros.tolist() == [16] and int(qw.codes.max()) < 32:
+            return "Q5_0"
         if zeros.tolist() != [128]:
             raise ConfigError(f"{name}: asymmetric int8 has no GGUF equivalent (Q8_0 is symmetric); quantize "
                               "with --symmetric to export GGUF")
@@ -165,8 +211,8 @@ def block_type(qw, name: str) -> str:
     return "Q4_0" if zeros.tolist() == [8] else "Q4_1"
 
 
-BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks, "Q6_K": q6_k_blocks,
-                 "Q4_K": q4_k_blocks}
+BLOCK_WRITERS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks, "Q5_0": q5_0_blocks, "Q8_0": q8_0_blocks,
+                 "Q3_K": q3_k_blocks, "Q4_K": q4_k_blocks, "Q6_K": q6_k_blocks}
 
 
 def gguf_dequantized(qw, ggml_type: str | None = None) -> torch.Tensor:
@@ -174,7 +220,7 @@ def gguf_dequantized(qw, ggml_type: str | None = None) -> torch.Tensor:
     each scale (and Q4_1 min) rounded to fp16, as llama.cpp computes them. ggml_type: its
     `block_type` when the caller has it (finding a K-quant's super-block factors is not free)."""
     ggml_type = ggml_type or block_type(qw, "weight")
-    if ggml_type in ("Q6_K", "Q4_K"):  # steps d * sc and offsets -dmin * m are exact, as llama.cpp computes them
+    if ggml_type in ("Q3_K", "Q4_K", "Q6_K"):  # steps d * sc and offsets -dmin * m are exact, as llama.cpp computes them
         return qw.dequantize()
     d = qw.scales.to(torch.float16).float()[:, qw.group_index()]
     zeros = qw.zeros.float()[:, qw.group_index()]

@@ -26,7 +26,6 @@ from .format import QuantizedWeight
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
                        replace_linear)
-from .kquant import Q6_K_BITS
 from .rtn import fake_quantize, grid_params, group_ranges, rtn_quantize
 from .smoothquant import ScaleMapping, fold_mapping
 
@@ -221,9 +220,11 @@ def _awq(model, config: AWQConfig, calibration, progress: bool) -> None:
     if config.include_embeddings:
         h = _rows(model.transformer.ln_f(xs), AWQ_CLIP_ROWS)
         w = model.transformer.wte.weight
-        if config.bits_for("lm_head") == Q6_K_BITS:
-            # The K-quant grid searches its own sub-block scales, weighted by the head's input energy.
-            quantize_embeddings(model, rtn_quantize(w, Q6_K_BITS, 0, True, importance=h.float().pow(2).mean(0)))
+        bits = config.bits_for("lm_head")
+        if bits in config.extra_bits:
+            # llama.cpp's Q5_0 / Q6_K grids search their own scales, weighted by the head's input energy.
+            quantize_embeddings(model, rtn_quantize(w, bits, config.group_for(w.shape[1], "lm_head"), True,
+                                                    importance=h.float().pow(2).mean(0)))
         else:
             quantize_embeddings(model, search_clip(h, w, group_size=config.group_for(w.shape[1], "lm_head"),
                                                    max_shrink=config.max_shrink,

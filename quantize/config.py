@@ -17,7 +17,8 @@ from compactgpt.calibration import (calib_samples_option, calib_seed_option, cal
 from compactgpt.config import VERSION_KEY, StageConfig, option
 from compactgpt.errors import ConfigError
 
-from .kquant import Q6_K_BITS, Q6_K_GROUP
+from .format import storage_bits
+from .kquant import SIGNED_K
 
 # name -> config class, in registration order (the order of the CLI's flags); filled by
 # @register_method below.
@@ -45,7 +46,9 @@ class QuantConfig(StageConfig):
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8)
     calibrated: ClassVar[bool] = False  # needs calibration data (prepare -> calibrate -> convert)
     integer_weights: ClassVar[bool] = True  # produces QuantizedWeight (GPTQ layout); False for bitsandbytes
-    head_grids: ClassVar[tuple[int, ...]] = ()  # head bits beyond supported_bits (6: the Q6_K grid)
+    # Bits one layer may take beyond supported_bits (--head-bits, --bits-per-weight's mix), each
+    # a llama.cpp format: 3 = Q3_K, 5 = Q5_0 (symmetric groups of 32), 6 = Q6_K.
+    extra_bits: ClassVar[tuple[int, ...]] = ()
     k_grid: ClassVar[bool] = False  # solves on llama.cpp's Q4_K grid (--grid k)
 
     bits: int = option(8, "bits per weight")
@@ -60,7 +63,8 @@ class QuantConfig(StageConfig):
     head_bits: int = option(0, added=True, help="bits of the tied embedding / LM head with --include-embeddings "
                             "(0 = --bits; 8 beside 4-bit blocks keeps the matrix every logit comes from at int8; 6 "
                             "(rtn, gptq, awq): llama.cpp's Q6_K grid, 6.56 bits per weight, needs a width that is a "
-                            "multiple of 256)")
+                            "multiple of 256; 5 (rtn, gptq, awq): symmetric 5-bit groups as llama.cpp's Q5_0, 5.5 "
+                            "bits per weight with --group-size 32)")
     # Artifacts saved before `grid` existed (config_version 1) were made on the midpoint grid:
     # `from_dict` reads their settings so; settings without a version (a pipeline config, the
     # Python API) are current ones.
@@ -93,7 +97,7 @@ class QuantConfig(StageConfig):
             raise ConfigError(f"{self.method}: group_size must be 0 (per channel) or positive, got {self.group_size}")
         if self.group_size and self.group_size % 2:
             raise ConfigError(f"{self.method}: group_size={self.group_size} must be even (int4 packs two per byte)")
-        head_choices = sorted({*self.supported_bits, *self.head_grids})
+        head_choices = sorted({*self.supported_bits, *self.extra_bits})
         if self.head_bits and self.head_bits not in head_choices:
             raise ConfigError(f"{self.method}: head_bits={self.head_bits} is not supported; use 0 (= bits) or "
                               f"{' or '.join(map(str, head_choices))}")
@@ -101,9 +105,9 @@ class QuantConfig(StageConfig):
             raise ConfigError(f"{self.method}: gguf_exact sets how integer grids are chosen; bitsandbytes keeps its "
                               "own scales; drop --gguf-exact")
         for name, bits in self.module_bits.items():
-            if bits not in (*self.supported_bits, *self.head_grids):
+            if bits not in head_choices:
                 raise ConfigError(f"{self.method}: module_bits gives {name} {bits} bits; this method quantizes to "
-                                  f"{' or '.join(map(str, sorted({*self.supported_bits, *self.head_grids})))}")
+                                  f"{' or '.join(map(str, head_choices))}")
         if self.grid not in GRIDS:
             raise ConfigError(f"{self.method}: grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.grid == "k":
@@ -141,19 +145,23 @@ class QuantConfig(StageConfig):
 
     def grid_for(self, name: str) -> str:
         """The grid of one layer: the k grid (Q4_K) holds only the blocks' 4-bit layers; a layer at
-        other bits is on the full grid (Q6_K for 6 bits, Q8_0's rule for 8)."""
+        other bits is on the full grid (Q3_K / Q6_K for 3 / 6 bits, Q5_0's rule for 5, Q8_0's for 8)."""
         if self.grid == "k" and (name == "lm_head" or self.bits_for(name) != 4):
             return "full"
         return self.grid
 
     def stored_bits_for(self, name: str) -> int:
-        """The storage width of one layer's codes: 6-bit (Q6_K) codes are stored as 8-bit codes."""
-        return 8 if self.bits_for(name) == 6 else self.bits_for(name)
+        """The storage width of one layer's codes (`quantize.format.storage_bits`)."""
+        return storage_bits(self.bits_for(name))
+
+    def symmetric_for(self, name: str) -> bool:
+        """Whether one layer's codes are symmetric: llama.cpp's Q3_K, Q5_0 and Q6_K always are."""
+        return self.symmetric or self.bits_for(name) in self.extra_bits
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
-        if self.bits_for(name) == Q6_K_BITS:
-            return Q6_K_GROUP  # Q6_K's sub-blocks, whatever --group-size says
+        if self.bits_for(name) in SIGNED_K:
+            return SIGNED_K[self.bits_for(name)].group  # Q3_K's / Q6_K's sub-blocks, whatever --group-size says
         if self.grid == "k" and name != "lm_head":
             return 32  # Q4_K's sub-blocks, and Q8_0's blocks for a layer the mix gives 8 bits
         if self.group_size == 0:
@@ -191,7 +199,7 @@ class CalibratedConfig(QuantConfig):
 class RTNConfig(QuantConfig):
     """Round to nearest: per output channel (group_size 0) or per group of input columns."""
 
-    head_grids: ClassVar[tuple[int, ...]] = (6,)
+    extra_bits: ClassVar[tuple[int, ...]] = (3, 5, 6)
     k_grid: ClassVar[bool] = True
 
 
@@ -201,16 +209,17 @@ class GPTQConfig(CalibratedConfig):
     """GPTQ: each column's rounding error is compensated on the columns not yet quantized,
     weighted by the inverse Hessian of the layer's calibration inputs."""
 
-    head_grids: ClassVar[tuple[int, ...]] = (6,)
+    extra_bits: ClassVar[tuple[int, ...]] = (3, 5, 6)
     k_grid: ClassVar[bool] = True
 
     bits: int = _default("bits", 4)
     group_size: int = _default("group_size", 128)
     damp_percent: float = option(0.01, "GPTQ: Hessian dampening, as a share of its mean diagonal")
     bits_per_weight: float = option(0.0, added=True, help="GPTQ: mixed precision under this budget of bits per "
-                                    "weight over the quantized matrices (scales included, as GGUF stores them: 4-bit "
-                                    "4.5, Q6_K 6.5625, Q8_0 8.5): each matrix's format is chosen from its measured "
-                                    "effect on the KL from the float model (0 = every matrix at --bits)")
+                                    "weight over the quantized matrices (scales included, as GGUF stores them: Q3_K "
+                                    "3.4375, 4-bit 4.5, Q5_0 5.5, Q6_K 6.5625, Q8_0 8.5): each matrix's format is "
+                                    "chosen from its measured effect on the KL from the float model (0 = every "
+                                    "matrix at --bits)")
     act_order: bool = option(True, "GPTQ: quantize columns in order of decreasing activation energy")
     block_columns: int = option(128, "GPTQ: columns updated together in one lazy batch")
 
@@ -220,12 +229,12 @@ class GPTQConfig(CalibratedConfig):
             raise ConfigError(f"gptq: damp_percent must be in (0, 1), got {self.damp_percent}")
         if self.block_columns <= 0:
             raise ConfigError(f"gptq: block_columns must be positive, got {self.block_columns}")
-        if self.bits_per_weight and not 4.5 <= self.bits_per_weight <= 8.5:
-            raise ConfigError(f"gptq: bits_per_weight must be 0 (off) or from 4.5 (all 4-bit) to 8.5 (all Q8_0), "
+        if self.bits_per_weight and not 3.4375 <= self.bits_per_weight <= 8.5:
+            raise ConfigError(f"gptq: bits_per_weight must be 0 (off) or from 3.4375 (all Q3_K) to 8.5 (all Q8_0), "
                               f"got {self.bits_per_weight}")
         if self.bits_per_weight and (self.bits != 4 or self.group_size not in (0, 32)):
-            raise ConfigError("gptq: --bits-per-weight mixes 4-bit groups of 32 with Q6_K and Q8_0; use --bits 4 "
-                              "--group-size 32")
+            raise ConfigError("gptq: --bits-per-weight mixes 4-bit groups of 32 with Q3_K, Q5_0, Q6_K and Q8_0; use "
+                              "--bits 4 --group-size 32")
 
 
 @register_method("awq")
@@ -235,7 +244,7 @@ class AWQConfig(CalibratedConfig):
     on calibration data and folded into the preceding LayerNorm or projection; then a search
     for the clipping range of every group."""
 
-    head_grids: ClassVar[tuple[int, ...]] = (6,)
+    extra_bits: ClassVar[tuple[int, ...]] = (5, 6)
 
     bits: int = _default("bits", 4)
     group_size: int = _default("group_size", 128)

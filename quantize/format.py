@@ -23,7 +23,13 @@ import torch
 from compactgpt.artifacts import FLOAT_DTYPES, check_tensor
 from compactgpt.errors import ArtifactError, ConfigError
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (4, 8)  # storage widths: what the packing, the GPTQ layout and MatMulNBits hold
+
+
+def storage_bits(bits: int) -> int:
+    """The width codes of `bits` are stored and run at: 3-bit codes (Q3_K) as 4-bit codes, 5-bit
+    (Q5_0) and 6-bit (Q6_K) ones as 8-bit codes -- the same values, a wider container."""
+    return 4 if bits == 3 else 8 if bits in (5, 6) else bits
 
 
 @dataclass

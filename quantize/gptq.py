@@ -21,12 +21,12 @@ import torch
 
 from .calibrate import BlockHooks, walk_blocks
 from .config import GPTQConfig
-from .format import QuantizedWeight
+from .format import QuantizedWeight, storage_bits
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
                        replace_linear)
-from .kquant import Q4_K_GROUP, Q6_K_BITS, Q6_K_GROUP, q4_k_grid, q6_k_grid
-from .rtn import grid_params, group_ranges, quantize_codes, searched_symmetric_grid, stored_bits
+from .kquant import Q4_K_GROUP, SIGNED_K, q4_k_grid, signed_k_grid
+from .rtn import grid_params, group_ranges, quantize_codes, searched_symmetric_grid
 
 
 def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +53,10 @@ def gptq_quantize(
     `quantize.rtn.grid_params`, applied where each group's grid is fixed, so the columns are
     solved against the grid that is stored.
 
-    bits=6 solves on llama.cpp's Q6_K grid (`quantize.kquant`), fixed up front from the original
-    weights with the input energy (H's diagonal) as the importance of each column's error;
-    group_size is then Q6_K's 16. grid="k" solves 4-bit codes on llama.cpp's Q4_K grid, fixed up
-    front the same way (group_size 32, a float offset per group).
+    bits=6 and bits=3 solve on llama.cpp's Q6_K and Q3_K grids (`quantize.kquant`), fixed up
+    front from the original weights with the input energy (H's diagonal) as the importance of
+    each column's error; group_size is then their 16. grid="k" solves 4-bit codes on llama.cpp's
+    Q4_K grid, fixed up front the same way (group_size 32, a float offset per group).
 
     Returns a QuantizedWeight with contiguous groups of `group_size` columns.
     """
@@ -69,17 +69,17 @@ def gptq_quantize(
     maxq = 2**bits - 1
     device = W.device  # the solve runs where the weight is (a GPU when the model is there)
 
-    k_grid = bits == Q6_K_BITS or grid == "k"
+    k_grid = bits in SIGNED_K or grid == "k"
     if k_grid:
-        group_size = Q6_K_GROUP if bits == Q6_K_BITS else Q4_K_GROUP
+        group_size = SIGNED_K[bits].group if bits in SIGNED_K else Q4_K_GROUP
     groups = n // group_size
     static = act_order or group_size == n or k_grid
     scale = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     zero = torch.zeros(out_f, groups, dtype=torch.float64, device=device)
     offset = None  # Q4_K's per-group offsets
     if static:
-        if bits == Q6_K_BITS:
-            s, z = q6_k_grid(W.float(), torch.diag(H).float())
+        if bits in SIGNED_K:
+            s, z = signed_k_grid(W.float(), SIGNED_K[bits], torch.diag(H).float())
         elif k_grid:
             s, o = q4_k_grid(W.float(), torch.diag(H).float())
             z, offset = torch.zeros_like(s), o.double()
@@ -135,7 +135,7 @@ def gptq_quantize(
 
     inv = torch.argsort(perm)
     codes = codes[:, inv].clamp(0, maxq)
-    return QuantizedWeight(stored_bits(bits), group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8),
+    return QuantizedWeight(storage_bits(bits), group_size, codes.to(torch.uint8), scale.float(), zero.to(torch.uint8),
                            offsets=None if offset is None else offset.float())
 
 
@@ -178,8 +178,8 @@ class _GPTQBlocks(BlockHooks):
 
 def _solve(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig, name: str) -> QuantizedWeight:
     """One layer (`name`: a block projection or lm_head) solved at its bits, groups and grid (the
-    k grid is Q4_K for the blocks; 6 bits are Q6_K)."""
-    return gptq_quantize(w, H, config.bits_for(name), config.group_for(w.shape[1], name), config.symmetric,
+    k grid is Q4_K for the blocks; 3, 5 and 6 bits are Q3_K, Q5_0 and Q6_K)."""
+    return gptq_quantize(w, H, config.bits_for(name), config.group_for(w.shape[1], name), config.symmetric_for(name),
                          config.damp_percent, config.act_order, config.block_columns, config.gguf_exact, config.full,
                          config.grid_for(name))
 

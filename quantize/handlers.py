@@ -27,7 +27,7 @@ from compactgpt.progress import progress_bar
 
 from .config import QuantConfig
 from .format import QuantizedWeight
-from .kquant import Q6_K_BITS, check_q4_k_width, check_q6_k_width
+from .kquant import SIGNED_K, check_k_width, check_q4_k_width
 from .modules import QuantEmbedding, QuantLinear, set_module
 
 # The quantized projections of every block, in forward order.
@@ -166,12 +166,16 @@ def check_groups(model: GPT, config: QuantConfig) -> None:
     for i, block in enumerate(model.transformer.h):
         for layer in BLOCK_LAYERS:
             width = block.get_submodule(layer).in_features
-            if config.grid == "k":
-                check_q4_k_width(width, layer_name(i, layer))
-            config.group_for(width, layer_name(i, layer))
+            name = layer_name(i, layer)
+            if config.bits_for(name) in SIGNED_K:
+                check_k_width(width, name, SIGNED_K[config.bits_for(name)].name, "give it other bits")
+            elif config.grid == "k":
+                check_q4_k_width(width, name)
+            config.group_for(width, name)
     if config.include_embeddings and config.integer_weights:
         width = model.config.n_embd
-        if config.bits_for("lm_head") == Q6_K_BITS:
-            check_q6_k_width(width, "lm_head")
+        bits = config.bits_for("lm_head")
+        if bits in SIGNED_K:
+            check_k_width(width, "lm_head", SIGNED_K[bits].name, f"choose other --head-bits than {bits}")
         else:
             config.group_for(width, "lm_head")

@@ -1,23 +1,30 @@
-"""llama.cpp's 6-bit K-quant grid (Q6_K), as integer weights every runtime here can run.
+"""llama.cpp's K-quant grids (Q6_K, Q3_K and Q4_K), as integer weights every runtime here can run.
 
-Q6_K cuts a row into super-blocks of 256 weights, each into 16 sub-blocks of 16. A weight is
+Q6_K and Q3_K cut a row into super-blocks of 256 weights, each into 16 sub-blocks of 16. A
+weight is
 
-    w = d * sc[j] * (q - 32),    q in 0..63,  sc[j] an int8 per sub-block,  d an fp16 per super-block
+    w = d * sc[j] * (q - zero),   sc[j] a signed integer per sub-block,  d an fp16 per super-block
 
-so a sub-block is an ordinary group of 16 columns whose scale is d * sc[j] (exact in float32:
-11 significant bits times 8) with a zero point of 32. Stored so (`QuantizedWeight` with
-8-bit storage, codes below 64, groups of 16), the PyTorch modules, the GPTQ checkpoint and
-ONNX Runtime's MatMulNBits (8-bit blocks of 16) compute exactly the weights llama.cpp's Q6_K
-block computes, and the GGUF export recovers d and sc from the scales (`q6_k_decompose`).
+Q6_K: q in 0..63 around 32, sc an int8; Q3_K: q in 0..7 around 4, sc in -32..31 (6 bits). So
+a sub-block is an ordinary group of 16 columns whose scale is d * sc[j] (exact in float32: 11
+significant bits times at most 8) with an integer zero point. Stored so (`QuantizedWeight`
+with 8-bit storage for Q6_K's codes, 4-bit for Q3_K's, groups of 16), the PyTorch modules, the
+GPTQ checkpoint and ONNX Runtime's MatMulNBits (blocks of 16) compute exactly the weights
+llama.cpp's blocks compute, and the GGUF export recovers d and sc from the scales
+(`signed_k_decompose`).
 
 Pure functions. Each sub-block's scale is searched as llama.cpp's `make_qx_quants` does it
-(the signed extreme on code -32 with the step widened by up to 9 tenths of a code either
-way, each candidate's codes refitted with the least-squares scale), scored by importance
-weights: x^2 without calibration as llama.cpp does, the layer's input energy (the Hessian's
-diagonal) where calibration data exists, so the search minimizes the output error.
+(the signed extreme on the lowest code with the step widened by up to 9 tenths of a code
+either way, each candidate's codes refitted with the least-squares scale), scored by
+importance weights: x^2 without calibration as llama.cpp does, the layer's input energy (the
+Hessian's diagonal) where calibration data exists, so the search minimizes the output error.
+
+Q4_K (further down) is asymmetric: a 6-bit step and a 6-bit minimum per 32 weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,22 +32,44 @@ from compactgpt.errors import ConfigError
 
 from .format import QuantizedWeight, quantize_codes
 
-Q6_K_SUPER = 256  # weights per super-block (one fp16 d)
-Q6_K_GROUP = 16  # weights per sub-block (one int8 scale)
-Q6_K_ZERO = 32  # codes 0..63 around 32
-Q6_K_BITS = 6
+K_SUPER = 256  # weights per super-block (one fp16 d) in every K-quant
 
 
-def check_q6_k_width(in_features: int, name: str) -> None:
-    """ConfigError when a matrix's rows are not whole Q6_K super-blocks."""
-    if in_features % Q6_K_SUPER:
-        raise ConfigError(f"{name}: 6-bit weights use llama.cpp's Q6_K super-blocks of {Q6_K_SUPER} columns, and "
-                          f"its {in_features} columns are not a multiple of {Q6_K_SUPER}; use 8 bits for it "
-                          "(--head-bits 8)")
+@dataclass(frozen=True)
+class SignedKQuant:
+    """One of llama.cpp's symmetric K-quants: w = d * sc * (q - zero) per sub-block of `group`."""
+
+    name: str  # its GGUF type
+    bits: int  # width of the codes q
+    stored_bits: int  # width they are stored and run at (MatMulNBits holds 4 and 8)
+    sc_limit: int  # sc in -sc_limit .. sc_limit - 1; the super-block's largest step lands on -sc_limit
+    group: int = 16
+
+    @property
+    def zero(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """As GGUF stores it: the codes, sc per sub-block, an fp16 d per super-block."""
+        sc_bits = 8 if self.sc_limit == 128 else 6
+        return self.bits + sc_bits / self.group + 16 / K_SUPER
+
+
+Q6_K = SignedKQuant("Q6_K", bits=6, stored_bits=8, sc_limit=128)  # 210 bytes per 256 weights
+Q3_K = SignedKQuant("Q3_K", bits=3, stored_bits=4, sc_limit=32)  # 110 bytes per 256 weights
+SIGNED_K = {kind.bits: kind for kind in (Q6_K, Q3_K)}  # a layer's bits -> its grid
+
+
+def check_k_width(in_features: int, name: str, kind: str, fix: str) -> None:
+    """ConfigError when a matrix's rows are not whole K-quant super-blocks."""
+    if in_features % K_SUPER:
+        raise ConfigError(f"{name}: llama.cpp's {kind} uses super-blocks of {K_SUPER} columns, and its "
+                          f"{in_features} columns are not a multiple of {K_SUPER}; {fix}")
 
 
 def refit_symmetric(x: torch.Tensor, importance: torch.Tensor, inverse_step: torch.Tensor,
-                    half: int = Q6_K_ZERO) -> tuple[torch.Tensor, torch.Tensor]:
+                    half: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One candidate of a symmetric step search (llama.cpp's `make_qx_quants`): the signed codes
     (-half..half-1) of x (..., group) at 1 / inverse_step (..., 1), the least-squares step for
     those codes (0 where every code is 0), and the weighted error reduction it reaches
@@ -52,63 +81,73 @@ def refit_symmetric(x: torch.Tensor, importance: torch.Tensor, inverse_step: tor
     return step, torch.where(qq > 0, xq * xq / qq.clamp(min=1e-30), torch.zeros_like(xq))
 
 
-def sub_block_steps(x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-    """The searched step of every sub-block of x (..., 16) under importance (..., 16): the
-    candidate with the lowest weighted squared error (`make_qx_quants`, 19 candidates)."""
+def sub_block_steps(x: torch.Tensor, importance: torch.Tensor, half: int) -> torch.Tensor:
+    """The searched step of every sub-block of x (..., group) under importance (same shape), for
+    signed codes -half..half-1: the candidate with the lowest weighted squared error
+    (`make_qx_quants`, 19 candidates)."""
     extreme = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))  # signed, (..., 1)
     safe = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
-    best_step, best = refit_symmetric(x, importance, -Q6_K_ZERO / safe)
+    best_step, best = refit_symmetric(x, importance, -half / safe, half)
     for tenth in range(-9, 10):
         if tenth == 0:
             continue
-        step, score = refit_symmetric(x, importance, -(Q6_K_ZERO + 0.1 * tenth) / safe)
+        step, score = refit_symmetric(x, importance, -(half + 0.1 * tenth) / safe, half)
         better = score > best
         best_step = torch.where(better, step, best_step)
         best = torch.where(better, score, best)
     return torch.where(extreme.squeeze(-1) == 0, torch.zeros_like(best_step), best_step)
 
 
-def q6_k_grid(w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Q6_K grid of w (out, in): float32 scales d * sc (out, in / 16), exact products of an
-    fp16 d per super-block and an int8 sc per sub-block, and the zero points (all 32).
+def signed_k_grid(w: torch.Tensor, kind: SignedKQuant, importance: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `kind` grid (Q6_K or Q3_K) of w (out, in): float32 scales d * sc (out, in / 16), exact
+    products of an fp16 d per super-block and an integer sc per sub-block, and the zero points.
 
     importance: (in,) weights of the columns' squared errors (input energy), or None for
     llama.cpp's own choice, w^2. The sub-block steps are searched, then each super-block's
-    steps are quantized to int8 against the largest, which lands on -128 (`quantize_row_q6_K_ref`).
+    steps are quantized against the largest, which lands on -sc_limit (`quantize_row_q6_K_ref`,
+    `quantize_row_q3_K_ref`).
     """
     w = w.detach().float()
     out_f, in_f = w.shape
-    check_q6_k_width(in_f, "weight")
-    x = w.reshape(out_f, in_f // Q6_K_GROUP, Q6_K_GROUP)
+    check_k_width(in_f, "weight", kind.name, "use another width")
+    x = w.reshape(out_f, in_f // kind.group, kind.group)
     if importance is None:
         a = x * x
     else:
-        a = importance.detach().float().to(w.device).reshape(1, -1, Q6_K_GROUP).expand_as(x)
-    steps = sub_block_steps(x, a).reshape(out_f, in_f // Q6_K_SUPER, Q6_K_SUPER // Q6_K_GROUP)
+        a = importance.detach().float().to(w.device).reshape(1, -1, kind.group).expand_as(x)
+    steps = sub_block_steps(x, a, kind.zero).reshape(out_f, in_f // K_SUPER, K_SUPER // kind.group)
     largest = torch.gather(steps, -1, steps.abs().argmax(-1, keepdim=True))  # (out, supers, 1)
-    inverse = torch.where(largest == 0, torch.zeros_like(largest), -128.0 / torch.where(largest == 0, 1.0, largest))
-    sc = torch.clamp(torch.round(inverse * steps), -128, 127)
+    limit = float(kind.sc_limit)
+    inverse = torch.where(largest == 0, torch.zeros_like(largest), -limit / torch.where(largest == 0, 1.0, largest))
+    sc = torch.clamp(torch.round(inverse * steps), -limit, limit - 1)
     d = torch.where(inverse == 0, torch.zeros_like(inverse), 1.0 / torch.where(inverse == 0, 1.0, inverse))
     d = d.to(torch.float16).float()
-    scales = (d * sc).reshape(out_f, in_f // Q6_K_GROUP)
-    return scales, torch.full_like(scales, float(Q6_K_ZERO))
+    scales = (d * sc).reshape(out_f, in_f // kind.group)
+    return scales, torch.full_like(scales, float(kind.zero))
 
 
-def q6_k_quantize(w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
-    """w (out, in) rounded to the nearest point of its Q6_K grid (`q6_k_grid`)."""
+def signed_k_quantize(w: torch.Tensor, kind: SignedKQuant, importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """w (out, in) rounded to the nearest point of its `kind` grid (`signed_k_grid`)."""
     w = w.detach().float()
     out_f, in_f = w.shape
-    scales, zeros = q6_k_grid(w, importance)
-    codes = quantize_codes(w.reshape(out_f, -1, Q6_K_GROUP), scales[..., None], Q6_K_ZERO, Q6_K_BITS)
+    scales, zeros = signed_k_grid(w, kind, importance)
+    codes = quantize_codes(w.reshape(out_f, -1, kind.group), scales[..., None], kind.zero, kind.bits)
     codes = codes.reshape(out_f, in_f)
-    return QuantizedWeight(8, Q6_K_GROUP, codes.to(torch.uint8), scales, zeros.to(torch.uint8))
+    return QuantizedWeight(kind.stored_bits, kind.group, codes.to(torch.uint8), scales, zeros.to(torch.uint8))
 
 
-def is_q6_k(qw: QuantizedWeight) -> bool:
-    """Whether qw holds Q6_K-shaped codes: 8-bit storage of codes below 64 around 32, groups of 16,
-    whole super-blocks, contiguous groups (its scales may still not decompose: `q6_k_decompose`)."""
-    return (qw.bits == 8 and qw.group_size == Q6_K_GROUP and qw.g_idx is None and qw.in_features % Q6_K_SUPER == 0
-            and bool((qw.zeros == Q6_K_ZERO).all()) and int(qw.codes.max()) < 2 * Q6_K_ZERO)
+def signed_k_kind(qw: QuantizedWeight) -> SignedKQuant | None:
+    """The symmetric K-quant whose codes qw holds (its storage width, codes below 2 * zero around
+    zero, groups of 16, whole super-blocks, contiguous groups), or None. Its scales may still
+    not decompose (`signed_k_decompose`)."""
+    if qw.group_size != 16 or qw.g_idx is not None or qw.offsets is not None or qw.in_features % K_SUPER:
+        return None
+    for kind in SIGNED_K.values():
+        if (qw.bits == kind.stored_bits and bool((qw.zeros == kind.zero).all())
+                and int(qw.codes.max()) < 2 * kind.zero):
+            return kind
+    return None
 
 
 def split_super_blocks(values: torch.Tensor, per_super: int, low: int, high: int
@@ -144,26 +183,23 @@ def split_super_blocks(values: torch.Tensor, per_super: int, low: int, high: int
     return factor.squeeze(-1).to(torch.float16), k.reshape(out_f, n)
 
 
-def q6_k_decompose(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Q6_K's d (fp16, per 256 weights) and sc (int8, per 16) of sub-block scales (out, in / 16)
-    with d * sc == scales exactly, or None (`split_super_blocks`)."""
-    split = split_super_blocks(scales, Q6_K_SUPER // Q6_K_GROUP, -128, 127)
+def signed_k_decompose(scales: torch.Tensor, kind: SignedKQuant) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`kind`'s d (fp16, per 256 weights) and sc (int8, per 16, in -sc_limit..sc_limit-1) of
+    sub-block scales (out, in / 16) with d * sc == scales exactly, or None (`split_super_blocks`)."""
+    split = split_super_blocks(scales, K_SUPER // kind.group, -kind.sc_limit, kind.sc_limit - 1)
     return None if split is None else (split[0], split[1].to(torch.int8))
 
 
 # ---------------------------------------------------------------------------------------
 # Q4_K: w = d * sc[j] * q - dmin * m[j], q in 0..15, sc and m 6-bit per 32, d and dmin fp16 per 256
 
-Q4_K_SUPER = 256
 Q4_K_GROUP = 32
 Q4_K_BITS = 4
 
 
 def check_q4_k_width(in_features: int, name: str) -> None:
     """ConfigError when a matrix's rows are not whole Q4_K super-blocks."""
-    if in_features % Q4_K_SUPER:
-        raise ConfigError(f"{name}: the k grid (llama.cpp's Q4_K) uses super-blocks of {Q4_K_SUPER} columns, and "
-                          f"its {in_features} columns are not a multiple of {Q4_K_SUPER}; use --grid full")
+    check_k_width(in_features, name, "Q4_K (the k grid)", "use --grid full")
 
 
 def _fit_scale_and_min(x: torch.Tensor, a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,12 +258,12 @@ def q4_k_grid(w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[
     w = w.detach().float()
     out_f, in_f = w.shape
     check_q4_k_width(in_f, "weight")
-    per_super = Q4_K_SUPER // Q4_K_GROUP
+    per_super = K_SUPER // Q4_K_GROUP
     x = w.reshape(out_f, in_f // Q4_K_GROUP, Q4_K_GROUP)
     if importance is None:
         a = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
     else:
-        sigma2 = 2 * w.reshape(out_f, -1, Q4_K_SUPER).pow(2).mean(-1)  # per super-block
+        sigma2 = 2 * w.reshape(out_f, -1, K_SUPER).pow(2).mean(-1)  # per super-block
         sigma2 = sigma2.repeat_interleave(per_super, dim=1)[..., None]
         a = importance.detach().float().to(w.device).reshape(1, -1, Q4_K_GROUP) * (sigma2 + x * x).sqrt()
     steps, mins = sub_block_steps_and_mins(x, a)
@@ -259,9 +295,9 @@ def q4_k_decompose(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, tor
     """(d, sc, dmin, m) of a weight on the Q4_K grid -- fp16 d and dmin (out, in / 256), sc and m
     in 0..63 (out, in / 32) with d * sc == steps and -dmin * m == offsets exactly -- or None."""
     if (qw.bits != 4 or qw.group_size != Q4_K_GROUP or qw.offsets is None or qw.g_idx is not None
-            or qw.in_features % Q4_K_SUPER or bool((qw.zeros != 0).any())):
+            or qw.in_features % K_SUPER or bool((qw.zeros != 0).any())):
         return None
-    per_super = Q4_K_SUPER // Q4_K_GROUP
+    per_super = K_SUPER // Q4_K_GROUP
     steps = split_super_blocks(qw.scales, per_super, 0, 63)
     mins = split_super_blocks(-qw.offsets, per_super, 0, 63)
     if steps is None or mins is None:

@@ -1,21 +1,27 @@
 """Mixed precision chosen by measurement (`--bits-per-weight B`): each quantized matrix gets the
-format, among 4-bit (the config's grid), 6-bit (Q6_K) and 8-bit (Q8_0), that minimizes the KL
+format, among Q3_K, 4-bit (the config's grid), Q5_0, Q6_K and Q8_0, that minimizes the KL
 divergence from the float model under a budget of B bits per weight over the quantized
 matrices, scales included, as a GGUF file stores them.
 
 Measured, not guessed: `layer_sensitivities` rounds one matrix at a time to each format (the
 rest float) and records the mean KL of the model's next-token distribution on the calibration
 windows. `choose_bits` then treats the KL of the mix as the sum of its matrices' (a matrix's
-error barely changes how much another's costs at these sizes) and spends the budget greedily
-on the upgrade that buys the most KL per bit. llama.cpp's Q4_K_M spends its 6-bit tensors by
-a fixed rule (the output matrix, attention values, half of the MLP down projections); NVIDIA
-Model Optimizer's AutoQuantize searches per-layer formats in the same spirit.
+error barely changes how much another's costs at these sizes) and finds the mix with the
+least summed KL that fits the budget exactly, by dynamic programming over the bytes spent (a
+multiple-choice knapsack): it can take bits from several blocks to give them to one large
+matrix (the tied embedding / LM head of a small model), which no one-step-at-a-time rule
+finds. llama.cpp's Q4_K_M and Q3_K_M spend their wider tensors by fixed rules (the output
+matrix, attention values, half of the MLP down projections); NVIDIA Model Optimizer's
+AutoQuantize searches per-layer formats in the same spirit.
 """
 
 from __future__ import annotations
 
+import math
+from functools import reduce
 from typing import Callable
 
+import numpy as np
 import torch
 
 from compactgpt.errors import ConfigError
@@ -24,47 +30,68 @@ from compactgpt.model import GPT
 from compactgpt.progress import progress_bar
 
 from .handlers import BLOCK_LAYERS, layer_name
-from .kquant import Q6_K_BITS, Q6_K_SUPER
+from .kquant import K_SUPER, SIGNED_K
 
-# Bits per weight of each format as GGUF stores it: Q4_0 / Q4_K (4.5), Q6_K (210 bytes per 256),
-# Q8_0 (34 bytes per 32).
-STORED_BITS = {4: 4.5, 6: 6.5625, 8: 8.5}
+# Bytes per 256 weights of each format as GGUF stores it: Q3_K 110, Q4_0 / Q4_K 144, Q5_0 176,
+# Q6_K 210, Q8_0 272.
+BYTES_PER_256 = {3: 110, 4: 144, 5: 176, 6: 210, 8: 272}
+STORED_BITS = {bits: 8 * size / 256 for bits, size in BYTES_PER_256.items()}
 
 
-def choose_bits(kl: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:
+def choose_bits(kl: dict[str, dict[int, float]], sizes: dict[str, int], budget: float,
+                max_states: int = 1 << 16) -> dict[str, int]:
     """The bits of every matrix (name -> one of its measured formats) minimizing the summed KL
-    with sum(STORED_BITS[bits] * size) <= budget * sum(size): every matrix starts at its
-    smallest format and the upgrade with the largest KL saved per added bit that still fits is
-    taken until none is left. Raises ConfigError when the budget is below the smallest mix."""
-    total = sum(sizes.values())
-    chosen = {name: min(options) for name, options in kl.items()}
-    spent = sum(STORED_BITS[chosen[n]] * sizes[n] for n in chosen)
-    if spent > budget * total * (1 + 1e-9):
-        raise ConfigError(f"--bits-per-weight {budget:g} is below the smallest mix ({spent / total:.4g} bits per "
+    with sum(STORED_BITS[bits] * size) <= budget * sum(size).
+
+    Exact by dynamic programming over the bytes spent, in units of the greatest common divisor
+    of every option's size; when that would take more than `max_states` steps the unit is
+    coarser and every cost rounded up, so the mix found always fits. Of equal sums, the fewer
+    bits. Raises ConfigError when the budget is below the smallest mix."""
+    names = list(kl)
+    total = sum(sizes[n] for n in names)
+    smallest = sum(STORED_BITS[min(kl[n])] * sizes[n] for n in names)
+    capacity = budget * total * 32  # in 1/256 bytes: a matrix's bits times 32 is its size times BYTES_PER_256
+    if smallest > budget * total * (1 + 1e-9):
+        raise ConfigError(f"--bits-per-weight {budget:g} is below the smallest mix ({smallest / total:.4g} bits per "
                           "weight: every matrix at its fewest bits); give at least that")
-    while True:
-        best = None
-        for name, options in kl.items():
-            for bits in options:
-                if bits <= chosen[name]:
-                    continue
-                cost = (STORED_BITS[bits] - STORED_BITS[chosen[name]]) * sizes[name]
-                gain = options[chosen[name]] - options[bits]
-                if gain <= 0 or spent + cost > budget * total * (1 + 1e-9):
-                    continue
-                if best is None or gain / cost > best[0]:
-                    best = (gain / cost, name, bits, cost)
-        if best is None:
-            return chosen
-        _, name, bits, cost = best
-        chosen[name] = bits
-        spent += cost
+    costs = {n: {b: sizes[n] * BYTES_PER_256[b] for b in kl[n]} for n in names}
+    unit = reduce(math.gcd, (c for options in costs.values() for c in options.values()))
+    unit = max(unit, math.ceil(capacity / max_states))
+    steps = {n: {b: math.ceil(c / unit) for b, c in options.items()} for n, options in costs.items()}
+    cap = int(math.floor(capacity * (1 + 1e-9) / unit))
+    # least[j]: the least summed KL of the matrices so far within j units; choice[i, j] the
+    # format matrix i takes there.
+    least = np.zeros(cap + 1)
+    choice = np.zeros((len(names), cap + 1), dtype=np.int8)
+    for i, n in enumerate(names):
+        options = sorted(kl[n])
+        nxt = np.full(cap + 1, np.inf)
+        for k, b in enumerate(options):
+            c = steps[n][b]
+            if c > cap:
+                continue
+            candidate = np.full(cap + 1, np.inf)
+            candidate[c:] = least[:cap + 1 - c] + kl[n][b]
+            better = candidate < nxt
+            nxt = np.where(better, candidate, nxt)
+            choice[i] = np.where(better, k, choice[i])
+        least = nxt
+    if not np.isfinite(least[cap]):  # the rounding-up of a coarse unit left no mix
+        return {n: min(kl[n]) for n in names}
+    chosen, j = {}, cap
+    for i in range(len(names) - 1, -1, -1):
+        n = names[i]
+        b = sorted(kl[n])[choice[i, j]]
+        chosen[n] = b
+        j -= steps[n][b]
+    return {n: chosen[n] for n in names}
 
 
 def candidate_bits(base_bits: int, in_features: int) -> list[int]:
-    """The formats a matrix may take: the config's bits, 6 (Q6_K: whole super-blocks of 256
-    columns only) and 8."""
-    return sorted({base_bits, 8} | ({Q6_K_BITS} if in_features % Q6_K_SUPER == 0 else set()))
+    """The formats a matrix may take: Q3_K and Q6_K (whole super-blocks of 256 columns only),
+    the config's bits, Q5_0 and Q8_0."""
+    k_quants = set(SIGNED_K) if in_features % K_SUPER == 0 else set()
+    return sorted({base_bits, 5, 8} | k_quants)
 
 
 def mix_matrices(model: GPT, include_head: bool) -> dict[str, torch.nn.Parameter]:
@@ -111,7 +138,7 @@ def plan_mix(model: GPT, config, calibration, progress: bool = False, windows: i
 
     def quantizer(name: str, weight: torch.Tensor, bits: int) -> torch.Tensor:
         one = config.replace(module_bits={name: bits}, bits_per_weight=0.0)
-        return rtn_quantize(weight, bits, one.group_for(weight.shape[1], name), one.symmetric, full=one.full,
+        return rtn_quantize(weight, bits, one.group_for(weight.shape[1], name), one.symmetric_for(name), full=one.full,
                             grid=one.grid_for(name)).dequantize()
 
     sensitivities = layer_sensitivities(model, calibration.ids[:windows], quantizer, formats, progress)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from .config import RTNConfig
-from .format import QuantizedWeight, quantize_codes
+from .format import QuantizedWeight, quantize_codes, storage_bits
 from .gptq_layout import GPTQ_LAYOUT
 from .handlers import each_projection, quantize_embeddings, register_handler, register_layout, replace_linear
-from .kquant import Q6_K_BITS, q4_k_quantize, q6_k_quantize, refit_symmetric
+from .kquant import SIGNED_K, q4_k_quantize, refit_symmetric, signed_k_quantize
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -139,11 +139,6 @@ def searched_symmetric_grid(x: torch.Tensor, bits: int, importance: torch.Tensor
     return best, zero
 
 
-def stored_bits(bits: int) -> int:
-    """The storage width of codes of `bits`: 6-bit codes (Q6_K) are stored and run as 8-bit codes."""
-    return 8 if bits == Q6_K_BITS else bits
-
-
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """w rounded to the grid and mapped back to float."""
     return (quantize_codes(w, scale, zero, bits) - zero) * scale
@@ -165,10 +160,11 @@ def rtn_quantize(
     range; gguf_exact and full as in `grid_params`. A full symmetric grid without clipping has
     its steps searched (`searched_symmetric_grid`, weighted by `importance` (in,) when given)
     unless search=False. llama.cpp's K-quant grids (`quantize.kquant`) take their own groups:
-    bits=6 rounds to Q6_K, grid="k" 4-bit codes to Q4_K, their searches weighted by `importance`
-    (the columns' input energy) where calibration gives one."""
-    if bits == Q6_K_BITS:
-        return q6_k_quantize(w, importance)
+    bits=6 rounds to Q6_K, bits=3 to Q3_K, grid="k" 4-bit codes to Q4_K, their searches weighted
+    by `importance` (the columns' input energy) where calibration gives one. 5-bit codes (Q5_0)
+    and 3- and 6-bit ones are stored at 8, 4 and 8 bits (`storage_bits`)."""
+    if bits in SIGNED_K:
+        return signed_k_quantize(w, SIGNED_K[bits], importance)
     if grid == "k":
         return q4_k_quantize(w, importance)
     w = w.detach().float()
@@ -183,7 +179,7 @@ def rtn_quantize(
     codes = quantize_codes(
         w.reshape(out_f, groups, group_size), scale[..., None], zero[..., None], bits
     ).reshape(out_f, in_f)
-    return QuantizedWeight(bits, group_size, codes.to(torch.uint8), scale, zero.to(torch.uint8))
+    return QuantizedWeight(storage_bits(bits), group_size, codes.to(torch.uint8), scale, zero.to(torch.uint8))
 
 
 @register_handler(RTNConfig)
@@ -191,13 +187,13 @@ def rtn_quantize(
 def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
     for name, lin in each_projection(model, "rtn", progress):
         replace_linear(model, name, rtn_quantize(lin.weight, config.bits_for(name),
-                                                 config.group_for(lin.in_features, name), config.symmetric,
+                                                 config.group_for(lin.in_features, name), config.symmetric_for(name),
                                                  gguf_exact=config.gguf_exact, full=config.full,
                                                  grid=config.grid_for(name)))
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),
-                                                config.symmetric, gguf_exact=config.gguf_exact, full=config.full))
+                                                config.symmetric_for("lm_head"), gguf_exact=config.gguf_exact, full=config.full))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).

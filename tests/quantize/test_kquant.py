@@ -1,6 +1,7 @@
-"""The Q6_K grid (6-bit LM head): llama.cpp's block structure kept exactly (an fp16 d per 256
-weights times an int8 sc per 16), a searched scale that beats the plain max rule, the same
-weights through PyTorch, the GPTQ checkpoint, ONNX Runtime and the GGUF file."""
+"""llama.cpp's grids as quantize formats: Q6_K and Q3_K (an fp16 d per 256 weights times an
+integer sc per 16), Q5_0, Q4_K; their block structure kept exactly, searched scales that beat
+the plain max rule, the same weights through PyTorch, the GPTQ checkpoint, ONNX Runtime and
+the GGUF file; and the mix that `--bits-per-weight` chooses among them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from quantize import load_quantized, quantize_, save_quantized
 from quantize.calibrate import CalibrationData
 from quantize.config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from quantize.format import quantize_codes
-from quantize.kquant import (Q6_K_GROUP, is_q6_k, q6_k_decompose, q6_k_grid, q6_k_quantize,
+from quantize.kquant import (Q3_K, Q6_K, signed_k_decompose, signed_k_grid, signed_k_kind, signed_k_quantize,
                              sub_block_steps)
 from tests.conftest import random_gpt
 
@@ -27,15 +28,15 @@ def weight(seed=0, out_f=48, in_f=512):
 
 def test_scales_are_an_fp16_d_per_super_block_times_int8():
     w = weight()
-    qw = q6_k_quantize(w)
-    assert is_q6_k(qw) and qw.bits == 8 and qw.group_size == Q6_K_GROUP
+    qw = signed_k_quantize(w, Q6_K)
+    assert signed_k_kind(qw) is Q6_K and qw.bits == 8 and qw.group_size == Q6_K.group
     assert int(qw.codes.max()) <= 63 and bool((qw.zeros == 32).all())
-    d, sc = q6_k_decompose(qw.scales)
+    d, sc = signed_k_decompose(qw.scales, Q6_K)
     assert d.dtype == torch.float16 and sc.dtype == torch.int8 and d.shape == (48, 2)
     assert torch.equal(d.float().repeat_interleave(16, dim=1) * sc.float(), qw.scales)
     assert int(sc.min()) == -128  # each super-block's largest step lands on -128, as llama.cpp puts it
     # Scales made on another grid have no such split.
-    assert q6_k_decompose(qw.scales * (1 + 1e-3 * torch.rand(qw.scales.shape))) is None
+    assert signed_k_decompose(qw.scales * (1 + 1e-3 * torch.rand(qw.scales.shape)), Q6_K) is None
 
 
 def test_six_bits_sit_between_four_and_eight():
@@ -47,7 +48,7 @@ def test_six_bits_sit_between_four_and_eight():
 
 
 def test_the_searched_step_beats_the_plain_extreme_rule():
-    x = weight(1).reshape(-1, Q6_K_GROUP)
+    x = weight(1).reshape(-1, Q6_K.group)
     a = x * x
     extreme = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))
     plain = extreme / -32
@@ -56,7 +57,7 @@ def test_the_searched_step_beats_the_plain_extreme_rule():
         q = quantize_codes(x, step, 32, 6) - 32
         return float((a * (x - q * step) ** 2).sum())
 
-    assert weighted_error(sub_block_steps(x, a)[:, None]) < 0.97 * weighted_error(plain)
+    assert weighted_error(sub_block_steps(x, a, 32)[:, None]) < 0.97 * weighted_error(plain)
 
 
 def test_importance_weights_the_error_it_names():
@@ -65,19 +66,19 @@ def test_importance_weights_the_error_it_names():
     importance = torch.rand(w.shape[1], generator=g) ** 4 * 100  # a few columns carry most input energy
 
     def weighted_error(scales):
-        codes = quantize_codes(w.reshape(w.shape[0], -1, Q6_K_GROUP), scales[..., None], 32, 6).reshape(w.shape)
-        deq = (codes - 32) * scales.repeat_interleave(Q6_K_GROUP, dim=1)
+        codes = quantize_codes(w.reshape(w.shape[0], -1, Q6_K.group), scales[..., None], 32, 6).reshape(w.shape)
+        deq = (codes - 32) * scales.repeat_interleave(Q6_K.group, dim=1)
         return float((importance * (w - deq) ** 2).sum())
 
-    assert weighted_error(q6_k_grid(w, importance)[0]) < weighted_error(q6_k_grid(w)[0])
+    assert weighted_error(signed_k_grid(w, Q6_K, importance)[0]) < weighted_error(signed_k_grid(w, Q6_K)[0])
 
 
 def test_an_all_zero_super_block_stays_zero():
     w = weight(0, 4, 512)
     w[1, :256] = 0
-    qw = q6_k_quantize(w)
+    qw = signed_k_quantize(w, Q6_K)
     assert torch.equal(qw.dequantize()[1, :256], torch.zeros(256))
-    assert q6_k_decompose(qw.scales) is not None
+    assert signed_k_decompose(qw.scales, Q6_K) is not None
 
 
 def calibration():
@@ -95,7 +96,7 @@ def test_a_six_bit_head_loads_back_and_runs_the_same_everywhere(tmp_path, tokeni
     model = random_gpt(0, n_embd=256, n_head=4)
     quantize_(model, config, calibration() if config.calibrated else None)
     head = model.lm_head.qweight
-    assert is_q6_k(head) and block_type(head, "lm_head") == "Q6_K"
+    assert signed_k_kind(head) is Q6_K and block_type(head, "lm_head") == "Q6_K"
     assert model.transformer.wte.qweight is head
     save_quantized(tmp_path / "q", model, tokenizer, config)
     loaded = load_quantized(tmp_path / "q").model
@@ -121,8 +122,8 @@ def test_gptq_solves_on_the_q6_k_grid_it_stores():
     x = torch.randn(512, 256, generator=g) * (1 + 4 * torch.rand(256, generator=g))
     H = accumulate_hessian(None, x)
     solved = gptq_quantize(w, H, 6, 0, act_order=False)
-    assert is_q6_k(solved)
-    grid, _ = q6_k_grid(w, torch.diag(H).float())
+    assert signed_k_kind(solved) is Q6_K
+    grid, _ = signed_k_grid(w, Q6_K, torch.diag(H).float())
     assert torch.equal(solved.scales, grid)
     rounded = quantize_codes(w.reshape(32, -1, 16), grid[..., None], 32, 6).reshape(w.shape)
     rounded = (rounded - 32) * grid.repeat_interleave(16, dim=1)
@@ -138,7 +139,7 @@ def test_six_bits_are_refused_where_they_cannot_be_made():
         quantize_(random_gpt(0, n_embd=64), RTNConfig(bits=4, group_size=32, include_embeddings=True, head_bits=6))
     with pytest.raises(ConfigError, match="head_bits=6 is not supported"):
         SmoothQuantConfig(include_embeddings=True, head_bits=6)
-    with pytest.raises(ConfigError, match="head_bits=7 is not supported; use 0 .* or 4 or 6 or 8"):
+    with pytest.raises(ConfigError, match="head_bits=7 is not supported; use 0 .* or 3 or 4 or 5 or 6 or 8"):
         RTNConfig(bits=4, include_embeddings=True, head_bits=7)
 
 
@@ -156,6 +157,84 @@ def test_onnx_runs_the_six_bit_head_as_pytorch_does(tmp_path, tokenizer):
     assert [a.i for a in heads[0].attribute if a.name == "bits"] == [8]
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert validate(model, session, DecoderSpec.from_config(model.config), atol=1e-4)["max_logits_diff"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Q3_K and Q5_0 (layers the mix gives 3 or 5 bits; --head-bits 5)
+
+
+def test_q3_k_scales_are_an_fp16_d_per_super_block_times_six_bits():
+    w = weight(6)
+    qw = signed_k_quantize(w, Q3_K)
+    assert signed_k_kind(qw) is Q3_K and qw.bits == 4 and qw.group_size == 16
+    assert int(qw.codes.max()) <= 7 and bool((qw.zeros == 4).all())
+    d, sc = signed_k_decompose(qw.scales, Q3_K)
+    assert d.dtype == torch.float16 and d.shape == (48, 2) and -32 <= int(sc.min()) and int(sc.max()) <= 31
+    assert int(sc.min()) == -32  # each super-block's largest step lands on -32, as llama.cpp puts it
+    assert torch.equal(d.float().repeat_interleave(16, dim=1) * sc.float(), qw.scales)
+    assert Q3_K.bits_per_weight == 3.4375 and Q6_K.bits_per_weight == 6.5625
+
+
+def test_three_and_five_bits_sit_around_four():
+    from quantize.rtn import rtn_quantize
+
+    w = weight()
+    errors = {bits: float((rtn_quantize(w, bits, 32, True).dequantize() - w).pow(2).mean()) for bits in (3, 4, 5, 6)}
+    assert errors[6] < errors[5] < errors[4] < errors[3]
+    five = rtn_quantize(w, 5, 32, True)  # Q5_0: symmetric codes 0..31 around 16, stored as 8-bit codes
+    assert five.bits == 8 and bool((five.zeros == 16).all()) and int(five.codes.max()) <= 31
+    assert torch.equal(five.scales.half().float(), five.scales)
+
+
+@pytest.mark.parametrize("config", [
+    RTNConfig(bits=4, group_size=32, include_embeddings=True, head_bits=5,
+              module_bits={"transformer.h.0.mlp.c_fc": 3, "transformer.h.1.mlp.c_proj": 3,
+                           "transformer.h.1.attn.c_attn": 5}),
+    GPTQConfig(bits=4, group_size=32, act_order=False, include_embeddings=True, calib_samples=8,
+               module_bits={"transformer.h.0.mlp.c_fc": 3, "transformer.h.1.mlp.c_proj": 3,
+                            "transformer.h.1.attn.c_attn": 5, "lm_head": 5}),
+    AWQConfig(bits=4, group_size=32, include_embeddings=True, head_bits=5, calib_samples=8, n_grid=2),
+], ids=["rtn", "gptq", "awq"])
+def test_three_and_five_bit_layers_load_back_and_run_the_same_everywhere(tmp_path, tokenizer, config):
+    import onnxruntime as ort
+
+    from export.gguf import read_gguf_weights, write_gguf
+    from export.graph import BuildOptions, build_decoder, collect_projections
+    from export.spec import DecoderSpec
+    from export.validate import validate
+
+    model = random_gpt(0, n_embd=256, n_head=4)
+    quantize_(model, config, calibration() if config.calibrated else None)
+    save_quantized(tmp_path / "q", model, tokenizer, config)
+    loaded = load_quantized(tmp_path / "q").model
+    n = tokenizer.vocab_size
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(ids).logits[..., :n], model(ids).logits[..., :n])
+    # GGUF: each layer in its llama.cpp type, decoding to exactly the artifact's weights.
+    written = {t.name: t for t in write_gguf(tmp_path / "m.gguf", loaded, tokenizer)}
+    decoded = read_gguf_weights(tmp_path / "m.gguf")
+    assert written["token_embd.weight"].ggml_type == "Q5_0"
+    assert np.array_equal(decoded["token_embd.weight"], loaded.lm_head.weight[:n].numpy())
+    if config.module_bits:
+        assert written["blk.0.ffn_up.weight"].ggml_type == written["blk.1.ffn_down.weight"].ggml_type == "Q3_K"
+        assert written["blk.1.attn_qkv.weight"].ggml_type == "Q5_0"
+        assert written["blk.0.attn_qkv.weight"].ggml_type == "Q4_0"
+        for gguf_name, module in (("blk.0.ffn_up", loaded.transformer.h[0].mlp.c_fc),
+                                  ("blk.1.ffn_down", loaded.transformer.h[1].mlp.c_proj),
+                                  ("blk.1.attn_qkv", loaded.transformer.h[1].attn.c_attn)):
+            assert np.array_equal(decoded[f"{gguf_name}.weight"], module.weight.numpy())
+    # ONNX Runtime: Q3_K as 4-bit blocks of 16 around 4, Q5_0 as 8-bit blocks around 16.
+    proto = build_decoder(model, collect_projections(model), BuildOptions(accuracy_level=0))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert validate(model, session, DecoderSpec.from_config(model.config), atol=1e-4)["max_logits_diff"] < 1e-4
+
+
+def test_three_and_five_bits_are_refused_where_they_cannot_be_made():
+    with pytest.raises(ConfigError, match="Q3_K uses super-blocks of 256"):
+        quantize_(random_gpt(0, n_embd=64), RTNConfig(bits=4, group_size=32,
+                                                      module_bits={"transformer.h.0.mlp.c_fc": 3}))
+    with pytest.raises(ConfigError, match="head_bits=5 is not supported"):
+        SmoothQuantConfig(include_embeddings=True, head_bits=5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,6 +331,7 @@ def test_the_k_grid_is_refused_where_it_cannot_be_made():
 
 
 def test_the_budget_goes_where_it_buys_the_most_kl():
+    """STORED_BITS: Q4 4.5, Q6_K 6.5625, Q8_0 8.5 bits per weight."""
     from quantize.mix import STORED_BITS, choose_bits
 
     kl = {"a": {4: 10.0, 6: 1.0, 8: 0.5}, "b": {4: 2.0, 6: 1.5, 8: 1.4}, "c": {4: 5.0, 8: 0.0}}
@@ -265,6 +345,47 @@ def test_the_budget_goes_where_it_buys_the_most_kl():
     assert choose_bits(kl, sizes, 8.5) == {"a": 8, "b": 8, "c": 8}
     with pytest.raises(ConfigError, match="below the smallest mix"):
         choose_bits(kl, sizes, 4.0)
+
+
+def test_the_mix_is_the_best_that_fits():
+    """The dynamic program against every mix of small random problems: the least summed KL
+    within the budget, found exactly."""
+    import itertools
+
+    from quantize.mix import STORED_BITS, choose_bits
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        names = [f"m{i}" for i in range(4)]
+        sizes = {n: 256 * int(torch.randint(1, 9, (1,), generator=g)) for n in names}
+        kl = {}
+        for n in names:
+            options = [3, 4, 5, 6, 8] if trial % 2 else [4, 6, 8]
+            errors = sorted(torch.rand(len(options), generator=g).tolist(), reverse=True)
+            kl[n] = dict(zip(options, errors))
+        total = sum(sizes.values())
+        budget = float(min(STORED_BITS[min(kl[n])] for n in names) + 4 * torch.rand(1, generator=g))
+        feasible = [dict(zip(names, combo)) for combo in itertools.product(*(sorted(kl[n]) for n in names))
+                    if sum(STORED_BITS[b] * sizes[n] for n, b in zip(names, combo)) <= budget * total]
+        if not feasible:
+            with pytest.raises(ConfigError):
+                choose_bits(kl, sizes, budget)
+            continue
+        best = min(sum(kl[n][mix[n]] for n in names) for mix in feasible)
+        chosen = choose_bits(kl, sizes, budget)
+        assert sum(STORED_BITS[chosen[n]] * sizes[n] for n in names) <= budget * total
+        assert sum(kl[n][chosen[n]] for n in names) == pytest.approx(best)
+
+
+def test_the_mix_takes_bits_from_several_blocks_for_one_large_matrix():
+    """What a one-upgrade-at-a-time rule cannot reach: the head at 6 bits paid for by blocks
+    at 3 bits, below the budget that an all-4-bit start would need."""
+    from quantize.mix import choose_bits
+
+    kl = {"head": {3: 30.0, 4: 6.0, 5: 1.8, 6: 0.3}, **{f"b{i}": {3: 0.1, 4: 0.03, 5: 0.01} for i in range(3)}}
+    sizes = {"head": 300, "b0": 256, "b1": 256, "b2": 256}
+    chosen = choose_bits(kl, sizes, 4.75)  # every matrix at 4.5 bits and the head at 6 would need 5.08
+    assert chosen["head"] == 6 and sorted(chosen[f"b{i}"] for i in range(3)) == [3, 3, 4]
 
 
 def test_bits_per_weight_measures_chooses_records_and_loads(tmp_path, tokenizer):
@@ -283,7 +404,8 @@ def test_bits_per_weight_measures_chooses_records_and_loads(tmp_path, tokenizer)
     for name, bits in chosen.items():  # every layer quantized at its chosen bits
         qw = (model.lm_head if name == "lm_head" else model.get_submodule(name)).qweight
         assert (qw.offsets is not None) == (bits == 4 and name != "lm_head")
-        assert is_q6_k(qw) == (bits == 6)
+        assert (signed_k_kind(qw) is Q6_K) == (bits == 6) and (signed_k_kind(qw) is Q3_K) == (bits == 3)
+        assert (qw.bits == 8 and bool((qw.zeros == 16).all())) == (bits == 5)
     save_quantized(tmp_path / "q", model, tokenizer, report.config)
     loaded = load_quantized(tmp_path / "q")
     assert loaded.config.module_bits == chosen
@@ -291,6 +413,6 @@ def test_bits_per_weight_measures_chooses_records_and_loads(tmp_path, tokenizer)
         get = (lambda m: m.lm_head) if name == "lm_head" else (lambda m, n=name: m.get_submodule(n))
         assert torch.equal(get(loaded.model).weight, get(model).weight)
     with pytest.raises(ConfigError, match="bits_per_weight must be"):
-        GPTQConfig(bits_per_weight=4.0, group_size=32)
+        GPTQConfig(bits_per_weight=3.0, group_size=32)
     with pytest.raises(ConfigError, match="--bits 4 --group-size 32"):
         GPTQConfig(bits_per_weight=5.0, group_size=128)

@@ -333,8 +333,8 @@ def test_gptq_improves_a_trained_like_model_over_rtn():
 def test_head_bits_need_quantized_embeddings_and_a_supported_width():
     with pytest.raises(ConfigError, match="--include-embeddings"):
         RTNConfig(bits=4, head_bits=8)
-    with pytest.raises(ConfigError, match="head_bits=5"):
-        RTNConfig(bits=4, include_embeddings=True, head_bits=5)
+    with pytest.raises(ConfigError, match="head_bits=7"):
+        RTNConfig(bits=4, include_embeddings=True, head_bits=7)
     with pytest.raises(ConfigError, match="head_bits=4"):
         SmoothQuantConfig(include_embeddings=True, head_bits=4)
 
