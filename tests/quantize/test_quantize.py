@@ -136,6 +136,29 @@ def test_the_full_grid_uses_every_code_and_beats_the_midpoint_grid(bits):
         assert torch.all(torch.sign(plain.scales[extreme != 0]) == -torch.sign(extreme[extreme != 0]))
 
 
+@pytest.mark.parametrize("gguf_exact", [False, True])
+def test_the_asymmetric_step_search_beats_the_plain_range(gguf_exact):
+    from quantize.rtn import _fp16_exact
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=g).pow(3) * torch.linspace(0.1, 3, 128)  # heavy tails: clipping pays
+    w[3, :32] = 0
+    w[5] = w[5].abs()  # an all-positive row (zero point at the bottom)
+    plain = rtn_quantize(w, 4, 32, False, gguf_exact=gguf_exact, search=False)
+    searched = rtn_quantize(w, 4, 32, False, gguf_exact=gguf_exact)
+    err = lambda qw: float(((qw.dequantize() - w) ** 2).sum())
+    assert err(searched) < 0.95 * err(plain)
+    assert torch.equal(searched.dequantize()[3, :32], torch.zeros(32))
+    assert torch.equal(searched.scales.half().float(), searched.scales) and bool((searched.scales > 0).all())
+    if gguf_exact:  # Q4_1 stores step x zero point in fp16: still exact after the search
+        assert bool(_fp16_exact(searched.scales * searched.zeros.float()).all())
+    # Weighted by input energy, the search lowers that weighted error below the unweighted search's.
+    importance = torch.rand(128, generator=g) ** 4 * 100
+    weighted = rtn_quantize(w, 4, 32, False, importance=importance)
+    werr = lambda qw: float((importance * (qw.dequantize() - w) ** 2).sum())
+    assert werr(weighted) < werr(searched)
+
+
 def test_rtn_int8_per_channel_is_nearly_lossless():
     w = torch.randn(32, 64)
     qw = rtn_quantize(w, 8, 64, True)
@@ -206,7 +229,8 @@ def test_awq_clip_search_never_worse_than_full_range():
     x = correlated_inputs(512, 64, seed=1)
     qw = search_clip(x, w, 4, 16, False, n_grid=10, max_shrink=0.5)
     ref = x @ w.T
-    assert rel_err(x @ qw.dequantize().T, ref) <= rel_err(x @ rtn_quantize(w, 4, 16, False).dequantize().T, ref)
+    full_range = rtn_quantize(w, 4, 16, False, search=False)  # ratio 1, the search's first candidate
+    assert rel_err(x @ qw.dequantize().T, ref) <= rel_err(x @ full_range.dequantize().T, ref)
 
 
 def test_smoothquant_folding_leaves_the_float_model_unchanged():
