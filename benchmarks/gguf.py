@@ -66,7 +66,7 @@ for _method in ("rtn", "gptq"):
 # Mixed precision (quantize --bits-per-weight B): GPTQ on the Q4_K grid, each matrix (the head too)
 # at Q3_K, Q4_K, Q5_0, Q6_K or Q8_0 as its measured KL decides, B stored bits per weight over the
 # matrices.
-MIX_BUDGETS = (4.0, 4.25, 4.5, 4.75, 5.0, 5.25, 5.5, 5.75, 6.0)
+MIX_BUDGETS = (4.5, 4.75, 5.0, 5.25, 5.5, 5.75, 6.0)
 for _budget in MIX_BUDGETS:
     OURS[f"gptq4k-mix{_budget:g}"] = (f"GPTQ mix at {_budget:g} bits/weight", "gptq",
                                       {"bits": 4, "group_size": 32, "grid": "k", "include_embeddings": True,

@@ -8,7 +8,7 @@ logits (benchmarks/gguf.py makes the files and runs the tool; its intermediate f
 
   ours       RTN / GPTQ int4 on the full grid (Q4_0 blocks) with an int4, Q5_0, Q6_K or int8 head;
              RTN / GPTQ on llama.cpp's Q4_K grid with a Q5_0 or Q6_K head; GPTQ mixes chosen by
-             --bits-per-weight at 4.0 .. 6.0; RTN int8 (Q8_0); and the earlier midpoint grid for
+             --bits-per-weight at 4.5 .. 6.0; RTN int8 (Q8_0); and the earlier midpoint grid for
              comparison.
   llama.cpp  Q3_K_M, Q4_0 (its default mix), Q4_K_M and Q5_K_M (each with and without an
              importance matrix from the same calibration text), Q4_0 --pure, Q6_K, Q8_0.
@@ -102,6 +102,12 @@ def checks(pts: list[dict]) -> list[dict]:
             if at is not None:
                 claim(f"{m['label']} lies below {who} curve at its {m['bpp']:.3f} bits/param", m["kl"] < at,
                       f"KL {kl3(m['kl'])} vs {kl3(at)} interpolated")
+            elif group and m["bpp"] < min(p["bpp"] for p in group):
+                # Fewer bits than the curve's first point: below the curve when its KL is lower too.
+                first = min(group, key=lambda p: (p["bpp"], p["kl"]))
+                claim(f"{m['label']} lies below {who} curve: at {m['bpp']:.3f} bits/param, fewer than its first "
+                      "point's, with a lower KL", m["kl"] < first["kl"],
+                      f"KL {kl3(m['kl'])} vs {first['label']} {kl3(first['kl'])} at {first['bpp']:.3f}")
     if {"rtn8-g32", "lc-q8_0"} <= set(by):
         a, b = by["rtn8-g32"], by["lc-q8_0"]
         claim("8-bit (RTN int8 g32, Q8_0 blocks) has KL <= llama.cpp's Q8_0",
