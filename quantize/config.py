@@ -70,10 +70,11 @@ class QuantConfig(StageConfig):
     # Python API) are current ones.
     grid: str = option("full", help="integer grid: full (symmetric codes use every code, the group's signed extreme "
                        "on the end code as llama.cpp's Q4_0 puts it, int8 at max|w|/127 as Q8_0, each group's step "
-                       "searched on its squared error), midpoint (the earlier symmetric grid: step 2 max|w| / "
-                       "(2**bits - 1), one code unused) or k (rtn, gptq, 4 bits: llama.cpp's Q4_K, a searched step "
-                       "and minimum per 32 columns as 6-bit multiples of fp16 numbers per 256; 4.5 bits per weight; "
-                       "the embedding / LM head, and layers at 6 or 8 bits, stay on the full grid)")
+                       "searched on its squared error, asymmetric groups' too), midpoint (the earlier symmetric "
+                       "grid: step 2 max|w| / (2**bits - 1), one code unused) or k (rtn, gptq, 4 bits: llama.cpp's "
+                       "Q4_K, a searched step and minimum per 32 columns as 6-bit multiples of fp16 numbers per 256; "
+                       "4.5 bits per weight; the embedding / LM head, and layers at other bits, stay on the full "
+                       "grid)")
     # Chosen by --bits-per-weight (quantize.mix) and saved, so the loader reads each layer at its
     # width (GPTQModel's per-module overrides, `dynamic` in config.json, say the same).
     module_bits: dict = option(default_factory=dict, flag=False, added=True,

@@ -18,18 +18,25 @@ from compactgpt.model import GPT
 from .config import QuantConfig
 from .format import check_gptq_header, from_gptq_tensors, gptq_tensors
 from .handlers import SavedLayers
+from .kquant import SIGNED_K
 from .modules import QuantEmbedding, QuantLinear, quantized_linears, set_module
 
 
 def _overrides(config: QuantConfig) -> dict:
     """Per-module overrides as GPTQModel writes them (a regex on the module name -> settings): the
-    layers whose bits differ from --bits. 6-bit (Q6_K) codes are stored as 8-bit codes in groups of 16."""
+    layers whose bits differ from --bits, at the width their codes are stored at: Q3_K's as 4-bit
+    codes in groups of 16, Q5_0's as 8-bit codes, Q6_K's as 8-bit codes in groups of 16."""
     names = sorted(set(config.module_bits) | ({"lm_head"} if config.include_embeddings else set()))
     out = {}
     for name in names:
         bits = config.bits_for(name)
         if bits != config.bits:
-            out[f"+:^{re.escape(name)}$"] = {"bits": 8, "group_size": 16} if bits == 6 else {"bits": bits}
+            entry = {"bits": config.stored_bits_for(name)}
+            if bits in SIGNED_K:
+                entry["group_size"] = SIGNED_K[bits].group
+            if config.symmetric_for(name) != config.symmetric:
+                entry["sym"] = True
+            out[f"+:^{re.escape(name)}$"] = entry
     return out
 
 

@@ -5,6 +5,8 @@ the GGUF file; and the mix that `--bits-per-weight` chooses among them."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,11 @@ def test_three_and_five_bit_layers_load_back_and_run_the_same_everywhere(tmp_pat
     save_quantized(tmp_path / "q", model, tokenizer, config)
     loaded = load_quantized(tmp_path / "q").model
     n = tokenizer.vocab_size
+    # config.json says, per module, the width the codes are stored at (GPTQModel's overrides).
+    dynamic = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert dynamic["+:^lm_head$"] == {"bits": 8, **({"sym": True} if not config.symmetric else {})}
+    if config.module_bits:
+        assert dynamic[r"+:^transformer\.h\.0\.mlp\.c_fc$"] == {"bits": 4, "group_size": 16}
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded(ids).logits[..., :n], model(ids).logits[..., :n])
     # GGUF: each layer in its llama.cpp type, decoding to exactly the artifact's weights.
