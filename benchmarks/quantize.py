@@ -185,7 +185,8 @@ def run_row(key: str, model_dir: Path, work: Path, sets, calib_samples: int) -> 
     if config.calibrated and "calib_samples" not in settings:
         config = config.replace(calib_samples=calib_samples)
     out = work / model_dir.name / key
-    quantize_folder(QuantizeConfig(model=str(model_dir), out=str(out), method=config),
+    # The work folder is scratch: a row that is measured is quantized again (its code may have changed).
+    quantize_folder(QuantizeConfig(model=str(model_dir), out=str(out), method=config, overwrite=True),
                     log=lambda line: print(line, file=sys.stderr))
     q = load_quantized(out)
     t0 = time.perf_counter()
