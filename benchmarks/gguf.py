@@ -93,8 +93,10 @@ THEIRS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
     "lc-q6_k": ("llama.cpp Q6_K", "Q6_K", (), False),
     "lc-q8_0": ("llama.cpp Q8_0", "Q8_0", (), False),
 }
-# (ours, theirs) timed against each other: the same types (all Q4_0), and the default mixes.
-SPEED_PAIRS = [("rtn4-g32-head4", "lc-q4_0-pure"), ("rtn4-g32-head8", "lc-q4_0"), ("gptq4k-head6", "lc-q4_k_m")]
+# (ours, theirs) timed against each other: the same types (all Q4_0), the default mixes, and our
+# mixes (Q3_K / Q5_0 tensors among them) against llama.cpp's files of about their size.
+SPEED_PAIRS = [("rtn4-g32-head4", "lc-q4_0-pure"), ("rtn4-g32-head8", "lc-q4_0"), ("gptq4k-head6", "lc-q4_k_m"),
+               ("gptq4k-mix4.75", "lc-q4_0"), ("gptq4k-mix4.75", "lc-q3_k_m"), ("gptq4k-mix5.5", "lc-q4_k_m")]
 
 
 def log(msg: str) -> None:
