@@ -51,8 +51,8 @@ class ExportConfig(StageConfig):
                            "padding) or shared (GroupQueryAttention writes into one preallocated buffer bound as past "
                            "and present: decode step time stays flat as the text grows; rows may not be left-padded)")
     format: str = option("onnx", added=True, help="onnx (default: model.onnx for ONNX Runtime) or gguf (model.gguf "
-                         "for llama.cpp: a quantized artifact's codes written as they are, Q4_0 / Q4_1 / Q4_K / Q6_K / "
-                         "Q8_0; the tokenizer inside)")
+                         "for llama.cpp: a quantized artifact's codes written as they are, Q4_0 / Q4_1 / Q5_0 / Q8_0 / "
+                         "Q3_K / Q4_K / Q6_K; the tokenizer inside)")
     gguf_type: str = option("f32", added=True, help="--format gguf of a float model: f32 (default), f16 or q8_0 "
                             "(rounded by llama.cpp's own grid); a quantized artifact keeps its codes")
     ort_int8: bool = option(False, "baseline: quantize the float export with ONNX Runtime's dynamic int8 "

@@ -223,8 +223,8 @@ def _awq(model, config: AWQConfig, calibration, progress: bool) -> None:
         bits = config.bits_for("lm_head")
         if bits in config.extra_bits:
             # llama.cpp's Q5_0 / Q6_K grids search their own scales, weighted by the head's input energy.
-            quantize_embeddings(model, rtn_quantize(w, bits, config.group_for(w.shape[1], "lm_head"), True,
-                                                    importance=h.float().pow(2).mean(0)))
+            quantize_embeddings(model, rtn_quantize(w, bits, config.group_for(w.shape[1], "lm_head"),
+                                                    config.symmetric_for("lm_head"), importance=h.float().pow(2).mean(0)))
         else:
             quantize_embeddings(model, search_clip(h, w, group_size=config.group_for(w.shape[1], "lm_head"),
                                                    max_shrink=config.max_shrink,

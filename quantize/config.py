@@ -161,8 +161,9 @@ class QuantConfig(StageConfig):
 
     def group_for(self, in_features: int, name: str = "layer") -> int:
         """The group size used for a layer of this width; errors when it does not divide it."""
-        if self.bits_for(name) in SIGNED_K:
-            return SIGNED_K[self.bits_for(name)].group  # Q3_K's / Q6_K's sub-blocks, whatever --group-size says
+        bits = self.bits_for(name)
+        if bits in SIGNED_K:
+            return SIGNED_K[bits].group  # Q3_K's / Q6_K's sub-blocks, whatever --group-size says
         if self.grid == "k" and name != "lm_head":
             return 32  # Q4_K's sub-blocks, and Q8_0's blocks for a layer the mix gives 8 bits
         if self.group_size == 0:

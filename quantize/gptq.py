@@ -26,7 +26,7 @@ from .gptq_layout import GPTQ_LAYOUT
 from .handlers import (BLOCK_LAYERS, layer_name, quantize_embeddings, register_handler, register_layout,
                        replace_linear)
 from .kquant import Q4_K_GROUP, SIGNED_K, q4_k_grid, signed_k_grid
-from .rtn import grid_params, group_ranges, quantize_codes, searched_asymmetric_grid, searched_symmetric_grid
+from .rtn import grid_params, group_ranges, quantize_codes, searched_grid
 
 
 def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -83,13 +83,10 @@ def gptq_quantize(
         elif k_grid:
             s, o = q4_k_grid(W.float(), torch.diag(H).float())
             z, offset = torch.zeros_like(s), o.double()
-        elif symmetric and full:
-            # Each group's step searched on the rounding error weighted by its columns' input energy.
-            s, z = searched_symmetric_grid(W.float().reshape(out_f, groups, group_size), bits,
-                                           torch.diag(H).float().reshape(1, groups, group_size))
         elif full:
-            s, z = searched_asymmetric_grid(W.float().reshape(out_f, groups, group_size), bits,
-                                            torch.diag(H).float().reshape(1, groups, group_size), gguf_exact=gguf_exact)
+            # Each group's step searched on the rounding error weighted by its columns' input energy.
+            s, z = searched_grid(W.float().reshape(out_f, groups, group_size), bits, symmetric,
+                                 torch.diag(H).float().reshape(1, groups, group_size), gguf_exact)
         else:
             s, z = grid_params(*group_ranges(W.float(), group_size), bits, symmetric, gguf_exact, full)
         scale, zero = s.double(), z.double()
@@ -116,11 +113,9 @@ def gptq_quantize(
                 # Without activation order, a group's grid comes from its weights as already
                 # updated by the earlier columns' errors (the original GPTQ rule).
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size].float()
-                energy = torch.diag(H)[col:col + group_size].float().expand_as(ahead)
-                if symmetric and full:
-                    s, z = searched_symmetric_grid(ahead, bits, energy)
-                elif full:
-                    s, z = searched_asymmetric_grid(ahead, bits, energy, gguf_exact=gguf_exact)
+                if full:
+                    energy = torch.diag(H)[col:col + group_size].float().expand_as(ahead)
+                    s, z = searched_grid(ahead, bits, symmetric, energy, gguf_exact)
                 else:
                     s, z = grid_params(ahead.amin(1), ahead.amax(1), bits, symmetric, gguf_exact, full)
                 scale[:, col // group_size], zero[:, col // group_size] = s.double(), z.double()

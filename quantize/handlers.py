@@ -167,8 +167,9 @@ def check_groups(model: GPT, config: QuantConfig) -> None:
         for layer in BLOCK_LAYERS:
             width = block.get_submodule(layer).in_features
             name = layer_name(i, layer)
-            if config.bits_for(name) in SIGNED_K:
-                check_k_width(width, name, SIGNED_K[config.bits_for(name)].name, "give it other bits")
+            bits = config.bits_for(name)
+            if bits in SIGNED_K:
+                check_k_width(width, name, SIGNED_K[bits].name, "give it other bits")
             elif config.grid == "k":
                 check_q4_k_width(width, name)
             config.group_for(width, name)

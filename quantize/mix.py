@@ -5,8 +5,9 @@ matrices, scales included, as a GGUF file stores them.
 
 Measured, not guessed: `layer_sensitivities` quantizes one matrix at a time to each format
 (GPTQ's solve on the float model's inputs, the rest float) and records the mean KL of the
-model's next-token distribution on the calibration windows. `choose_bits` then treats the KL of the mix as the sum of its matrices' (a matrix's
-error barely changes how much another's costs at these sizes) and finds the mix with the
+model's next-token distribution on the calibration windows. `choose_bits` then treats the KL
+of the mix as the sum of its matrices' (a matrix's error barely changes how much another's
+costs at these sizes) and finds the mix with the
 least summed KL that fits the budget exactly, by dynamic programming over the bytes spent (a
 multiple-choice knapsack): it can take bits from several blocks to give them to one large
 matrix (the tied embedding / LM head of a small model), which no one-step-at-a-time rule
@@ -29,6 +30,8 @@ from compactgpt.evaluation import token_kl
 from compactgpt.model import GPT
 from compactgpt.progress import progress_bar
 
+from .calibrate import BlockHooks, CalibrationData, walk_blocks
+from .gptq import _solve, accumulate_hessian
 from .handlers import BLOCK_LAYERS, layer_name
 from .kquant import K_SUPER, SIGNED_K
 
@@ -48,6 +51,7 @@ def choose_bits(kl: dict[str, dict[int, float]], sizes: dict[str, int], budget: 
     coarser and every cost rounded up, so the mix found always fits. Of equal sums, the fewer
     bits. Raises ConfigError when the budget is below the smallest mix."""
     names = list(kl)
+    options = {n: sorted(kl[n]) for n in names}
     total = sum(sizes[n] for n in names)
     smallest = sum(STORED_BITS[min(kl[n])] * sizes[n] for n in names)
     capacity = budget * total * 32  # in 1/256 bytes: a matrix's bits times 32 is its size times BYTES_PER_256
@@ -64,9 +68,8 @@ def choose_bits(kl: dict[str, dict[int, float]], sizes: dict[str, int], budget: 
     least = np.zeros(cap + 1)
     choice = np.zeros((len(names), cap + 1), dtype=np.int8)
     for i, n in enumerate(names):
-        options = sorted(kl[n])
         nxt = np.full(cap + 1, np.inf)
-        for k, b in enumerate(options):
+        for k, b in enumerate(options[n]):
             c = steps[n][b]
             if c > cap:
                 continue
@@ -81,7 +84,7 @@ def choose_bits(kl: dict[str, dict[int, float]], sizes: dict[str, int], budget: 
     chosen, j = {}, cap
     for i in range(len(names) - 1, -1, -1):
         n = names[i]
-        b = sorted(kl[n])[choice[i, j]]
+        b = options[n][choice[i, j]]
         chosen[n] = b
         j -= steps[n][b]
     return {n: chosen[n] for n in names}
@@ -126,29 +129,31 @@ def layer_sensitivities(model: GPT, ids: torch.Tensor, quantizer: Callable[[str,
     return out
 
 
-@torch.no_grad()
-def input_hessians(model: GPT, ids: torch.Tensor, names: list[str], batch: int = 8) -> dict[str, torch.Tensor]:
-    """name -> sum x x^T (float64) of the inputs each named matrix (a block projection, or
-    lm_head: the final LayerNorm's output) sees in the float model on the windows ids (n, T)."""
-    from .gptq import accumulate_hessian
+class _FloatInputs(BlockHooks):
+    """The Hessian (sum x x^T, float64) of every block projection's inputs in the float model,
+    collected in one observation pass per block."""
 
-    device = model.lm_head.weight.device
-    hessians: dict[str, torch.Tensor] = {}
+    def __init__(self):
+        self.block: dict[str, torch.Tensor] = {}
+        self.hessians: dict[str, torch.Tensor] = {}
 
-    def observe(name):
-        def hook(module, args):
-            hessians[name] = accumulate_hessian(hessians.get(name), args[0])
-        return hook
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        self.block[layer] = accumulate_hessian(self.block.get(layer), x)
 
-    modules = {name: model.lm_head if name == "lm_head" else model.get_submodule(name) for name in names}
-    handles = [m.register_forward_pre_hook(observe(name)) for name, m in modules.items()]
-    try:
-        for i in range(0, ids.shape[0], batch):
-            model(ids[i : i + batch].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return hessians
+    def quantize(self, index: int, block, layers: tuple[str, ...]) -> None:
+        self.hessians.update({layer_name(index, layer): H for layer, H in self.block.items()})
+        self.block = {}
+
+
+def input_hessians(model: GPT, calibration, include_head: bool) -> dict[str, torch.Tensor]:
+    """name -> sum x x^T of the inputs each block projection (and the LM head, the final
+    LayerNorm's output, when include_head) sees in the float model on the calibration windows:
+    the walk every calibrated method takes (`quantize.calibrate.walk_blocks`), quantizing nothing."""
+    hooks = _FloatInputs()
+    xs = walk_blocks(model, calibration, hooks)
+    if include_head:
+        hooks.hessians["lm_head"] = accumulate_hessian(None, model.transformer.ln_f(xs))
+    return hooks.hessians
 
 
 def plan_mix(model: GPT, config, calibration, progress: bool = False, windows: int = 32) -> dict[str, int]:
@@ -160,14 +165,11 @@ def plan_mix(model: GPT, config, calibration, progress: bool = False, windows: i
     embedding / head's 1.3 times (its error as the token lookup is not compensated; measured
     on the default pipeline's distilled student), so sensitivities from rounding alone
     overprice the blocks against the head and the budget goes to the wrong matrices."""
-    from .gptq import _solve
-
-    model.eval()
     include_head = config.include_embeddings
     matrices = mix_matrices(model, include_head)
     formats = {name: candidate_bits(config.bits, w.shape[1]) for name, w in matrices.items()}  # the head too
     ids = calibration.ids[:windows]
-    hessians = input_hessians(model, ids, list(matrices))
+    hessians = input_hessians(model, CalibrationData(ids, calibration.source), include_head)
 
     def quantizer(name: str, weight: torch.Tensor, bits: int) -> torch.Tensor:
         one = config.replace(module_bits={name: bits}, bits_per_weight=0.0)

@@ -5,8 +5,8 @@ zero point; a weight w becomes the code clamp(round(w / scale) + zero, 0, 2**bit
 Symmetric grids fix the zero point at 2**(bits-1) and use every code, llama.cpp's Q4_0 and
 Q8_0 rules (`grid_params`), with each group's step searched on its weighted squared error
 (`searched_symmetric_grid`); asymmetric grids span [min(w, 0), max(w, 0)], their steps
-searched as well (`searched_asymmetric_grid`). Scales are rounded
-to float16 values so the GPTQ checkpoint layout (float16 scales) stores them exactly. With
+searched as well (`searched_asymmetric_grid`). Scales are rounded to float16 values so the GPTQ
+checkpoint layout (float16 scales) stores them exactly. With
 `gguf_exact` an asymmetric 4-bit grid also keeps step x zero point exact in float16
 (`fp16_exact_step`): llama.cpp's Q4_1 block stores that product, as an fp16 minimum, beside
 the fp16 step, so the GGUF file then holds the very weights that were evaluated.
@@ -188,6 +188,15 @@ def searched_asymmetric_grid(x: torch.Tensor, bits: int, importance: torch.Tenso
     return best_scale, best_zero
 
 
+def searched_grid(x: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None = None,
+                  gguf_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full grid of groups x (..., group) with each group's step searched, weighted by
+    `importance` (broadcast to x): `searched_symmetric_grid` or `searched_asymmetric_grid`."""
+    if symmetric:
+        return searched_symmetric_grid(x, bits, importance)
+    return searched_asymmetric_grid(x, bits, importance, gguf_exact=gguf_exact)
+
+
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """w rounded to the grid and mapped back to float."""
     return (quantize_codes(w, scale, zero, bits) - zero) * scale
@@ -207,9 +216,8 @@ def rtn_quantize(
 ) -> QuantizedWeight:
     """Quantize a float weight (out, in) group-wise; clip (scalar or (out, groups)) shrinks the
     range; gguf_exact and full as in `grid_params`. A full grid without clipping has its steps
-    searched (`searched_symmetric_grid`, `searched_asymmetric_grid`; weighted by `importance`
-    (in,) when given) unless search=False. llama.cpp's K-quant grids (`quantize.kquant`) take their own groups:
-    bits=6 rounds to Q6_K, bits=3 to Q3_K, grid="k" 4-bit codes to Q4_K, their searches weighted
+    searched (`searched_grid`, weighted by `importance` (in,) when given) unless search=False.
+    llama.cpp's K-quant grids (`quantize.kquant`) take their own groups: bits=6 rounds to Q6_K, bits=3 to Q3_K, grid="k" 4-bit codes to Q4_K, their searches weighted
     by `importance` (the columns' input energy) where calibration gives one. 5-bit codes (Q5_0)
     and 3- and 6-bit ones are stored at 8, 4 and 8 bits (`storage_bits`)."""
     if bits in SIGNED_K:
@@ -221,9 +229,7 @@ def rtn_quantize(
     groups = in_f // group_size
     if full and search and not isinstance(clip, torch.Tensor) and clip == 1.0:
         imp = None if importance is None else importance.float().to(w.device).reshape(1, groups, group_size)
-        x = w.reshape(out_f, groups, group_size)
-        scale, zero = (searched_symmetric_grid(x, bits, imp) if symmetric
-                       else searched_asymmetric_grid(x, bits, imp, gguf_exact=gguf_exact))
+        scale, zero = searched_grid(w.reshape(out_f, groups, group_size), bits, symmetric, imp, gguf_exact)
     else:
         lo, hi = group_ranges(w, group_size, clip)
         scale, zero = grid_params(lo, hi, bits, symmetric, gguf_exact, full)  # (out, groups)
@@ -244,7 +250,8 @@ def _rtn(model, config: RTNConfig, calibration, progress: bool) -> None:
     if config.include_embeddings:
         w = model.transformer.wte.weight
         quantize_embeddings(model, rtn_quantize(w, config.bits_for("lm_head"), config.group_for(w.shape[1], "lm_head"),
-                                                config.symmetric_for("lm_head"), gguf_exact=config.gguf_exact, full=config.full))
+                                                config.symmetric_for("lm_head"), gguf_exact=config.gguf_exact,
+                                                full=config.full))
 
 
 # Saved as GPTQ checkpoint tensors (quantize.gptq_layout).
