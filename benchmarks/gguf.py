@@ -5,19 +5,23 @@ For each model (the default pipeline's teacher unless --model; a trained student
   ours       int4 artifacts made by `compactgpt quantize` (RTN, GPTQ, AWQ; groups of 32 and 128;
              the full grid, so their codes are Q4_0 blocks; embedding / tied head at int8 (Q8_0),
              Q6_K, Q5_0 or int4 (Q4_0)), RTN and GPTQ on the Q4_K grid with a Q6_K or Q5_0 head,
-             GPTQ mixes (--bits-per-weight: Q3_K, Q4_K, Q5_0, Q6_K and Q8_0 tensors), and int8 RTN g32 (Q8_0 everywhere), each exported with
-             `compactgpt export --format gguf`: the artifact's own codes, written as they are.
+             GPTQ mixes (--bits-per-weight: Q3_K, Q4_K, Q5_0, Q6_K and Q8_0 tensors), and int8 RTN
+             g32 (Q8_0 everywhere), each exported with `compactgpt export --format gguf`: the
+             artifact's own codes, written as they are.
   llama.cpp  llama-quantize of the fp32 GGUF export: Q3_K_M, Q4_0 (its default mix, and --pure),
-             Q4_K_M, Q5_K_M, Q6_K, Q3_K_M, Q4_0, Q4_K_M and Q5_K_M with an importance matrix (llama-imatrix on the same calibration
-             windows the calibrated CompactGPT methods read, decoded to text), Q8_0.
+             Q4_K_M, Q5_K_M, Q6_K; Q3_K_M, Q4_0, Q4_K_M and Q5_K_M with an importance matrix
+             (llama-imatrix on the same calibration windows the calibrated CompactGPT methods
+             read, decoded to text); Q8_0.
 
 (a) quality: llama-perplexity on the model's held-out text (the val split, decoded to text): the
     fp32 GGUF's logits saved once (--kl-divergence-base), then every file's mean KL divergence
     from them, perplexity and top-1 agreement ("Same top p"), all with llama.cpp's context of the
     model's n_positions.
-(b) speed: llama-bench prompt (pp64) and generation (tg64) tokens/s, 1 and 2 threads, of our
-    Q4_0 files against llama.cpp's Q4_0 of the same fp32 GGUF (its default mix and --pure),
-    files interleaved round by round so they share the machine's noise; medians of every sample.
+(b) speed: llama-bench prompt (pp64) and generation (tg64) tokens/s, 1 and 2 threads, of the
+    pairs in SPEED_PAIRS (our Q4_0 files against llama.cpp's Q4_0 of the same fp32 GGUF, its
+    default mix and --pure; Q4_K + Q6_K head against Q4_K_M; our mixes against llama.cpp's files
+    of about their size), files interleaved round by round so they share the machine's noise;
+    medians of every sample.
 (c) sizes: file bytes and bits per parameter (8 * bytes / the GPT's parameter count, tied head
     counted once) of every file, with the GGUF types its tensors hold.
 
@@ -518,8 +522,8 @@ def to_markdown(result: dict) -> str:
         "**Ours** (origin CompactGPT): `compactgpt quantize` artifacts exported code for code with `compactgpt "
         "export --format gguf`: int4 on the full grid (Q4_0 blocks) or on llama.cpp's Q4_K grid (`--grid k`, Q4_K "
         "blocks), the tied embedding / head at int4, Q5_0 (`--head-bits 5`), Q6_K (`--head-bits 6`) or int8 "
-        "(Q8_0); mixes chosen by `--bits-per-weight` (Q3_K, Q4_K, Q5_0, Q6_K and Q8_0 tensors); int8 (Q8_0); rows marked midpoint grid use the grid "
-        "before `--grid full`. **llama.cpp's** (origin llama.cpp): `llama-quantize` of our fp32 GGUF "
+        "(Q8_0); mixes chosen by `--bits-per-weight` (Q3_K, Q4_K, Q5_0, Q6_K and Q8_0 tensors); int8 (Q8_0); "
+        "rows marked midpoint grid use the grid before `--grid full`. **llama.cpp's** (origin llama.cpp): `llama-quantize` of our fp32 GGUF "
         "export; the importance matrix is `llama-imatrix` on the same calibration windows our GPTQ / AWQ read.",
     ]
     for name, m in result["models"].items():
