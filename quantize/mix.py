@@ -35,9 +35,9 @@ from .gptq import _solve, accumulate_hessian
 from .handlers import BLOCK_LAYERS, layer_name
 from .kquant import K_SUPER, SIGNED_K
 
-# Bytes per 256 weights of each format as GGUF stores it: Q3_K 110, Q4_0 / Q4_K 144, Q5_0 176,
-# Q6_K 210, Q8_0 272.
-BYTES_PER_256 = {3: 110, 4: 144, 5: 176, 6: 210, 8: 272}
+# Bytes per 256 weights of each format as GGUF stores it: Q4_0 / Q4_K 144, Q5_0 176, Q8_0 272;
+# the symmetric K-quants from their own layout (Q3_K 110, Q6_K 210).
+BYTES_PER_256 = {4: 144, 5: 176, 8: 272, **{k.bits: round(32 * k.bits_per_weight) for k in SIGNED_K.values()}}
 STORED_BITS = {bits: 8 * size / 256 for bits, size in BYTES_PER_256.items()}
 
 
